@@ -1,0 +1,136 @@
+"""Typed run configurations (OmegaConf structured configs).
+
+A job's config is a dataclass tree; it can be loaded from YAML and overridden from the command
+line with dotted ``key=value`` items (``train.epochs=30 model=resnet20``). Types are checked:
+``train.epochs=abc`` is rejected with a one-line error. Defaults carry the values of the
+reference papers where one applies (named in comments).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, TypeVar
+
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from .errors import KDGuardError
+
+T = TypeVar("T")
+
+
+@dataclass
+class DataConfig:
+    name: str = "mnist_embedded"          # a registered dataset (`kdguard list`)
+    root: Optional[str] = None             # data root; else $KDGUARD_DATA_ROOT
+    val_fraction: float = 0.05             # held out of train for model selection / curves
+    augment: bool = True                   # batched random crop (pad 4) + flip where it applies
+
+
+@dataclass
+class AttackConfig:
+    name: Optional[str] = "badnets"        # preset or trigger name; null = clean training
+    target: int = 0                        # ABD uses target 0 on CIFAR-10
+    poison_rate: Optional[float] = None    # null = the preset's default (10 % dirty-label)
+    label_mode: str = "all_to_one"         # or all_to_all (y → y+1 mod K)
+    poisoning: Optional[str] = None        # dirty_label / clean_label; null = preset default
+    seed: int = 0                          # trigger pattern and poisoned-index RNG stream
+    params: dict[str, Any] = field(default_factory=dict)  # trigger parameters
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"                      # sgd | adam
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = False
+    schedule: str = "cosine"               # cosine | multistep | constant
+    milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])  # fractions of training
+    gamma: float = 0.1
+    warmup_epochs: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 128
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    amp: str = "auto"                      # bf16 autocast: auto | on | off
+    channels_last: str = "auto"            # auto | on | off
+    device: str = "auto"
+    eval_batch_size: int = 512
+    grad_clip: Optional[float] = None
+    progress: bool = True
+
+
+@dataclass
+class TeacherJob:
+    data: DataConfig = field(default_factory=DataConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
+    model: str = "lenet5"
+    train: TrainConfig = field(default_factory=TrainConfig)
+    seed: int = 0
+    out: str = "runs/teacher"
+
+
+@dataclass
+class KDConfig:
+    method: str = "kd"                     # a registered KD method, or a combination "kd+at"
+    temperature: float = 4.0               # Hinton et al. 2015
+    alpha: float = 0.9                     # weight of the KD term; CE gets 1 − α
+    weights: dict[str, float] = field(default_factory=dict)  # per-term weights for combinations
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DistillJob:
+    teacher: str = MISSING                 # checkpoint directory or weights file
+    data: DataConfig = field(default_factory=DataConfig)
+    attack: Optional[AttackConfig] = None  # null = the attack recorded in the teacher's manifest
+    student: str = "lenet5"
+    clean_fraction: float = 0.2            # share of the training split the defender holds (ABD: 20 %)
+    kd: KDConfig = field(default_factory=KDConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    seed: int = 0
+    out: str = "runs/student"
+
+
+def build_config(schema: type[T], yaml_path: str | Path | None = None,
+                 overrides: list[str] | None = None) -> T:
+    """Merge ``schema`` defaults ← YAML file ← ``key=value`` overrides; return a typed object.
+
+    Raises:
+        KDGuardError: missing YAML file, unknown key, wrong type, or a missing required value.
+    """
+    try:
+        cfg = OmegaConf.structured(schema)
+        if yaml_path is not None:
+            path = Path(yaml_path)
+            if not path.exists():
+                raise KDGuardError(f"config file {str(path)!r} does not exist", "check the path")
+            cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
+        if overrides:
+            bad = [o for o in overrides if "=" not in o]
+            if bad:
+                raise KDGuardError(f"override {bad[0]!r} is not of the form key=value",
+                                   "write e.g. train.epochs=30")
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+        missing = sorted(OmegaConf.missing_keys(cfg))
+        if missing:
+            raise KDGuardError(f"required setting {missing[0]!r} is not given",
+                               f"pass {missing[0]}=VALUE or set it in the YAML file")
+        return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+    except OmegaConfBaseException as e:
+        msg = str(e).splitlines()[0]
+        raise KDGuardError(f"invalid configuration: {msg}",
+                           "check key names and value types against `kdguard <command> --help`") from None
+
+
+def to_yaml(cfg: Any) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]

@@ -1,0 +1,83 @@
+"""Device, precision and reproducibility helpers shared by training and evaluation."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import KDGuardError
+
+# Architectures too small for bf16/channels_last to pay off on CPU (platform notes: LeNet-size
+# nets are faster in fp32 NCHW).
+_SMALL_ARCHS = {"lenet5"}
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``"auto"`` → CUDA when available, else CPU; otherwise ``torch.device(name)``."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise KDGuardError(f"unknown device {name!r}", "use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise KDGuardError(f"device {name!r} requested but CUDA is not available", "use --device cpu")
+    return device
+
+
+def use_bf16(setting: str, device: torch.device, model: nn.Module) -> bool:
+    """Decide bf16 autocast: ``"on"``/``"off"``, or ``"auto"`` (on, except for tiny nets on CPU)."""
+    if setting not in ("auto", "on", "off"):
+        raise KDGuardError(f"amp setting {setting!r} is not valid", "use auto, on or off")
+    if setting != "auto":
+        return setting == "on"
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return getattr(model, "arch", None) not in _SMALL_ARCHS
+
+
+def use_channels_last(setting: str, device: torch.device, model: nn.Module) -> bool:
+    if setting not in ("auto", "on", "off"):
+        raise KDGuardError(f"channels_last setting {setting!r} is not valid", "use auto, on or off")
+    if setting != "auto":
+        return setting == "on"
+    return getattr(model, "arch", None) not in _SMALL_ARCHS
+
+
+def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CPU or CUDA when ``enabled``; a no-op context otherwise."""
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and CUDA) global generators."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def configure_threads(n: int | None = None) -> None:
+    """Use all cores for intra-op parallelism (the default may be fewer in containers)."""
+    torch.set_num_threads(n or max(1, len(os.sched_getaffinity(0))) if hasattr(os, "sched_getaffinity")
+                          else (n or os.cpu_count() or 1))
+
+
+@contextlib.contextmanager
+def eval_mode(*models: nn.Module) -> Iterator[None]:
+    """Put models in eval mode for the block and restore their previous modes afterwards."""
+    modes = [m.training for m in models]
+    for m in models:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, mode in zip(models, modes):
+            m.train(mode)

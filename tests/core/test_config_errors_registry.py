@@ -1,0 +1,48 @@
+import pytest
+
+from kdguard.config import DistillJob, TeacherJob, build_config
+from kdguard.errors import KDGuardError, check_range, unknown_name
+from kdguard.registry import Registry
+
+
+def test_yaml_then_overrides(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text("model: resnet20\ntrain:\n  epochs: 7\n  optim:\n    lr: 0.05\n")
+    job = build_config(TeacherJob, path, ["train.epochs=9", "attack.target=3"])
+    assert job.model == "resnet20" and job.train.epochs == 9 and job.train.optim.lr == 0.05
+    assert job.attack.target == 3
+
+
+@pytest.mark.parametrize("override, fragment", [
+    (["train.epochs=abc"], "could not be converted"),
+    (["train.nope=1"], "nope"),
+    (["epochs"], "key=value"),
+])
+def test_bad_overrides_are_one_line_errors(override, fragment):
+    with pytest.raises(KDGuardError) as exc:
+        build_config(TeacherJob, None, override)
+    assert fragment in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_missing_required_and_missing_file(tmp_path):
+    with pytest.raises(KDGuardError, match="teacher"):
+        build_config(DistillJob)
+    with pytest.raises(KDGuardError, match="does not exist"):
+        build_config(TeacherJob, tmp_path / "absent.yaml")
+
+
+def test_registry_lookup_aliases_and_suggestions():
+    reg = Registry("widget")
+    reg.add("resnet20", 1, aliases=("resnet-20",), family="resnet")
+    assert reg.get("ResNet-20") == 1 and reg.meta("resnet_20") == {"family": "resnet"}
+    with pytest.raises(KDGuardError, match="did you mean 'resnet20'"):
+        reg.get("resnet2")
+    with pytest.raises(KDGuardError, match="twice"):
+        reg.add("resnet20", 2)
+
+
+def test_check_range_bounds():
+    assert check_range("poison rate", 1.0, 0, 1, low_open=True) == 1.0
+    with pytest.raises(KDGuardError, match=r"poison rate 0 is outside \(0, 1\]"):
+        check_range("poison rate", 0, 0, 1, low_open=True)
+    assert "choose one of: a, b" in str(unknown_name("thing", "c", ["b", "a"]))
