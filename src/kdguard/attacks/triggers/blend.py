@@ -1,0 +1,110 @@
+"""Blended trigger (Chen et al., "Targeted Backdoor Attacks on Deep Learning Systems Using Data
+Poisoning", 2017): ``x' = (1 − α)·x + α·P`` over the whole image."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ...errors import KDGuardError
+from .base import Trigger, register_trigger
+from .validate import as_float
+
+
+@register_trigger("blend", aliases=("blended",))
+class Blend(Trigger):
+    """Blend a full-image pattern into every image: ``x' = (1 − alpha)·x + alpha·P``.
+
+    ABD blends ``0.8·x + 0.2·resize(blend.png)`` (a 540×540 cartoon image, not shipped with
+    kdguard). kdguard's default ``P`` is a seeded uniform random image (Chen et al.'s random-pattern
+    blend); pass ``pattern`` to use your own image instead.
+
+    Args:
+        image_shape: ``(C, H, W)``.
+        seed: seeds the random pattern (unused when ``pattern`` is given).
+        alpha: blend weight in (0, 1], default 0.2 (ABD).
+        pattern: None (seeded random), a path to an image file (loaded with Pillow, converted to
+            RGB or grayscale to match ``C`` and resized to ``H×W`` with Pillow's antialiased
+            bilinear filter), or a tensor / nested list ``C×H×W``, ``1×H×W`` or ``H×W`` with float
+            values in [0, 1] or integer values in 0–255 (resized bilinearly if ``H×W`` differs).
+
+    Raises:
+        KDGuardError: alpha out of range; unreadable image file; pattern with a wrong shape,
+            channel count or value range.
+    """
+
+    def __init__(self, image_shape: tuple[int, int, int], seed: int = 0, *, alpha: float = 0.2,
+                 pattern: str | Path | torch.Tensor | list | None = None) -> None:
+        super().__init__(image_shape, seed)
+        self.alpha = as_float(self.name, "alpha", alpha, 0.0, 1.0, low_open=True)
+        if pattern is None:
+            self._source: Any = None
+            self._blend = torch.rand(self.image_shape, generator=self._generator())
+        elif isinstance(pattern, (str, Path)):
+            self._source = str(pattern)
+            self._blend = self._load_image(Path(pattern))
+        else:
+            self._blend = self._from_tensor(pattern)
+            self._source = self._blend  # recorded as values so params() can rebuild it
+
+    @property
+    def pattern(self) -> torch.Tensor:
+        """``float32`` ``C×H×W`` in [0, 1]: the blended image ``P``."""
+        return self._blend.clone()
+
+    def _param_values(self) -> dict[str, Any]:
+        return {"alpha": self.alpha, "pattern": self._source}
+
+    def _apply(self, x: torch.Tensor) -> torch.Tensor:
+        return (1.0 - self.alpha) * x + self.alpha * self._on("blend", self._blend, x)
+
+    def _load_image(self, path: Path) -> torch.Tensor:
+        from PIL import Image, UnidentifiedImageError
+
+        if not path.is_file():
+            raise KDGuardError(f"blend pattern file {str(path)!r} does not exist",
+                               "give the path of an image file (PNG, JPEG, ...)")
+        try:
+            with Image.open(path) as img:
+                mode = "RGB" if self.channels == 3 else "L"
+                img = img.convert(mode).resize((self.width, self.height),
+                                               Image.Resampling.BILINEAR)
+                data = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
+        except (OSError, UnidentifiedImageError) as err:
+            raise KDGuardError(f"blend pattern file {str(path)!r} is not a readable image "
+                               f"({err})", "give a PNG or JPEG file") from None
+        data = data.view(self.height, self.width, -1).permute(2, 0, 1).float() / 255.0
+        return data.expand(self.channels, -1, -1).contiguous() if data.shape[0] == 1 else data
+
+    def _from_tensor(self, pattern: Any) -> torch.Tensor:
+        try:
+            p = torch.as_tensor(pattern).detach().cpu()
+        except (TypeError, ValueError, RuntimeError):
+            raise KDGuardError(f"blend pattern of type {type(pattern).__name__} is not an image",
+                               "give a C×H×W tensor, an image path, or None") from None
+        if p.dim() == 2:
+            p = p.unsqueeze(0)
+        if p.dim() != 3 or p.shape[0] not in (1, self.channels) or p.numel() == 0:
+            raise KDGuardError(
+                f"blend pattern has shape {tuple(p.shape)}, not C×H×W with C in "
+                f"{sorted({1, self.channels})}", f"give a {self.channels}×H×W or 1×H×W pattern")
+        if p.is_floating_point():
+            p = p.float()
+            scale = 1.0
+        elif p.dtype in (torch.uint8, torch.int16, torch.int32, torch.int64):
+            p, scale = p.float(), 255.0
+        else:
+            raise KDGuardError(f"blend pattern has dtype {p.dtype}",
+                               "give float values in [0, 1] or integer values in 0-255")
+        if p.min() < 0 or p.max() > scale:
+            raise KDGuardError(f"blend pattern values lie in [{p.min():.3g}, {p.max():.3g}], "
+                               f"outside [0, {scale:g}]",
+                               "give float values in [0, 1] or integer values in 0-255")
+        p = p / scale
+        if tuple(p.shape[1:]) != (self.height, self.width):
+            p = F.interpolate(p.unsqueeze(0), size=(self.height, self.width), mode="bilinear",
+                              align_corners=False, antialias=True).squeeze(0).clamp(0, 1)
+        return p.expand(self.channels, -1, -1).contiguous()
