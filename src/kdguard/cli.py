@@ -1,0 +1,169 @@
+"""The ``kdguard`` command line: a thin front over :mod:`kdguard.pipeline`.
+
+Every command takes an optional YAML ``--config`` and dotted ``key=value`` overrides. Problems
+with the input print one line ``error: …`` on stderr and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Optional, TypeVar
+
+import typer
+from rich.console import Console
+
+from .errors import KDGuardError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Knowledge distillation from teachers that may be backdoored.")
+console = Console()
+F = TypeVar("F", bound=Callable)
+
+
+def command(name: str) -> Callable[[F], F]:
+    """Register a CLI command whose :class:`KDGuardError` becomes ``error: …`` and exit code 2."""
+
+    def deco(fn: F) -> F:
+        @functools.wraps(fn)
+        def guarded(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except KDGuardError as e:
+                print(f"error: {e}", file=sys.stderr)
+                raise typer.Exit(2) from None
+
+        app.command(name)(guarded)
+        return fn
+
+    return deco
+
+OVERRIDES = typer.Argument(None, help="Config overrides as key=value, e.g. train.epochs=30 model=resnet20")
+CONFIG = typer.Option(None, "--config", "-c", help="YAML config file")
+DATA_ROOT = typer.Option(None, "--data-root", help="Directory holding the datasets (sets data.root)")
+
+
+def _overrides(items: Optional[list[str]], **extra: Optional[str]) -> list[str]:
+    out = list(items or [])
+    out += [f"{k}={v}" for k, v in extra.items() if v is not None]
+    return out
+
+
+def _print_metrics(metrics: dict) -> None:
+    keys = ("ca", "asr", "asr_all", "ra")
+    console.print("  ".join(f"{k.upper()}={100 * metrics[k]:.2f}%" for k in keys if metrics.get(k) is not None))
+
+
+@command("train-teacher")
+def train_teacher_cmd(overrides: Optional[list[str]] = OVERRIDES, config: Optional[Path] = CONFIG,
+                      data_root: Optional[str] = DATA_ROOT) -> None:
+    """Train a teacher, clean or poisoned by an attack (default: BadNets 10 % on embedded MNIST)."""
+    from .config import TeacherJob, build_config
+    from .pipeline import train_teacher
+
+    job = build_config(TeacherJob, config, _overrides(overrides, **{"data.root": data_root}))
+    result = train_teacher(job)
+    _print_metrics(result.metrics)
+    console.print(f"run directory: {result.run_dir}")
+
+
+@command("distill")
+def distill_cmd(overrides: Optional[list[str]] = OVERRIDES, config: Optional[Path] = CONFIG,
+                teacher: Optional[str] = typer.Option(None, "--teacher", help="Teacher checkpoint (sets teacher=)"),
+                data_root: Optional[str] = DATA_ROOT) -> None:
+    """Distil a student from a teacher checkpoint on a clean share of the training data."""
+    from .config import DistillJob, build_config
+    from .pipeline import distill
+
+    job = build_config(DistillJob, config, _overrides(overrides, teacher=teacher, **{"data.root": data_root}))
+    result = distill(job)
+    _print_metrics(result.metrics)
+    console.print(f"run directory: {result.run_dir}")
+
+
+@command("evaluate")
+def evaluate_cmd(
+    checkpoint: str = typer.Argument(..., help="Run directory or weights file"),
+    dataset: Optional[str] = typer.Option(None, help="Dataset (default: the checkpoint's)"),
+    data_root: Optional[str] = DATA_ROOT,
+    attack: Optional[str] = typer.Option(None, help="Attack/trigger (default: the checkpoint's; 'none' for CA only)"),
+    target: int = typer.Option(0, help="Target class when --attack is given"),
+    poison_seed: int = typer.Option(0, "--attack-seed", help="Trigger seed when --attack is given"),
+    as_json: bool = typer.Option(False, "--json", help="Print the metrics object as JSON"),
+) -> None:
+    """Evaluate a checkpoint: CA, ASR (non-target), ASR-all, RA and counts."""
+    from .checkpoint import read_manifest
+    from .config import AttackConfig, DataConfig
+    from .pipeline import evaluate_checkpoint
+
+    data_cfg = None
+    if dataset or data_root:
+        name = dataset or read_manifest(checkpoint).get("dataset", {}).get("name")
+        if not name:
+            raise KDGuardError("the checkpoint's manifest names no dataset", "pass --dataset NAME")
+        data_cfg = DataConfig(name=name, root=data_root)
+    attack_cfg = AttackConfig(name=attack, target=target, seed=poison_seed) if attack else None
+    metrics = evaluate_checkpoint(checkpoint, data_cfg, attack_cfg,
+                                  use_manifest_attack=attack is None)
+    if as_json:
+        sys.stdout.write(json.dumps(metrics, indent=2) + "\n")
+    else:
+        _print_metrics(metrics)
+
+
+@command("demo")
+def demo_cmd(out: Optional[Path] = typer.Option(None, help="Run directory (default runs/demo-<time>)")) -> None:
+    """The main job: poisoned teacher → distilled student → CA/ASR table and report."""
+    from .demo import run_demo
+
+    run_demo(out, console=console)
+
+
+@command("list")
+def list_cmd() -> None:
+    """List registered datasets, attacks, triggers, models and KD methods."""
+    from .attacks import ATTACK_PRESETS, TRIGGERS
+    from .data import DATASETS
+    from .models import MODELS
+
+    sections = {"datasets": DATASETS.names(), "attacks (presets)": sorted(ATTACK_PRESETS),
+                "triggers": TRIGGERS.names(), "models": MODELS.names()}
+    try:
+        from .distill.methods import KD_METHODS
+        sections["KD methods"] = KD_METHODS.names()
+    except ImportError:
+        sections["KD methods"] = ["kd"]
+    for title, names in sections.items():
+        console.print(f"[bold]{title}[/]: {', '.join(names)}")
+
+
+def _load_command_modules() -> None:
+    import importlib
+    import pkgutil
+
+    from . import commands
+
+    for info in pkgutil.iter_modules(commands.__path__):
+        importlib.import_module(f"{commands.__name__}.{info.name}")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Run the CLI on ``argv`` (default ``sys.argv[1:]``) and return the exit code."""
+    _load_command_modules()
+    try:
+        app(args=argv, prog_name="kdguard")
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    return 0
+
+
+def run() -> None:
+    """Console-script entry: exit with :func:`main`'s code."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    run()

@@ -1,0 +1,244 @@
+"""The jobs behind the CLI: train a (poisoned) teacher, distil a student, evaluate a checkpoint.
+
+Each job writes one run directory::
+
+    config.yaml      the resolved configuration
+    manifest.json    versions, git commit, seed, model spec, attack, metrics (with the weights)
+    model.safetensors
+    train_state.pt   resumable trainer state (deleted never; reused on restart)
+    metrics.jsonl    one line per epoch (losses, validation CA/ASR)
+    metrics.json     final test metrics: ca, asr, asr_all, ra, n_clean, n_backdoor, ...
+    poison_indices.json (teacher runs)   the poisoned training indices
+    report.md + *.png   trigger preview and training curves
+
+Test metrics are computed once, at the end, on the last-epoch model: the test split is never
+used for model selection (validation metrics drive the curves).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .attacks import AttackSpec, backdoor_targets, build_attack, non_target_mask, poison_dataset
+from .checkpoint import load_model, model_spec, save_model
+from .config import AttackConfig, DataConfig, DistillJob, TeacherJob, TrainConfig, to_dict, to_yaml
+from .data import Augment, ImageDataset, load_dataset
+from .distill.base import Distiller, LogitKD
+from .errors import KDGuardError, check_range
+from .io import write_json, write_text
+from .metrics import BackdoorMetrics, evaluate_backdoor
+from .models import build_model
+from .runtime import configure_threads, resolve_device, seed_everything, use_bf16, use_channels_last
+from .train import Trainer
+
+
+@dataclass
+class SplitData:
+    """Train (without validation), validation and test splits of one dataset."""
+
+    train: ImageDataset
+    val: ImageDataset
+    test: ImageDataset
+
+
+def load_splits(cfg: DataConfig, seed: int = 0) -> SplitData:
+    """Load train/test and hold out ``val_fraction`` of train (stratified, seeded) for validation."""
+    check_range("validation fraction", cfg.val_fraction, 0.0, 1.0, low_open=True, high_open=True)
+    train = load_dataset(cfg.name, "train", root=cfg.root)
+    test = load_dataset(cfg.name, "test", root=cfg.root)
+    rest, val = train.split(cfg.val_fraction, seed=seed)
+    return SplitData(rest, val, test)
+
+
+def make_attack(cfg: AttackConfig | None, shape: tuple[int, int, int], num_classes: int) -> AttackSpec | None:
+    if cfg is None or cfg.name in (None, "", "none", "clean"):
+        return None
+    if not 0 <= cfg.target < num_classes:
+        raise KDGuardError(f"target class {cfg.target} is outside [0, {num_classes - 1}]",
+                           f"set attack.target to a class index below {num_classes}")
+    kwargs: dict[str, Any] = dict(image_shape=shape, target=cfg.target, seed=cfg.seed,
+                                  label_mode=cfg.label_mode, **dict(cfg.params))
+    if cfg.poison_rate is not None:
+        kwargs["poison_rate"] = cfg.poison_rate
+    if cfg.poisoning is not None:
+        kwargs["poisoning"] = cfg.poisoning
+    return build_attack(cfg.name, **kwargs)
+
+
+def make_augment(cfg: DataConfig, ds: ImageDataset) -> Augment | None:
+    return Augment(crop_padding=4, hflip=ds.hflip) if cfg.augment else None
+
+
+def evaluate_model(model: nn.Module, test: ImageDataset, attack: AttackSpec | None, *,
+                   train_cfg: TrainConfig) -> BackdoorMetrics:
+    """CA/ASR/ASR-all/RA of ``model`` on ``test`` under ``attack`` (one pass)."""
+    device = resolve_device(train_cfg.device)
+    model.to(device)
+    kw: dict[str, Any] = dict(batch_size=train_cfg.eval_batch_size, device=device,
+                              bf16=use_bf16(train_cfg.amp, device, model),
+                              channels_last=use_channels_last(train_cfg.channels_last, device, model))
+    if attack is None:
+        return evaluate_backdoor(model, test.images, test.labels, **kw)
+    return evaluate_backdoor(
+        model, test.images, test.labels, trigger=attack.trigger,
+        backdoor_target=backdoor_targets(test.labels, attack, test.num_classes),
+        non_target=non_target_mask(test.labels, attack), **kw)
+
+
+def _val_evaluator(val: ImageDataset, attack: AttackSpec | None, train_cfg: TrainConfig):
+    def run(model: nn.Module) -> dict[str, float | None]:
+        m = evaluate_model(model, val, attack, train_cfg=train_cfg)
+        return {"val_ca": m.ca, "val_asr": m.asr}
+    return run
+
+
+def _attack_record(cfg: AttackConfig | None, attack: AttackSpec | None) -> dict[str, Any] | None:
+    if attack is None or cfg is None:
+        return None
+    return {"config": to_dict(cfg), "trigger": attack.trigger.params(), "target": attack.target,
+            "label_mode": attack.label_mode, "poisoning": attack.poisoning,
+            "poison_rate": attack.poison_rate}
+
+
+def attack_from_manifest(manifest: dict[str, Any]) -> AttackConfig | None:
+    rec = manifest.get("attack")
+    if not rec:
+        return None
+    return AttackConfig(**rec["config"])
+
+
+def _prepare_run(out: str | Path, job: Any, seed: int) -> Path:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(out / "config.yaml", to_yaml(job))
+    configure_threads()
+    seed_everything(seed)
+    return out
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    metrics: dict[str, Any]
+    model: nn.Module
+    seconds: float
+
+
+def train_teacher(job: TeacherJob) -> RunResult:
+    """Train a teacher on the (optionally poisoned) training split; evaluate CA/ASR on test."""
+    t0 = time.perf_counter()
+    out = _prepare_run(job.out, job, job.seed)
+    data = load_splits(job.data, seed=job.seed)
+    attack = make_attack(job.attack, data.train.shape, data.train.num_classes)
+    train_set = data.train
+    if attack is not None:
+        poisoned = poison_dataset(data.train, attack, seed=job.attack.seed)
+        poisoned.save_indices(out / "poison_indices.json")
+        train_set = poisoned.dataset
+    model = build_model(job.model, num_classes=train_set.num_classes, in_channels=train_set.channels,
+                        mean=train_set.mean, std=train_set.std)
+    trainer = Trainer(model, job.train, run_dir=out, augment=make_augment(job.data, train_set),
+                      evaluate=_val_evaluator(data.val, attack, job.train), seed=job.seed,
+                      desc="teacher")
+    history = trainer.fit(train_set.images, train_set.labels)
+    metrics = evaluate_model(model, data.test, attack, train_cfg=job.train).to_dict()
+    metrics["seconds"] = time.perf_counter() - t0
+    manifest = {
+        "role": "teacher", "seed": job.seed, "config": to_dict(job),
+        "model": model_spec(model, num_classes=train_set.num_classes, in_channels=train_set.channels,
+                            mean=train_set.mean, std=train_set.std),
+        "dataset": {"name": train_set.name, "shape": list(train_set.shape), "classes": list(train_set.classes)},
+        "attack": _attack_record(job.attack, attack), "metrics": metrics,
+    }
+    save_model(out, model, manifest)
+    write_json(out / "metrics.json", metrics)
+    from .report import write_run_report
+    write_run_report(out, title=f"Teacher {job.model} on {train_set.name}",
+                     rows=[("teacher", job.model, metrics)], history={"teacher": history},
+                     attack=attack, sample=data.test)
+    return RunResult(out, metrics, model, metrics["seconds"])
+
+
+def build_distiller(job: DistillJob, student: nn.Module, teacher: nn.Module,
+                    shape: tuple[int, int, int], num_classes: int, dataset_size: int) -> Distiller:
+    """A :class:`LogitKD` for ``kd``; other methods come from the KD-method registry."""
+    if job.kd.method == "kd":
+        return LogitKD(student, teacher, temperature=job.kd.temperature, alpha=job.kd.alpha)
+    try:
+        from .distill.methods import build_distiller as build_method
+    except ImportError:  # pragma: no cover - the registry ships with kdguard
+        raise KDGuardError(f"KD method {job.kd.method!r} is not available", "use kd") from None
+    method: str | dict[str, float] = dict(job.kd.weights) or job.kd.method
+    return build_method(method, student, teacher, input_shape=shape, num_classes=num_classes,
+                        dataset_size=dataset_size, temperature=job.kd.temperature,
+                        alpha=job.kd.alpha, **dict(job.kd.options))
+
+
+def distill(job: DistillJob) -> RunResult:
+    """Distil the teacher checkpoint into a fresh student on a clean share of the training data."""
+    t0 = time.perf_counter()
+    out = _prepare_run(job.out, job, job.seed)
+    check_range("clean fraction", job.clean_fraction, 0.0, 1.0, low_open=True)
+    teacher, t_manifest = load_model(job.teacher)
+    data = load_splits(job.data, seed=job.seed)
+    if t_manifest.get("model", {}).get("num_classes") not in (None, data.train.num_classes):
+        raise KDGuardError(
+            f"teacher has {t_manifest['model']['num_classes']} classes but dataset "
+            f"{data.train.name!r} has {data.train.num_classes}", "distil on the teacher's dataset")
+    attack_cfg = job.attack if job.attack is not None else attack_from_manifest(t_manifest)
+    attack = make_attack(attack_cfg, data.train.shape, data.train.num_classes)
+    full_size = len(data.train) + len(data.val)
+    share = min(1.0, job.clean_fraction * full_size / len(data.train))
+    clean = data.train if share >= 1.0 else data.train.subset(
+        data.train.stratified_indices(share, seed=job.seed + 1))
+    student = build_model(job.student, num_classes=data.train.num_classes,
+                          in_channels=data.train.channels, mean=data.train.mean, std=data.train.std)
+    distiller = build_distiller(job, student, teacher, data.train.shape, data.train.num_classes, len(clean))
+    trainer = Trainer(distiller, job.train, run_dir=out, augment=make_augment(job.data, clean),
+                      evaluate=_val_evaluator(data.val, attack, job.train), seed=job.seed,
+                      desc=f"student[{job.kd.method}]")
+    history = trainer.fit(clean.images, clean.labels)
+    s_metrics = evaluate_model(student, data.test, attack, train_cfg=job.train).to_dict()
+    t_metrics = t_manifest.get("metrics") or evaluate_model(teacher, data.test, attack,
+                                                            train_cfg=job.train).to_dict()
+    s_metrics["seconds"] = time.perf_counter() - t0
+    s_metrics["n_distill"] = len(clean)
+    manifest = {
+        "role": "student", "seed": job.seed, "config": to_dict(job), "teacher": str(job.teacher),
+        "model": model_spec(student, num_classes=data.train.num_classes, in_channels=data.train.channels,
+                            mean=data.train.mean, std=data.train.std),
+        "dataset": {"name": data.train.name, "shape": list(data.train.shape),
+                    "classes": list(data.train.classes)},
+        "attack": _attack_record(attack_cfg, attack), "metrics": s_metrics, "teacher_metrics": t_metrics,
+    }
+    save_model(out, student, manifest)
+    write_json(out / "metrics.json", s_metrics)
+    from .report import write_run_report
+    t_arch = t_manifest.get("model", {}).get("arch", "?")
+    write_run_report(out, title=f"Distillation {t_arch} → {job.student} ({job.kd.method}) on {data.train.name}",
+                     rows=[("teacher", t_arch, t_metrics), (f"student ({job.kd.method})", job.student, s_metrics)],
+                     history={"student": history}, attack=attack, sample=data.test)
+    return RunResult(out, s_metrics, student, s_metrics["seconds"])
+
+
+def evaluate_checkpoint(checkpoint: str | Path, data_cfg: DataConfig | None = None,
+                        attack_cfg: AttackConfig | None = None, *, use_manifest_attack: bool = True,
+                        train_cfg: TrainConfig | None = None) -> dict[str, Any]:
+    """Evaluate a checkpoint against a dataset's test split and an attack (default: its own)."""
+    model, manifest = load_model(checkpoint)
+    if data_cfg is None:
+        name = manifest.get("dataset", {}).get("name")
+        if not name:
+            raise KDGuardError("the checkpoint's manifest names no dataset", "pass --dataset NAME")
+        data_cfg = DataConfig(name=name)
+    test = load_dataset(data_cfg.name, "test", root=data_cfg.root)
+    if attack_cfg is None and use_manifest_attack:
+        attack_cfg = attack_from_manifest(manifest)
+    attack = make_attack(attack_cfg, test.shape, test.num_classes)
+    return evaluate_model(model, test, attack, train_cfg=train_cfg or TrainConfig()).to_dict()

@@ -1,0 +1,113 @@
+"""End-to-end CLI runs on the embedded MNIST digits (1 epoch, seconds) and every bad-input case."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kdguard.checkpoint import read_manifest
+from kdguard.cli import main
+from kdguard.io import read_json, write_json
+
+FAST = ["train.epochs=1", "train.batch_size=64", "train.progress=false", "data.val_fraction=0.05"]
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("teacher")
+    rc = main(["train-teacher", *FAST, "model=lenet5", "attack.name=badnets", "attack.poison_rate=0.1",
+               f"out={out}"])
+    assert rc == 0
+    return out
+
+
+def test_train_teacher_writes_a_complete_run(teacher_dir):
+    for name in ("config.yaml", "manifest.json", "model.safetensors", "train_state.pt", "metrics.jsonl",
+                 "metrics.json", "poison_indices.json", "report.md", "trigger_preview.png", "curves.png"):
+        assert (teacher_dir / name).exists(), name
+    metrics = read_json(teacher_dir / "metrics.json")
+    assert {"ca", "asr", "asr_all", "ra", "n_clean", "n_backdoor"} <= set(metrics)
+    assert metrics["n_clean"] == 1000 and metrics["n_backdoor"] == 1000 - 100  # 100 test images of class 0
+    manifest = read_manifest(teacher_dir)
+    assert manifest["model"]["arch"] == "lenet5" and manifest["attack"]["target"] == 0
+    assert manifest["torch"] and "git_commit" in manifest
+    indices = read_json(teacher_dir / "poison_indices.json")
+    assert len(indices["poison_indices"]) == round(0.1 * 3800) and indices["seed"] == 0
+
+
+def test_rerun_resumes_instead_of_retraining(teacher_dir, capsys):
+    before = (teacher_dir / "metrics.jsonl").read_text().count("\n")
+    assert main(["train-teacher", *FAST, "model=lenet5", f"out={teacher_dir}"]) == 0
+    # The finished epoch is not trained again: no new history line.
+    assert (teacher_dir / "metrics.jsonl").read_text().count("\n") == before
+
+
+def test_distill_then_evaluate_json(teacher_dir, tmp_path, capsys):
+    out = tmp_path / "student"
+    assert main(["distill", f"--teacher={teacher_dir}", *FAST, "student=lenet5", "clean_fraction=0.2",
+                 f"out={out}"]) == 0
+    metrics = read_json(out / "metrics.json")
+    assert metrics["n_distill"] == round(0.2 * 4000)
+    capsys.readouterr()
+    assert main(["evaluate", str(out), "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["ca"] == pytest.approx(metrics["ca"]) and printed["asr"] == pytest.approx(metrics["asr"])
+    # Another attack than the teacher's: evaluate against a blended trigger.
+    assert main(["evaluate", str(out), "--json", "--attack", "blend", "--target", "3"]) == 0
+    other = json.loads(capsys.readouterr().out)
+    assert other["n_backdoor"] == 1000 - 100
+
+
+def test_list_names_everything(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    for name in ("mnist_embedded", "cifar10", "gtsrb", "badnets", "wanet", "resnet20", "wrn16_2", "lenet5", "kd"):
+        assert name in out
+
+
+def _error_of(args, capsys) -> str:
+    capsys.readouterr()
+    rc = main(args)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2, err
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
+    return err
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["data.name=imagenet"], "unknown dataset 'imagenet'"),
+    (["model=resnet21"], "unknown model 'resnet21'"),
+    (["attack.name=badnetz"], "unknown attack 'badnetz'"),
+    (["data.name=cifar10", "data.root=/nonexistent/data"], "/nonexistent/data"),
+    (["attack.params.size=40"], "larger than the 28×28 image"),
+    (["attack.poison_rate=1.5"], "poison rate"),
+    (["attack.poison_rate=0"], "poison rate"),
+    (["attack.target=10"], "target class 10"),
+    (["model=nonexistent_pkg.models:factory"], "nonexistent_pkg"),
+    (["train.epochs=many"], "could not be converted"),
+])
+def test_train_teacher_bad_input(args, fragment, tmp_path, capsys):
+    err = _error_of(["train-teacher", *FAST, f"out={tmp_path / 'run'}", *args], capsys)
+    assert fragment in err
+
+
+def test_checkpoint_that_does_not_match_its_architecture(teacher_dir, tmp_path, capsys):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "model.safetensors").write_bytes((teacher_dir / "model.safetensors").read_bytes())
+    manifest = read_manifest(teacher_dir)
+    manifest["model"]["arch"] = "resnet8"
+    write_json(bad / "manifest.json", manifest)
+    err = _error_of(["evaluate", str(bad)], capsys)
+    assert "does not match architecture 'resnet8'" in err
+
+
+def test_missing_checkpoint_and_missing_teacher(tmp_path, capsys):
+    assert "does not exist" in _error_of(["evaluate", str(tmp_path / "nope")], capsys)
+    assert "teacher" in _error_of(["distill", *FAST], capsys)
+
+
+def test_usage_errors_exit_2(capsys):
+    capsys.readouterr()
+    assert main(["no-such-command"]) == 2
