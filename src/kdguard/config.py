@@ -77,11 +77,11 @@ class TeacherJob:
 
 @dataclass
 class KDConfig:
-    method: str = "kd"                     # a registered KD method, or a combination "kd+at"
-    temperature: float = 4.0               # Hinton et al. 2015
-    alpha: float = 0.9                     # weight of the KD term; CE gets 1 − α
-    weights: dict[str, float] = field(default_factory=dict)  # per-term weights for combinations
-    options: dict[str, Any] = field(default_factory=dict)
+    method: str = "kd"                     # a registered KD method (`kdguard list`), or "at+kd"
+    temperature: float = 4.0               # method "kd" only: Hinton et al. 2015
+    alpha: float = 0.9                     # method "kd" only: weight of KD; CE gets 1 − α
+    weights: dict[str, float] = field(default_factory=dict)  # per-term weights, e.g. {at: 1000, kd: 1}
+    options: dict[str, Any] = field(default_factory=dict)    # method options, e.g. {variant: nad}
 
 
 @dataclass

@@ -174,10 +174,11 @@ def build_distiller(job: DistillJob, student: nn.Module, teacher: nn.Module,
         from .distill.methods import build_distiller as build_method
     except ImportError:  # pragma: no cover - the registry ships with kdguard
         raise KDGuardError(f"KD method {job.kd.method!r} is not available", "use kd") from None
+    # kd.temperature/kd.alpha configure plain logit KD; other methods (and the KD part of a
+    # combination such as "at+kd") take their options from kd.options.
     method: str | dict[str, float] = dict(job.kd.weights) or job.kd.method
     return build_method(method, student, teacher, input_shape=shape, num_classes=num_classes,
-                        dataset_size=dataset_size, temperature=job.kd.temperature,
-                        alpha=job.kd.alpha, **dict(job.kd.options))
+                        dataset_size=dataset_size, **dict(job.kd.options))
 
 
 def distill(job: DistillJob) -> RunResult:

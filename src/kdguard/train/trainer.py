@@ -170,10 +170,15 @@ class Trainer:
             group["lr"] = lr
         return lr
 
-    def _step_losses(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def _step_losses(self, x: torch.Tensor, y: torch.Tensor,
+                     index: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         with autocast(self.device, self.bf16):
             if isinstance(self.module, Distiller):
-                logits, losses = self.module(x, y)
+                # Methods with a per-sample memory (CRD) need each sample's position in the set.
+                if getattr(self.module, "needs_index", False):
+                    logits, losses = self.module(x, y, index.to(self.device))
+                else:
+                    logits, losses = self.module(x, y)
             else:
                 logits = self.module(x)
                 losses = {"ce": F.cross_entropy(logits.float(), y)}
@@ -212,7 +217,7 @@ class Trainer:
                 x = to_float(xb, self.device, channels_last=self.channels_last)
                 y = labels[idx].to(self.device, non_blocking=True)
                 lr = self._set_lr(epoch * steps_per_epoch + b, steps_per_epoch)
-                logits, losses = self._step_losses(x, y)
+                logits, losses = self._step_losses(x, y, idx)
                 loss = sum(losses.values())
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
