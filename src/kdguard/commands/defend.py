@@ -1,0 +1,32 @@
+"""``kdguard defend``: run a data-available defence (ft, fp, nad) on a poisoned run directory.
+
+Example::
+
+    kdguard defend --model runs/teacher method=nad clean_fraction=0.05 train.epochs=20 out=runs/nad
+
+Configuration: :class:`kdguard.defenses.DefenseJob` (YAML ``--config`` + ``key=value``
+overrides); the dataset and attack default to those in the model's manifest.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ..cli import CONFIG, DATA_ROOT, OVERRIDES, _overrides, _print_metrics, command, console
+
+
+@command("defend")
+def defend_cmd(overrides: Optional[list[str]] = OVERRIDES, config: Optional[Path] = CONFIG,
+               model: Optional[str] = typer.Option(None, "--model", help="Poisoned run directory (sets model=)"),
+               data_root: Optional[str] = DATA_ROOT) -> None:
+    """Defend a poisoned model with clean data: method=ft (fine-tuning), fp (fine-pruning) or nad."""
+    from ..config import build_config
+    from ..defenses import DefenseJob, run_defense
+
+    job = build_config(DefenseJob, config, _overrides(overrides, model=model, **{"data.root": data_root}))
+    result = run_defense(job)
+    _print_metrics(result.metrics)
+    console.print(f"run directory: {result.run_dir}")
