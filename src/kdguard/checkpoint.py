@@ -52,8 +52,8 @@ def environment_info() -> dict[str, Any]:
 def model_spec(model: nn.Module, *, num_classes: int, in_channels: int,
                mean: tuple[float, ...], std: tuple[float, ...]) -> dict[str, Any]:
     """The manifest entry that lets :func:`load_model` rebuild ``model`` from the registry."""
-    return {"arch": getattr(model, "arch", None), "num_classes": num_classes,
-            "in_channels": in_channels, "mean": list(mean), "std": list(std)}
+    return {"arch": getattr(model, "arch", None), "options": dict(getattr(model, "arch_options", {}) or {}),
+            "num_classes": num_classes, "in_channels": in_channels, "mean": list(mean), "std": list(std)}
 
 
 def _contiguous_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -159,6 +159,6 @@ def load_model(path: str | Path, *, arch: str | None = None, num_classes: int | 
                            "pass --arch NAME and --num-classes K")
     model = build_model(spec["arch"], num_classes=int(spec["num_classes"]),
                         in_channels=int(spec.get("in_channels", 3)),
-                        mean=spec.get("mean"), std=spec.get("std"))
+                        mean=spec.get("mean"), std=spec.get("std"), **dict(spec.get("options") or {}))
     load_weights_into(model, load_state_dict(weights), source=f"checkpoint {str(weights)!r}")
     return model.eval(), manifest

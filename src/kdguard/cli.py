@@ -124,7 +124,7 @@ def demo_cmd(out: Optional[Path] = typer.Option(None, help="Run directory (defau
 
 @command("list")
 def list_cmd() -> None:
-    """List registered datasets, attacks, triggers, models and KD methods."""
+    """List registered datasets, attacks, triggers, models, KD methods and defences."""
     from .attacks import ATTACK_PRESETS, TRIGGERS
     from .data import DATASETS
     from .models import MODELS
@@ -134,8 +134,10 @@ def list_cmd() -> None:
     try:
         from .distill.methods import KD_METHODS
         sections["KD methods"] = KD_METHODS.names()
-    except ImportError:
+    except ImportError:  # pragma: no cover - ships with kdguard
         sections["KD methods"] = ["kd"]
+    from .defenses import DEFENSES
+    sections["defences"] = DEFENSES.names()
     for title, names in sections.items():
         console.print(f"[bold]{title}[/]: {', '.join(names)}")
 

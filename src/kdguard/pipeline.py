@@ -91,14 +91,43 @@ def evaluate_model(model: nn.Module, test: ImageDataset, attack: AttackSpec | No
         non_target=non_target_mask(test.labels, attack), **kw)
 
 
-def _val_evaluator(val: ImageDataset, attack: AttackSpec | None, train_cfg: TrainConfig):
+def val_evaluator(val: ImageDataset, attack: AttackSpec | None, train_cfg: TrainConfig):
+    """Per-epoch validation CA/ASR for the curves (never the test split)."""
     def run(model: nn.Module) -> dict[str, float | None]:
         m = evaluate_model(model, val, attack, train_cfg=train_cfg)
         return {"val_ca": m.ca, "val_asr": m.asr}
     return run
 
 
-def _attack_record(cfg: AttackConfig | None, attack: AttackSpec | None) -> dict[str, Any] | None:
+def clean_subset(data: SplitData, fraction: float, seed: int) -> ImageDataset:
+    """The defender's clean data: ``fraction`` of the *whole* training set, from the train split.
+
+    Same rule as :func:`kdguard.pipeline.distill`: the validation split is held out first, so
+    the share of the remaining train split is ``fraction · (n_train + n_val) / n_train``
+    (capped at 1), drawn per class (stratified) with seed ``seed + 1``.
+
+    Args:
+        data: splits from :func:`kdguard.pipeline.load_splits`.
+        fraction: in (0, 1].
+        seed: the run's seed.
+
+    Returns:
+        An :class:`ImageDataset` (uint8 images, int64 labels) of about
+        ``fraction · (n_train + n_val)`` images.
+
+    Raises:
+        KDGuardError: ``fraction`` outside (0, 1].
+    """
+    check_range("clean fraction", fraction, 0.0, 1.0, low_open=True)
+    full = len(data.train) + len(data.val)
+    share = min(1.0, fraction * full / len(data.train))
+    if share >= 1.0:
+        return data.train
+    return data.train.subset(data.train.stratified_indices(share, seed=seed + 1))
+
+
+def attack_record(cfg: AttackConfig | None, attack: AttackSpec | None) -> dict[str, Any] | None:
+    """The manifest's ``attack`` entry, in the form :func:`kdguard.pipeline.attack_from_manifest` reads."""
     if attack is None or cfg is None:
         return None
     return {"config": to_dict(cfg), "trigger": attack.trigger.params(), "target": attack.target,
@@ -144,7 +173,7 @@ def train_teacher(job: TeacherJob) -> RunResult:
     model = build_model(job.model, num_classes=train_set.num_classes, in_channels=train_set.channels,
                         mean=train_set.mean, std=train_set.std)
     trainer = Trainer(model, job.train, run_dir=out, augment=make_augment(job.data, train_set),
-                      evaluate=_val_evaluator(data.val, attack, job.train), seed=job.seed,
+                      evaluate=val_evaluator(data.val, attack, job.train), seed=job.seed,
                       desc="teacher")
     history = trainer.fit(train_set.images, train_set.labels)
     metrics = evaluate_model(model, data.test, attack, train_cfg=job.train).to_dict()
@@ -154,7 +183,7 @@ def train_teacher(job: TeacherJob) -> RunResult:
         "model": model_spec(model, num_classes=train_set.num_classes, in_channels=train_set.channels,
                             mean=train_set.mean, std=train_set.std),
         "dataset": {"name": train_set.name, "shape": list(train_set.shape), "classes": list(train_set.classes)},
-        "attack": _attack_record(job.attack, attack), "metrics": metrics,
+        "attack": attack_record(job.attack, attack), "metrics": metrics,
     }
     save_model(out, model, manifest)
     write_json(out / "metrics.json", metrics)
@@ -185,7 +214,6 @@ def distill(job: DistillJob) -> RunResult:
     """Distil the teacher checkpoint into a fresh student on a clean share of the training data."""
     t0 = time.perf_counter()
     out = _prepare_run(job.out, job, job.seed)
-    check_range("clean fraction", job.clean_fraction, 0.0, 1.0, low_open=True)
     teacher, t_manifest = load_model(job.teacher)
     data = load_splits(job.data, seed=job.seed)
     if t_manifest.get("model", {}).get("num_classes") not in (None, data.train.num_classes):
@@ -194,15 +222,12 @@ def distill(job: DistillJob) -> RunResult:
             f"{data.train.name!r} has {data.train.num_classes}", "distil on the teacher's dataset")
     attack_cfg = job.attack if job.attack is not None else attack_from_manifest(t_manifest)
     attack = make_attack(attack_cfg, data.train.shape, data.train.num_classes)
-    full_size = len(data.train) + len(data.val)
-    share = min(1.0, job.clean_fraction * full_size / len(data.train))
-    clean = data.train if share >= 1.0 else data.train.subset(
-        data.train.stratified_indices(share, seed=job.seed + 1))
+    clean = clean_subset(data, job.clean_fraction, job.seed)
     student = build_model(job.student, num_classes=data.train.num_classes,
                           in_channels=data.train.channels, mean=data.train.mean, std=data.train.std)
     distiller = build_distiller(job, student, teacher, data.train.shape, data.train.num_classes, len(clean))
     trainer = Trainer(distiller, job.train, run_dir=out, augment=make_augment(job.data, clean),
-                      evaluate=_val_evaluator(data.val, attack, job.train), seed=job.seed,
+                      evaluate=val_evaluator(data.val, attack, job.train), seed=job.seed,
                       desc=f"student[{job.kd.method}]")
     history = trainer.fit(clean.images, clean.labels)
     s_metrics = evaluate_model(student, data.test, attack, train_cfg=job.train).to_dict()
@@ -216,7 +241,7 @@ def distill(job: DistillJob) -> RunResult:
                             mean=data.train.mean, std=data.train.std),
         "dataset": {"name": data.train.name, "shape": list(data.train.shape),
                     "classes": list(data.train.classes)},
-        "attack": _attack_record(attack_cfg, attack), "metrics": s_metrics, "teacher_metrics": t_metrics,
+        "attack": attack_record(attack_cfg, attack), "metrics": s_metrics, "teacher_metrics": t_metrics,
     }
     save_model(out, student, manifest)
     write_json(out / "metrics.json", s_metrics)

@@ -134,3 +134,17 @@ def test_distiller_keeps_teacher_frozen_and_in_eval(blobs):
 def test_distiller_rejects_student_is_teacher(tiny_net):
     with pytest.raises(KDGuardError, match="same object"):
         LogitKD(tiny_net, tiny_net)
+
+
+def test_architecture_options_survive_a_round_trip(tmp_path):
+    from kdguard.checkpoint import load_model, model_spec
+    from kdguard.models import build_model
+
+    model = build_model("resnet8", num_classes=10, shortcut="A")
+    spec = model_spec(model, num_classes=10, in_channels=3, mean=(0.5,) * 3, std=(0.25,) * 3)
+    assert spec["options"] == {"shortcut": "A"}
+    save_model(tmp_path, model, {"model": spec})
+    loaded, manifest = load_model(tmp_path)
+    assert loaded.arch_options == {"shortcut": "A"}
+    x = torch.rand(2, 3, 32, 32)
+    assert torch.allclose(loaded(x), model.eval()(x))
