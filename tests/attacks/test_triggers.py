@@ -13,7 +13,9 @@ from kdguard.attacks.triggers import TRIGGERS, Trigger, build_trigger
 from kdguard.errors import KDGuardError
 
 SHAPE = (3, 32, 32)
-ALL = TRIGGERS.names()
+BUILT_IN = ("badnets_grid", "badnets_square", "blend", "trojan_3x3", "trojan_8x8", "trojan_wm", "sig",
+            "wanet", "l0_inv", "l2_inv")
+ALL = sorted(BUILT_IN)  # fixed, so parametrisation never depends on which packages were imported
 RANDOM = ["blend", "trojan_3x3", "trojan_8x8", "trojan_wm", "l0_inv", "l2_inv", "wanet"]
 DETERMINISTIC = ["badnets_grid", "badnets_square", "sig"]
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -36,8 +38,8 @@ def _box(h: int, w: int, rows: range, cols: range) -> torch.Tensor:
 
 
 def test_registry_lists_all_requested_triggers():
-    assert set(ALL) == {"badnets_grid", "badnets_square", "blend", "trojan_3x3", "trojan_8x8",
-                        "trojan_wm", "sig", "wanet", "l0_inv", "l2_inv"}
+    # Other packages may register more triggers (RobustKD's optimised blend); the built-ins must all be there.
+    assert set(BUILT_IN) <= set(TRIGGERS.names())
     assert TRIGGERS.resolve("badnet_sq") == "badnets_square"  # ABD's spelling
 
 

@@ -24,6 +24,7 @@ from .trigger_opt import RobustKDBlend, TriggerResult, optimize_blend_trigger
 __all__ = [
     "DETOX_FILE", "PAIRS", "DetoxConfig", "DetoxHooks", "DetoxObjective", "DetoxResult", "FeatureDetox",
     "PairPreset", "RobustKDBlend", "RobustKDDistillConfig", "RobustKDDistiller", "RobustKDJob",
-    "StageDetox", "StageStats", "TriggerJob", "TriggerResult", "align_stages", "clean_feature_stats", "detoxify", "get_pair",
-    "normalized_variance", "optimize_blend_trigger", "run_robustkd", "run_trigger_job", "salt_and_pepper",
+    "StageDetox", "StageStats", "TriggerJob", "TriggerResult", "align_stages", "clean_feature_stats",
+    "detoxify", "get_pair", "normalized_variance", "optimize_blend_trigger", "run_robustkd",
+    "run_trigger_job", "salt_and_pepper",
 ]

@@ -35,7 +35,8 @@ can rise by at most ``λ_s`` over its unmasked value.
 **Form "variance"** (the literal reading of "reduce the feature variance" with ``L_f`` as the
 variance of the detoxified features and a mask-size penalty):
 
-    L = L_fid + λ_f · mean_l [ mean_c Var_{n,h,w}(a(F̂_{l,c})) / mean_c Var_clean(a(F_{l,c})) ] + λ_m · mean_l mean_u M_{l,u}.
+    L = L_fid + λ_f · mean_l [ mean_c Var_{n,h,w}(a(F̂_{l,c})) / mean_c Var_clean(a(F_{l,c})) ]
+              + λ_m · mean_l mean_u M_{l,u}.
 
 It masks the units that *vary most* on clean data as long as fidelity allows. Because dormant
 units carry almost no clean variance, this form gives them no push at all; kdguard's small

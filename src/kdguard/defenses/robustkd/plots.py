@@ -40,8 +40,8 @@ def plot_masks(path: str | Path, detox: FeatureDetox, stats: Mapping[str, StageS
         if stats is not None and stage in stats:
             v = normalized_variance(stats[stage], "channel").flatten().clamp_min(1e-6).numpy()
             twin = ax.twinx()
-            twin.semilogy(list(x), v, ".", color="tab:blue", markersize=3, label="clean variance v̂")
-            twin.set_ylabel("v̂", color="tab:blue")
+            twin.semilogy(list(x), v, ".", color="tab:blue", markersize=3, label="relative clean variance")
+            twin.set_ylabel("Var / stage mean", color="tab:blue")
         ax.legend(fontsize=7, loc="upper left")
     axes[-1, 0].set_xlabel("channel")
     fig.tight_layout()

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
 from omegaconf import MISSING
 from torch import nn
 
@@ -31,8 +32,8 @@ from ...errors import KDGuardError, check_range
 from ...io import read_json, write_json, write_text
 from ...models import build_model
 from ...models.stages import stage_paths
-from ...pipeline import (RunResult, attack_from_manifest, evaluate_model, load_splits, make_attack,
-                         make_augment)
+from ...pipeline import (RunResult, attack_from_manifest, attack_record, clean_subset, evaluate_model,
+                         load_splits, make_attack, make_augment, val_evaluator)
 from ...runtime import configure_threads, resolve_device, seed_everything, use_bf16
 from ...train import Trainer
 from .detox import DETOX_FILE, FeatureDetox
@@ -121,28 +122,6 @@ def _student_name(job: RobustKDJob) -> str:
     return "resnet8"
 
 
-def clean_share(train: ImageDataset, val_size: int, fraction: float, seed: int) -> ImageDataset:
-    """The defender's clean labelled subset: ``fraction`` of the full training data (as in
-    :func:`kdguard.pipeline.distill`), stratified, drawn with ``seed + 1``."""
-    check_range("clean fraction", fraction, 0.0, 1.0, low_open=True)
-    share = min(1.0, fraction * (len(train) + val_size) / len(train))
-    return train if share >= 1.0 else train.subset(train.stratified_indices(share, seed=seed + 1))
-
-
-def _val_evaluator(val: ImageDataset, attack, train_cfg: TrainConfig):
-    def run(model: nn.Module) -> dict[str, float | None]:
-        m = evaluate_model(model, val, attack, train_cfg=train_cfg)
-        return {"val_ca": m.ca, "val_asr": m.asr}
-    return run
-
-
-def _attack_record(cfg: AttackConfig | None, attack) -> dict[str, Any] | None:
-    if attack is None or cfg is None:
-        return None
-    return {"config": to_dict(cfg), "trigger": attack.trigger.params(), "target": attack.target,
-            "label_mode": attack.label_mode, "poisoning": attack.poisoning, "poison_rate": attack.poison_rate}
-
-
 def _detox_stage(job: RobustKDJob, out: Path, teacher: nn.Module, clean: ImageDataset, data, attack,
                  device) -> tuple[FeatureDetox | None, dict[str, Any]]:
     """Optimise, reuse (a restarted run) or load the detoxification; return it and its record."""
@@ -209,7 +188,7 @@ def run_robustkd(job: RobustKDJob) -> RunResult:
                            f"{data.train.num_classes}", "distil on the teacher's dataset (data.name=...)")
     attack_cfg = job.attack if job.attack is not None else attack_from_manifest(t_manifest)
     attack = make_attack(attack_cfg, data.train.shape, data.train.num_classes)
-    clean = clean_share(data.train, len(data.val), job.clean_fraction, job.seed)
+    clean = clean_subset(data, job.clean_fraction, job.seed)
     device = resolve_device(job.train.device)
     t_metrics = t_manifest.get("metrics") or evaluate_model(teacher, data.test, attack, train_cfg=job.train).to_dict()
 
@@ -229,7 +208,7 @@ def run_robustkd(job: RobustKDJob) -> RunResult:
     s0 = time.perf_counter()
     try:
         trainer = Trainer(distiller, job.train, run_dir=out, augment=make_augment(job.data, clean),
-                          evaluate=_val_evaluator(data.val, attack, job.train), seed=job.seed, desc=label)
+                          evaluate=val_evaluator(data.val, attack, job.train), seed=job.seed, desc=label)
         history = trainer.fit(clean.images, clean.labels)
     finally:
         distiller.close()
@@ -244,7 +223,7 @@ def run_robustkd(job: RobustKDJob) -> RunResult:
         "model": model_spec(student, num_classes=data.train.num_classes, in_channels=data.train.channels,
                             mean=data.train.mean, std=data.train.std),
         "dataset": {"name": data.train.name, "shape": list(data.train.shape), "classes": list(data.train.classes)},
-        "attack": _attack_record(attack_cfg, attack), "metrics": s_metrics, "teacher_metrics": t_metrics,
+        "attack": attack_record(attack_cfg, attack), "metrics": s_metrics, "teacher_metrics": t_metrics,
         "detox": detox_record, "distiller": {"pairs": distiller.pairs, "margin": distiller.margin_used},
     }
     save_model(out, student, manifest)
@@ -319,7 +298,8 @@ def run_trigger_job(job: TriggerJob) -> tuple[Path, RobustKDBlend]:
         device=resolve_device(job.device), seed=job.seed, progress=job.progress)
     trigger = result.trigger
     path = trigger.save(out / "trigger.safetensors")
-    plot_trigger(out / "trigger.png", trigger, images[:6])
+    spread = torch.linspace(0, len(images) - 1, min(6, len(images))).long()  # not all from one class
+    plot_trigger(out / "trigger.png", trigger, images[spread])
     write_json(out / "trigger.json", {"teacher": str(job.teacher), "dataset": train.name,
                                       "seconds": result.seconds, "history": result.history,
                                       "channels": result.channels, "targets": result.targets,

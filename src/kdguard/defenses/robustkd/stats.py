@@ -29,7 +29,7 @@ from torch import nn
 from ...data.batches import to_float
 from ...errors import KDGuardError
 from ...runtime import eval_mode
-from ...taps import FeatureTaps
+from ...distill.probe import GuardedTaps
 
 ACTIVATIONS = ("relu", "none")
 
@@ -87,7 +87,8 @@ def clean_feature_stats(model: nn.Module, paths: Sequence[str], images: torch.Te
         raise KDGuardError(f"batch size {batch_size!r} is not a positive integer", "use e.g. 256")
     device = torch.device(device)
     sums: dict[str, list[torch.Tensor]] = {}
-    with eval_mode(model), FeatureTaps(model, list(paths), detach=True) as taps:
+    # guarded: an in-place op after a tapped module (e.g. ReLU(inplace=True)) would corrupt the stats
+    with eval_mode(model), GuardedTaps(model, list(paths), detach=True) as taps:
         for start in range(0, images.shape[0], batch_size):
             x = to_float(images[start:start + batch_size], device)
             _, feats = taps(x)
