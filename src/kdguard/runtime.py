@@ -31,10 +31,18 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
+def _switch(name: str, setting: object) -> str:
+    # YAML reads a bare `off`/`on` as a boolean, which OmegaConf then stores as "False"/"True".
+    value = str(setting).strip().lower()
+    value = {"false": "off", "true": "on", "0": "off", "1": "on"}.get(value, value)
+    if value not in ("auto", "on", "off"):
+        raise KDGuardError(f"{name} setting {setting!r} is not valid", "use auto, on or off")
+    return value
+
+
 def use_bf16(setting: str, device: torch.device, model: nn.Module) -> bool:
     """Decide bf16 autocast: ``"on"``/``"off"``, or ``"auto"`` (on, except for tiny nets on CPU)."""
-    if setting not in ("auto", "on", "off"):
-        raise KDGuardError(f"amp setting {setting!r} is not valid", "use auto, on or off")
+    setting = _switch("amp", setting)
     if setting != "auto":
         return setting == "on"
     if device.type == "cuda":
@@ -43,8 +51,8 @@ def use_bf16(setting: str, device: torch.device, model: nn.Module) -> bool:
 
 
 def use_channels_last(setting: str, device: torch.device, model: nn.Module) -> bool:
-    if setting not in ("auto", "on", "off"):
-        raise KDGuardError(f"channels_last setting {setting!r} is not valid", "use auto, on or off")
+    """Decide channels_last memory format: ``"on"``/``"off"``/``"auto"`` (off for tiny nets)."""
+    setting = _switch("channels_last", setting)
     if setting != "auto":
         return setting == "on"
     return getattr(model, "arch", None) not in _SMALL_ARCHS

@@ -46,3 +46,18 @@ def test_check_range_bounds():
     with pytest.raises(KDGuardError, match=r"poison rate 0 is outside \(0, 1\]"):
         check_range("poison rate", 0, 0, 1, low_open=True)
     assert "choose one of: a, b" in str(unknown_name("thing", "c", ["b", "a"]))
+
+
+def test_on_off_switches_survive_yaml_booleans():
+    import torch
+
+    from kdguard.errors import KDGuardError as Err
+    from kdguard.runtime import use_bf16, use_channels_last
+
+    job = build_config(TeacherJob, None, ["train.amp=off", "train.channels_last=on"])
+    cpu = torch.device("cpu")
+    net = torch.nn.Linear(2, 2)
+    assert use_bf16(job.train.amp, cpu, net) is False
+    assert use_channels_last(job.train.channels_last, cpu, net) is True
+    with pytest.raises(Err, match="amp setting 'maybe'"):
+        use_bf16("maybe", cpu, net)
