@@ -142,7 +142,8 @@ def attack_from_manifest(manifest: dict[str, Any]) -> AttackConfig | None:
     return AttackConfig(**rec["config"])
 
 
-def _prepare_run(out: str | Path, job: Any, seed: int) -> Path:
+def prepare_run(out: str | Path, job: Any, seed: int) -> Path:
+    """Create run directory ``out``, write the resolved ``config.yaml``, set threads and seeds."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / "config.yaml", to_yaml(job))
@@ -162,7 +163,7 @@ class RunResult:
 def train_teacher(job: TeacherJob) -> RunResult:
     """Train a teacher on the (optionally poisoned) training split; evaluate CA/ASR on test."""
     t0 = time.perf_counter()
-    out = _prepare_run(job.out, job, job.seed)
+    out = prepare_run(job.out, job, job.seed)
     data = load_splits(job.data, seed=job.seed)
     attack = make_attack(job.attack, data.train.shape, data.train.num_classes)
     train_set = data.train
@@ -213,7 +214,7 @@ def build_distiller(job: DistillJob, student: nn.Module, teacher: nn.Module,
 def distill(job: DistillJob) -> RunResult:
     """Distil the teacher checkpoint into a fresh student on a clean share of the training data."""
     t0 = time.perf_counter()
-    out = _prepare_run(job.out, job, job.seed)
+    out = prepare_run(job.out, job, job.seed)
     teacher, t_manifest = load_model(job.teacher)
     data = load_splits(job.data, seed=job.seed)
     if t_manifest.get("model", {}).get("num_classes") not in (None, data.train.num_classes):
