@@ -9,7 +9,10 @@ import torch
 
 from helpers import TinyNet, make_blobs
 
-torch.set_num_threads(1)  # tests run two workers on two cores (pytest -n 2)
+# Tests run two workers on two cores (pytest -n 2): one thread each, also inside jobs that call
+# kdguard.runtime.configure_threads.
+os.environ["KDGUARD_NUM_THREADS"] = "1"
+torch.set_num_threads(1)
 
 
 @pytest.fixture

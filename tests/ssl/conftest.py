@@ -24,17 +24,6 @@ if BLOBS_NAME not in DATASETS:
     DATASETS.add(BLOBS_NAME, _load_blobs, needs_root=False, description="SSL test blobs 3×16×16")
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _keep_one_thread():
-    # jobs raise torch's thread count to all cores; tests share two cores with other workers
-    import kdguard.ssl.grid
-    import kdguard.ssl.jobs
-    with pytest.MonkeyPatch.context() as mp:
-        for module in (kdguard.ssl.jobs, kdguard.ssl.grid):
-            mp.setattr(module, "configure_threads", lambda n=None: None)
-        yield
-
-
 def adam(epochs: int = 1, batch_size: int = 16) -> TrainConfig:
     return TrainConfig(epochs=epochs, batch_size=batch_size, progress=False, device="cpu", amp="off",
                        channels_last="off",
