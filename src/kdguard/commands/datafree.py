@@ -1,0 +1,88 @@
+"""``kdguard distill-datafree``: data-free distillation of a teacher checkpoint (ZSKT, CMI, OOD, ...).
+
+Examples::
+
+    kdguard distill-datafree --teacher runs/teacher --method zskt
+    kdguard distill-datafree teacher=runs/teacher method=cmi preset=paper schedule.rounds=50
+    kdguard distill-datafree -c my_run.yaml --data-root ../shared/data
+
+Routing from ``kdguard distill`` (owned by :mod:`kdguard.cli`): :func:`datafree_method_requested`
+recognises a data-free method given as ``--method NAME`` or as the override ``kd.method=NAME``,
+and :func:`distill_datafree_from_cli` runs it with the remaining overrides.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ..cli import CONFIG, DATA_ROOT, command, console
+
+OVERRIDES = typer.Argument(None, help="Config overrides as key=value, e.g. schedule.rounds=500 "
+                                      "zskt.at_beta=0 student=resnet8 (see docs/datafree.md)")
+METHOD = typer.Option(None, "--method", help="zskt | dfad | dafl | deepinv | cmi | ood (sets method=)")
+PRESET = typer.Option(None, "--preset", help="cpu | paper | none (sets preset=)")
+TEACHER = typer.Option(None, "--teacher", help="Teacher checkpoint (sets teacher=)")
+
+
+def datafree_method_requested(overrides: Optional[list[str]], method: Optional[str] = None) -> Optional[str]:
+    """The data-free method named by ``method`` or a ``kd.method=``/``method=`` override, else None.
+
+    ``kdguard distill`` can call this to decide whether to hand the run to
+    :func:`distill_datafree_from_cli` (only the data-free names count; ``kd``, ``at``, ... do not).
+    """
+    from ..datafree.config import METHOD_NAMES
+
+    names = []
+    for item in overrides or []:
+        key, _, value = item.partition("=")
+        if key.strip() in ("kd.method", "method"):
+            names.append(value.strip())
+    if method:
+        names.append(method)  # an option wins over overrides, as in kdguard.cli
+    last = names[-1].lower() if names else ""
+    return last if last in METHOD_NAMES else None
+
+
+def translate_overrides(overrides: Optional[list[str]]) -> list[str]:
+    """Map ``kdguard distill`` spellings onto the data-free job: ``kd.method=X`` → ``method=X``."""
+    out = []
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        out.append(f"method={value}" if sep and key.strip() == "kd.method" else item)
+    return out
+
+
+def distill_datafree_from_cli(overrides: Optional[list[str]] = None, config: Optional[Path] = None, *,
+                              teacher: Optional[str] = None, method: Optional[str] = None,
+                              preset: Optional[str] = None, data_root: Optional[str] = None) -> dict:
+    """Build the data-free job from CLI inputs, run it, print CA/ASR and return the metrics.
+
+    Raises:
+        KDGuardError: any configuration or run problem (the CLI turns it into ``error: ...``).
+    """
+    from ..datafree import build_datafree_job, run_datafree
+
+    items = translate_overrides(overrides)
+    for key, value in (("teacher", teacher), ("method", method), ("preset", preset),
+                       ("data.root", data_root)):
+        if value is not None:
+            items.append(f"{key}={value}")
+    job = build_datafree_job(config, items)
+    result = run_datafree(job)
+    m = result.metrics
+    console.print("  ".join(f"{k.upper()}={100 * m[k]:.2f}%" for k in ("ca", "asr", "asr_all", "ra")
+                            if m.get(k) is not None))
+    console.print(f"run directory: {result.run_dir}")
+    return m
+
+
+@command("distill-datafree")
+def distill_datafree_cmd(overrides: Optional[list[str]] = OVERRIDES, config: Optional[Path] = CONFIG,
+                         teacher: Optional[str] = TEACHER, method: Optional[str] = METHOD,
+                         preset: Optional[str] = PRESET, data_root: Optional[str] = DATA_ROOT) -> None:
+    """Distil a teacher without training data (ZSKT, DFAD, DAFL, DeepInversion, CMI, OOD proxy data)."""
+    distill_datafree_from_cli(overrides, config, teacher=teacher, method=method, preset=preset,
+                              data_root=data_root)

@@ -1,0 +1,184 @@
+"""``run_datafree(job)``: teacher checkpoint → data-free student, with CA/ASR/RA at intervals.
+
+The run directory holds, besides what every kdguard run writes (``config.yaml``,
+``manifest.json``, ``model.safetensors``, ``metrics.json``, ``report.md``)::
+
+    datafree_state.pt       resumable state (round, student, optimisers, generator, pools, RNGs)
+    metrics.jsonl           one line per evaluation: losses, CA/ASR/RA on the test split
+    synthetic_rNNNNNN.png   grids of synthetic images
+    datafree_curves.png     CA/ASR over the rounds
+
+Only the *test* split of the teacher's data set is loaded, and only to measure CA/ASR/RA; the
+reported metrics are those of the last round (never the best over the test curve).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..attacks import AttackSpec
+from ..checkpoint import load_model, model_spec, save_model
+from ..config import TrainConfig, to_dict, to_yaml
+from ..data import load_dataset
+from ..errors import KDGuardError
+from ..io import write_json, write_text
+from ..models import build_model
+from ..pipeline import RunResult, attack_from_manifest, evaluate_model, make_attack
+from ..runtime import configure_threads, resolve_device, seed_everything, use_bf16, use_channels_last
+from .config import DataFreeJob, validate_job
+from .loop import DataFreeExtensions, DataFreeLoop, RoundRecord
+from .methods import MethodContext, build_method, input_statistics
+
+def _attack_record(cfg: Any, attack: AttackSpec | None) -> dict[str, Any] | None:
+    if attack is None or cfg is None:
+        return None
+    return {"config": to_dict(cfg), "trigger": attack.trigger.params(), "target": attack.target,
+            "label_mode": attack.label_mode, "poisoning": attack.poisoning,
+            "poison_rate": attack.poison_rate}
+
+
+def plot_datafree_curves(path: Path, history: list[RoundRecord]) -> Path | None:
+    """CA/ASR (%) on the test split and the student loss over rounds, as one PNG."""
+    from ..report import plt  # headless matplotlib, configured by kdguard.report
+
+    points = [r for r in history if r.eval]
+    if not points:
+        return None
+    rounds = [r.round for r in points]
+    fig, (ax_m, ax_l) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for key, style in (("ca", "-o"), ("asr", "--s")):
+        vals = [r.eval.get(key) for r in points]
+        if any(v is not None for v in vals):
+            ax_m.plot(rounds, [100 * v if v is not None else float("nan") for v in vals], style,
+                      ms=3, label=key.upper())
+    for term in sorted({k for r in points for k in r.student_losses}):
+        ax_l.plot(rounds, [r.student_losses.get(term, float("nan")) for r in points], label=term)
+    ax_m.set(xlabel="round", ylabel="% (test split)", ylim=(-2, 102))
+    ax_l.set(xlabel="round", ylabel="student loss")
+    for ax in (ax_m, ax_l):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def run_datafree(job: DataFreeJob, *, extensions: DataFreeExtensions | None = None) -> RunResult:
+    """Distil ``job.teacher`` into a fresh student without training data; evaluate on the test split.
+
+    Args:
+        job: the configuration (see :mod:`kdguard.datafree.config`; build it with
+            :func:`~kdguard.datafree.config.build_datafree_job` to get the presets).
+        extensions: defence hooks (ABD), see :class:`~kdguard.datafree.loop.DataFreeExtensions`.
+
+    Returns:
+        :class:`kdguard.pipeline.RunResult` with the final test metrics (keys ``ca``, ``asr``,
+        ``asr_all``, ``ra``, ``n_clean``, ``n_backdoor``, … plus ``seconds``, ``rounds``,
+        ``method``). Re-running on the same ``out`` resumes from ``datafree_state.pt``.
+
+    Raises:
+        KDGuardError: bad configuration, unreadable teacher, unknown data set, a teacher that
+            does not match the data set, or a method that cannot run on this teacher (e.g. BN
+            matching without BatchNorm layers).
+    """
+    validate_job(job)
+    t0 = time.perf_counter()
+    out = Path(job.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(out / "config.yaml", to_yaml(job))
+    configure_threads()
+    seed_everything(job.seed)
+
+    teacher, t_manifest = load_model(job.teacher)
+    dataset = job.data.name or t_manifest.get("dataset", {}).get("name")
+    if not dataset:
+        raise KDGuardError("the teacher's manifest names no dataset", "set data.name=NAME")
+    test = load_dataset(dataset, "test", root=job.data.root)
+    t_spec = t_manifest.get("model", {})
+    if t_spec.get("num_classes") not in (None, test.num_classes) or \
+            t_spec.get("in_channels") not in (None, test.channels):
+        raise KDGuardError(f"teacher ({t_spec.get('num_classes')} classes, {t_spec.get('in_channels')} "
+                           f"channels) does not match dataset {test.name!r} ({test.num_classes} classes, "
+                           f"{test.channels} channels)", "set data.name to the teacher's dataset")
+    attack_cfg = job.attack if job.attack is not None else attack_from_manifest(t_manifest)
+    attack = make_attack(attack_cfg, test.shape, test.num_classes)
+
+    device = resolve_device(job.device)
+    student = build_model(job.student, num_classes=test.num_classes, in_channels=test.channels,
+                          mean=test.mean, std=test.std)
+    teacher.to(device).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    student.to(device)
+    bf16 = use_bf16(job.amp, device, student)
+    if use_channels_last(job.channels_last, device, student):
+        teacher.to(memory_format=torch.channels_last)
+        student.to(memory_format=torch.channels_last)
+    mean, std = input_statistics(teacher, test.mean, test.std)
+    ctx = MethodContext(teacher=teacher, student=student, image_shape=test.shape,
+                        num_classes=test.num_classes, mean=mean, std=std, hflip=test.hflip,
+                        device=device, bf16=bf16, seed=job.seed, data_root=job.data.root)
+    parts = build_method(job, ctx)
+    eval_cfg = TrainConfig(device=job.device, amp=job.amp, channels_last=job.channels_last,
+                           eval_batch_size=job.monitor.eval_batch_size, progress=False)
+
+    def evaluate(model: nn.Module) -> dict[str, Any]:
+        return evaluate_model(model, test, attack, train_cfg=eval_cfg).to_dict()
+
+    loop = DataFreeLoop(parts.synthesizer, student, teacher, parts.objective,
+                        rounds=job.schedule.rounds, student_steps=parts.student_steps,
+                        batch_size=job.schedule.batch_size, optim=job.student_optim, device=device,
+                        bf16=bf16, run_dir=out, evaluate=evaluate, monitor=job.monitor,
+                        extensions=extensions, progress=job.progress, desc=f"datafree[{job.method}]")
+    try:
+        history = loop.run()
+    finally:
+        loop.close()
+
+    final = history[-1] if history and history[-1].round == job.schedule.rounds else None
+    # the loop evaluates the last round anyway: reuse it (it is the model being saved)
+    metrics = dict(final.eval) if final is not None and final.eval else \
+        evaluate_model(student, test, attack, train_cfg=eval_cfg).to_dict()
+    metrics.update(seconds=time.perf_counter() - t0, method=job.method, rounds=job.schedule.rounds,
+                   student_updates=job.schedule.rounds * parts.student_steps,
+                   train_seconds=sum(r.seconds for r in history))
+    t_metrics = t_manifest.get("metrics") or evaluate_model(teacher, test, attack,
+                                                            train_cfg=eval_cfg).to_dict()
+    manifest = {
+        "role": "student", "method": f"datafree/{job.method}", "seed": job.seed,
+        "config": to_dict(job), "teacher": str(job.teacher),
+        "model": model_spec(student, num_classes=test.num_classes, in_channels=test.channels,
+                            mean=test.mean, std=test.std),
+        "dataset": {"name": test.name, "shape": list(test.shape), "classes": list(test.classes)},
+        "attack": _attack_record(attack_cfg, attack), "metrics": metrics,
+        "teacher_metrics": t_metrics,
+    }
+    save_model(out, student, manifest)
+    write_json(out / "metrics.json", metrics)
+    _write_report(out, job, t_manifest, t_metrics, metrics, history, attack, test)
+    return RunResult(out, metrics, student, metrics["seconds"])
+
+
+def _write_report(out: Path, job: DataFreeJob, t_manifest: dict[str, Any], t_metrics: dict[str, Any],
+                  metrics: dict[str, Any], history: list[RoundRecord], attack, test) -> None:
+    from ..report import write_run_report
+
+    notes = [f"Data-free method `{job.method}` (preset `{job.preset}`): {job.schedule.rounds} rounds, "
+             f"{metrics['student_updates']} student updates of {job.schedule.batch_size} images; "
+             "metrics of the last round."]
+    if plot_datafree_curves(out / "datafree_curves.png", history):
+        notes += ["", "![CA/ASR over rounds](datafree_curves.png)"]
+    grids = sorted(out.glob("synthetic_r*.png"))
+    if grids:
+        notes += ["", f"Synthetic images (round {int(grids[-1].stem[len('synthetic_r'):])}):", "",
+                  f"![synthetic images]({grids[-1].name})"]
+    t_arch = t_manifest.get("model", {}).get("arch", "?")
+    write_run_report(out, title=f"Data-free distillation {t_arch} → {job.student} ({job.method}) on {test.name}",
+                     rows=[("teacher", t_arch, t_metrics), (f"student ({job.method})", job.student, metrics)],
+                     history={}, attack=attack, sample=test, notes="\n".join(notes))

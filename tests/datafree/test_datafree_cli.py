@@ -1,0 +1,89 @@
+"""``kdguard distill-datafree``: a short run per method on a tiny image-folder data set."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from kdguard.checkpoint import model_spec, save_model
+from kdguard.cli import main
+from kdguard.datafree import METHOD_NAMES
+from kdguard.models import build_model
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A 4-class RGB image folder (train/test) and an (untrained) ResNet-8 teacher checkpoint."""
+    root = tmp_path_factory.mktemp("folder")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 3), ("test", 3)):
+        for c in range(4):
+            (root / split / f"c{c}").mkdir(parents=True)
+            for i in range(n):
+                img = rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)
+                Image.fromarray(img).save(root / split / f"c{c}" / f"{i}.png")
+    torch.manual_seed(0)
+    teacher = build_model("resnet8", num_classes=4, in_channels=3)
+    manifest = {
+        "model": model_spec(teacher, num_classes=4, in_channels=3, mean=(0.5,) * 3, std=(0.5,) * 3),
+        "dataset": {"name": "imagefolder"},
+        "attack": {"config": {"name": "badnets", "target": 0, "poison_rate": None,
+                              "label_mode": "all_to_one", "poisoning": None, "seed": 0, "params": {}}},
+        "metrics": {"ca": 0.25, "asr": 1.0},
+    }
+    teacher_dir = tmp_path_factory.mktemp("teacher")
+    save_model(teacher_dir, teacher, manifest)
+    return root, teacher_dir
+
+
+def _args(method, root, teacher, out):
+    args = ["distill-datafree", f"teacher={teacher}", f"method={method}", "preset=cpu",
+            f"data.root={root}", "schedule.rounds=2", "schedule.generator_steps=1",
+            "schedule.student_steps=1", "schedule.batch_size=4", "generator.width=4",
+            "ood.patches=8", "cmi.bank_size=8", "cmi.negatives=4", "cmi.head_dim=4",
+            "monitor.every=1", "monitor.grid_every=1", "monitor.grid_size=4", "device=cpu",
+            "progress=false", f"out={out}"]
+    if method != "zskt":
+        args.append("schedule.synthesis_batch_size=4")
+    return args
+
+
+@pytest.mark.parametrize("method", METHOD_NAMES)
+def test_short_cli_run_per_method(setup, tmp_path, method, capsys):
+    root, teacher = setup
+    out = tmp_path / method
+    assert main(_args(method, root, teacher, out)) == 0
+    printed = capsys.readouterr().out
+    assert "CA=" in printed and "ASR=" in printed
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {"ca", "asr", "asr_all", "ra", "n_clean", "n_backdoor"} <= set(metrics)
+    assert metrics["method"] == method and metrics["rounds"] == 2
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in lines] == [1, 2] and "ca" in lines[-1]["eval"]
+    assert lines[-1]["eval"]["ca"] == metrics["ca"]  # the last round is what is reported
+    assert (out / "synthetic_r000002.png").exists() and (out / "model.safetensors").exists()
+    assert (out / "datafree_state.pt").exists() and "datafree" in (out / "report.md").read_text().lower()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["method"] == f"datafree/{method}" and manifest["attack"]["target"] == 0
+
+
+def test_cli_errors_are_one_line(setup, tmp_path, capsys):
+    root, teacher = setup
+    assert main(["distill-datafree", f"teacher={teacher}", "method=gan"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "method" in err and len(err.strip().splitlines()) == 1
+    assert main(["distill-datafree", "--method", "zskt", f"out={tmp_path}"]) == 2
+    assert "teacher" in capsys.readouterr().err
+
+
+def test_distill_method_option_routes_to_the_data_free_engine(setup, tmp_path, capsys):
+    root, teacher = setup
+    args = _args("zskt", root, teacher, tmp_path / "routed")[1:]
+    args = [a for a in args if not a.startswith(("method=", "teacher="))]
+    assert main(["distill", "--teacher", str(teacher), "--method", "zskt", *args]) == 0
+    manifest = json.loads((tmp_path / "routed" / "manifest.json").read_text())
+    assert manifest["method"] == "datafree/zskt"
