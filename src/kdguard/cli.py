@@ -73,11 +73,20 @@ def train_teacher_cmd(overrides: Optional[list[str]] = OVERRIDES, config: Option
 @command("distill")
 def distill_cmd(overrides: Optional[list[str]] = OVERRIDES, config: Optional[Path] = CONFIG,
                 teacher: Optional[str] = typer.Option(None, "--teacher", help="Teacher checkpoint (sets teacher=)"),
+                method: Optional[str] = typer.Option(
+                    None, "--method", help="KD method (kd, at, ofd, ...) or a data-free one (zskt, dfad, dafl, "
+                                           "deepinv, cmi, ood)"),
                 data_root: Optional[str] = DATA_ROOT) -> None:
-    """Distil a student from a teacher checkpoint on a clean share of the training data."""
+    """Distil a student from a teacher checkpoint: on clean data, or data-free (--method zskt ...)."""
+    from .commands.datafree import datafree_method_requested, distill_datafree_from_cli
     from .config import DistillJob, build_config
     from .pipeline import distill
 
+    if datafree_method_requested(overrides, method):
+        distill_datafree_from_cli(overrides, config, teacher=teacher, method=method, data_root=data_root)
+        return
+    if method:
+        overrides = [*(overrides or []), f"kd.method={method}"]
     job = build_config(DistillJob, config, _overrides(overrides, teacher=teacher, **{"data.root": data_root}))
     result = distill(job)
     _print_metrics(result.metrics)
@@ -136,7 +145,9 @@ def list_cmd() -> None:
         sections["KD methods"] = KD_METHODS.names()
     except ImportError:  # pragma: no cover - ships with kdguard
         sections["KD methods"] = ["kd"]
+    from .datafree import DATAFREE_METHODS
     from .defenses import DEFENSES
+    sections["data-free KD methods"] = DATAFREE_METHODS.names()
     sections["defences"] = DEFENSES.names()
     for title, names in sections.items():
         console.print(f"[bold]{title}[/]: {', '.join(names)}")

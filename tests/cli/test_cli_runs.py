@@ -62,7 +62,8 @@ def test_distill_then_evaluate_json(teacher_dir, tmp_path, capsys):
 def test_list_names_everything(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
-    for name in ("mnist_embedded", "cifar10", "gtsrb", "badnets", "wanet", "resnet20", "wrn16_2", "lenet5", "kd"):
+    for name in ("mnist_embedded", "cifar10", "gtsrb", "badnets", "wanet", "resnet20", "wrn16_2", "lenet5", "kd",
+                 "zskt", "cmi", "nad"):
         assert name in out
 
 
