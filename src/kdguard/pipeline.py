@@ -18,11 +18,10 @@ used for model selection (validation metrics drive the curves).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from .attacks import AttackSpec, backdoor_targets, build_attack, non_target_mask, poison_dataset

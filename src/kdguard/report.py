@@ -33,6 +33,14 @@ def metrics_table(rows: Sequence[Row]) -> str:
     return "\n".join(lines)
 
 
+def save_figure(fig, path: Path) -> Path:
+    """Lay out, write as PNG (120 dpi) and close ``fig``; returns ``path``."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot_trigger_preview(path: Path, sample: ImageDataset, trigger, n: int = 8) -> Path:
     """Clean images (top row) and their triggered copies (bottom row) as one PNG."""
     gen = torch.Generator().manual_seed(0)
@@ -50,10 +58,7 @@ def plot_trigger_preview(path: Path, sample: ImageDataset, trigger, n: int = 8) 
             ax.set_yticks([])
             if col == 0:
                 ax.set_ylabel(label)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_curves(path: Path, histories: dict[str, list]) -> Path:
@@ -77,10 +82,7 @@ def plot_curves(path: Path, histories: dict[str, list]) -> Path:
     for ax in (ax_loss, ax_val):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def write_run_report(out: Path, *, title: str, rows: Sequence[Row], history: dict[str, list],

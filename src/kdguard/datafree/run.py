@@ -23,13 +23,14 @@ from torch import nn
 
 from ..attacks import AttackSpec
 from ..checkpoint import load_model, model_spec, save_model
-from ..config import TrainConfig, to_dict, to_yaml
+from ..config import TrainConfig, to_dict
 from ..data import load_dataset
 from ..errors import KDGuardError
-from ..io import write_json, write_text
+from ..io import write_json
 from ..models import build_model
-from ..pipeline import RunResult, attack_from_manifest, evaluate_model, make_attack
-from ..runtime import configure_threads, resolve_device, seed_everything, use_bf16, use_channels_last
+from ..pipeline import RunResult, attack_from_manifest, evaluate_model, make_attack, prepare_run
+from ..report import save_figure
+from ..runtime import resolve_device, use_bf16, use_channels_last
 from .config import DataFreeJob, validate_job
 from .loop import DataFreeExtensions, DataFreeLoop, RoundRecord
 from .methods import MethodContext, build_method, input_statistics
@@ -63,10 +64,7 @@ def plot_datafree_curves(path: Path, history: list[RoundRecord]) -> Path | None:
     for ax in (ax_m, ax_l):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def run_datafree(job: DataFreeJob, *, extensions: DataFreeExtensions | None = None) -> RunResult:
@@ -89,11 +87,7 @@ def run_datafree(job: DataFreeJob, *, extensions: DataFreeExtensions | None = No
     """
     validate_job(job)
     t0 = time.perf_counter()
-    out = Path(job.out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_text(out / "config.yaml", to_yaml(job))
-    configure_threads()
-    seed_everything(job.seed)
+    out = prepare_run(job.out, job, job.seed)
 
     teacher, t_manifest = load_model(job.teacher)
     dataset = job.data.name or t_manifest.get("dataset", {}).get("name")

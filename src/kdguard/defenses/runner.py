@@ -19,13 +19,12 @@ from torch import nn
 
 from ..attacks import AttackSpec
 from ..checkpoint import load_model, model_spec, read_manifest, save_model
-from ..config import AttackConfig, TrainConfig, to_dict, to_yaml
+from ..config import AttackConfig, TrainConfig, to_dict
 from ..data import ImageDataset
 from ..errors import KDGuardError, check_range
-from ..io import write_json, write_text
-from ..pipeline import (RunResult, SplitData, attack_from_manifest, attack_record, clean_subset,
+from ..io import write_json
+from ..pipeline import (RunResult, SplitData, attack_from_manifest, attack_record, clean_subset, prepare_run,
                         evaluate_model, load_splits, make_attack, make_augment, val_evaluator)
-from ..runtime import configure_threads, seed_everything
 from ..train import EpochRecord, Trainer
 from .base import DEFENSES, Defense
 from .config import AUTO_DATASET, DefenseJob
@@ -124,11 +123,7 @@ def prepare_defense(job: DefenseJob) -> DefenseContext:
         if not name:
             raise KDGuardError(f"the manifest of {job.model!r} names no dataset", "pass data.name=NAME")
         job.data = replace(job.data, name=name)
-    out = Path(job.out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_text(out / "config.yaml", to_yaml(job))
-    configure_threads()
-    seed_everything(job.seed)
+    out = prepare_run(job.out, job, job.seed)
 
     model, manifest = load_model(job.model)
     data = load_splits(job.data, seed=job.seed)

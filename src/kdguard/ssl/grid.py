@@ -26,10 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config import to_dict, to_yaml
+from ..config import to_dict
 from ..errors import KDGuardError, unknown_name
 from ..io import read_json, write_json, write_text
-from ..runtime import configure_threads, seed_everything
+from ..pipeline import prepare_run
 from .badencoder import BackdoorTarget, targets_from_manifest
 from .cache import cached_model, fingerprint, plain_settings
 from .config import DefendJob, GridJob, ProbeConfig
@@ -164,11 +164,7 @@ def run_grid(job: GridJob) -> GridResult:
     """
     t_start = time.perf_counter()
     cells = grid_cells(list(job.teachers), list(job.students), list(job.losses), job.cells)
-    out = Path(job.out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_text(out / "config.yaml", to_yaml(job))
-    configure_threads()
-    seed_everything(job.seed)
+    out = prepare_run(job.out, job, job.seed)
     poisoned, manifest = load_ssl_model(job.encoder)
     targets = targets_from_manifest(manifest)
     shape = tuple(poisoned.encoder.input_shape)
