@@ -31,7 +31,7 @@ from ..config import TrainConfig
 from ..errors import KDGuardError
 from ..io import append_jsonl, atomic_write
 from ..runtime import autocast, resolve_device, use_bf16, use_channels_last
-from ..train.trainer import build_optimizer, lr_factor
+from ..train.trainer import build_optimizer, set_lr
 
 STATE_FILE = "train_state.pt"
 HISTORY_FILE = "metrics.jsonl"
@@ -128,15 +128,7 @@ class SSLLoop:
 
     # -- loop -------------------------------------------------------------------------------
     def _set_lr(self, step: int, steps_per_epoch: int) -> float:
-        total = self.cfg.epochs * steps_per_epoch
-        warm = self.cfg.optim.warmup_epochs * steps_per_epoch
-        factor = lr_factor(self.cfg.optim, step / max(total, 1))
-        if warm > 0 and step < warm:
-            factor *= (step + 1) / warm
-        lr = self.cfg.optim.lr * factor
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        return lr
+        return set_lr(self.optimizer, self.cfg, step, steps_per_epoch)
 
     def to_input(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 or float images → float [0, 1] on the loop's device, in the model's layout."""

@@ -51,6 +51,19 @@ def lr_factor(cfg: OptimConfig, progress: float) -> float:
     raise KDGuardError(f"unknown schedule {cfg.schedule!r}", "use cosine, multistep or constant")
 
 
+def set_lr(optimizer: torch.optim.Optimizer, cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
+    """Set every group's lr for global ``step`` (schedule of :func:`lr_factor` + linear warm-up)."""
+    total = cfg.epochs * steps_per_epoch
+    warm = cfg.optim.warmup_epochs * steps_per_epoch
+    factor = lr_factor(cfg.optim, step / max(total, 1))
+    if warm > 0 and step < warm:
+        factor *= (step + 1) / warm
+    lr = cfg.optim.lr * factor
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
 def build_optimizer(params: list[nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
     check_range("learning rate", cfg.lr, 0.0, 10.0, low_open=True)
     if cfg.name == "sgd":
@@ -160,15 +173,7 @@ class Trainer:
 
     # -- loop -------------------------------------------------------------------------------
     def _set_lr(self, step: int, steps_per_epoch: int) -> float:
-        total = self.cfg.epochs * steps_per_epoch
-        warm = self.cfg.optim.warmup_epochs * steps_per_epoch
-        factor = lr_factor(self.cfg.optim, step / max(total, 1))
-        if warm > 0 and step < warm:
-            factor *= (step + 1) / warm
-        lr = self.cfg.optim.lr * factor
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        return lr
+        return set_lr(self.optimizer, self.cfg, step, steps_per_epoch)
 
     def _step_losses(self, x: torch.Tensor, y: torch.Tensor,
                      index: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
