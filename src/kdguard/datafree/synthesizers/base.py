@@ -158,3 +158,23 @@ def check_image_batch(x: torch.Tensor, shape: tuple[int, ...], what: str) -> Non
     if x.dim() != 4 or tuple(x.shape[1:]) != tuple(shape) or not x.is_floating_point():
         raise KDGuardError(f"{what} produced {x.dtype} images of shape {tuple(x.shape)}, "
                            f"expected float N×{tuple(shape)}", "check the generator's image shape")
+
+
+class PooledSynthesizer(Synthesizer):
+    """A synthesizer that keeps its images in a uint8 pool (``self.pool``) and matches the
+    teacher's BatchNorm statistics through hooks (``self.bn_stats``): DeepInversion and CMI.
+
+    ``sample(n)`` draws ``n`` pooled images (float ``N×C×H×W`` in [0, 1]) and applies
+    ``self.augment``; ``preview(n)`` gives the newest ``n`` images, unaugmented, on the CPU.
+    """
+
+    @torch.no_grad()
+    def sample(self, n: int) -> torch.Tensor:
+        x = self.pool.sample(n, self.rng).float().div_(255.0)
+        return self.augment(x, generator=self.rng)
+
+    def preview(self, n: int) -> torch.Tensor:
+        return self.pool.latest(n).float().div(255.0).cpu()
+
+    def close(self) -> None:
+        self.bn_stats.remove()

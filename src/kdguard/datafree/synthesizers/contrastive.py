@@ -39,7 +39,7 @@ from ..hooks import BNStatistics
 from ..losses import info_nce, negative_masked_kl
 from ..optim import build_optimizer, schedule_factor
 from ..pool import ImagePool, MemoryBank
-from .base import Synthesizer
+from .base import PooledSynthesizer
 
 
 class ProjectionHead(nn.Module):
@@ -57,7 +57,7 @@ class ProjectionHead(nn.Module):
         return F.normalize(self.fc2(F.relu(self.fc1(x))), dim=1)
 
 
-class CMISynthesizer(Synthesizer):
+class CMISynthesizer(PooledSynthesizer):
     """See the module docstring.
 
     Args:
@@ -163,17 +163,6 @@ class CMISynthesizer(Synthesizer):
         out = self._mean_losses(sums, self.steps)
         out["best"] = best_cost
         return out
-
-    @torch.no_grad()
-    def sample(self, n: int) -> torch.Tensor:
-        x = self.pool.sample(n, self.rng).float().div_(255.0)
-        return self.augment(x, generator=self.rng)
-
-    def preview(self, n: int) -> torch.Tensor:
-        return self.pool.latest(n).float().div(255.0).cpu()
-
-    def close(self) -> None:
-        self.bn_stats.remove()
 
     def extra_state(self) -> dict[str, Any]:
         cpu = lambda sd: {k: v.detach().cpu() for k, v in sd.items()}  # noqa: E731

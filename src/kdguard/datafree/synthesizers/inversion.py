@@ -29,10 +29,10 @@ from ..hooks import BNStatistics
 from ..losses import js_divergence, total_variation
 from ..optim import build_optimizer, schedule_factor
 from ..pool import ImagePool
-from .base import Synthesizer
+from .base import PooledSynthesizer
 
 
-class DeepInversionSynthesizer(Synthesizer):
+class DeepInversionSynthesizer(PooledSynthesizer):
     """See the module docstring.
 
     Args:
@@ -121,17 +121,6 @@ class DeepInversionSynthesizer(Synthesizer):
         out = self._mean_losses(sums, self.steps)
         out["best"] = best_cost
         return out
-
-    @torch.no_grad()
-    def sample(self, n: int) -> torch.Tensor:
-        x = self.pool.sample(n, self.rng).float().div_(255.0)
-        return self.augment(x, generator=self.rng)
-
-    def preview(self, n: int) -> torch.Tensor:
-        return self.pool.latest(n).float().div(255.0).cpu()
-
-    def close(self) -> None:
-        self.bn_stats.remove()
 
     def extra_state(self) -> dict[str, Any]:
         return {"pool": self.pool.state_dict()}
