@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -87,3 +88,30 @@ def test_distill_method_option_routes_to_the_data_free_engine(setup, tmp_path, c
     assert main(["distill", "--teacher", str(teacher), "--method", "zskt", *args]) == 0
     manifest = json.loads((tmp_path / "routed" / "manifest.json").read_text())
     assert manifest["method"] == "datafree/zskt"
+
+
+@pytest.mark.parametrize("method", METHOD_NAMES)
+def test_short_cli_run_per_method_with_abd(setup, tmp_path, method, capsys):
+    """One option (abd.mode=full) adds both ABD parts to every method; both show in the logs."""
+    root, teacher = setup
+    out = tmp_path / f"{method}_abd"
+    args = _args(method, root, teacher, out) + ["abd.mode=full", "abd.sr.phase=0.5", "abd.sr.min_count=2"]
+    assert main(args) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["abd"]["mode"] == "full" and metrics["abd"]["sv"]["status"] == "active"
+    assert metrics["abd"]["sr"]["sr_steps"] >= 1
+    last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert "sr_unlearn" in last["student_losses"]
+    vaccine_term = "sv_push_away" if method == "ood" else "reg/sv_maximize_divergence"
+    logged = last["student_losses"] if method == "ood" else last["generator_losses"]
+    assert vaccine_term in logged
+    assert all(math.isfinite(v) for v in {**last["student_losses"], **last["generator_losses"]}.values())
+
+
+def test_bad_abd_settings_are_one_line_errors(setup, tmp_path, capsys):
+    root, teacher = setup
+    for bad, word in (("abd.mode=vaccine", "abd.mode"), ("abd.sr.phase=0", "abd.sr.phase"),
+                      ("abd.sv.verify_batches=5", "verify_batches")):
+        assert main(_args("zskt", root, teacher, tmp_path / "bad") + [bad]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and word in err and len(err.strip().splitlines()) == 1

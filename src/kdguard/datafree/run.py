@@ -30,7 +30,7 @@ from ..io import write_json
 from ..models import build_model
 from ..pipeline import RunResult, attack_from_manifest, evaluate_model, make_attack, prepare_run
 from ..report import save_figure
-from ..runtime import resolve_device, use_bf16, use_channels_last
+from ..runtime import autocast, resolve_device, use_bf16, use_channels_last
 from .config import DataFreeJob, validate_job
 from .loop import DataFreeExtensions, DataFreeLoop, RoundRecord
 from .methods import MethodContext, build_method, input_statistics
@@ -73,7 +73,8 @@ def run_datafree(job: DataFreeJob, *, extensions: DataFreeExtensions | None = No
     Args:
         job: the configuration (see :mod:`kdguard.datafree.config`; build it with
             :func:`~kdguard.datafree.config.build_datafree_job` to get the presets).
-        extensions: defence hooks (ABD), see :class:`~kdguard.datafree.loop.DataFreeExtensions`.
+        extensions: defence hooks, see :class:`~kdguard.datafree.loop.DataFreeExtensions`;
+            ``None`` builds ABD from ``job.abd`` (nothing when ``abd.mode=off``).
 
     Returns:
         :class:`kdguard.pipeline.RunResult` with the final test metrics (keys ``ca``, ``asr``,
@@ -125,6 +126,13 @@ def run_datafree(job: DataFreeJob, *, extensions: DataFreeExtensions | None = No
     def evaluate(model: nn.Module) -> dict[str, Any]:
         return evaluate_model(model, test, attack, train_cfg=eval_cfg).to_dict()
 
+    abd = None
+    if extensions is None and job.abd.mode != "off":
+        from ..abd import build_abd
+
+        abd = build_abd(job.abd, teacher=teacher, image_shape=test.shape, device=device,
+                        method=job.method, seed=job.seed, autocast=lambda: autocast(device, bf16))
+        extensions = abd.extensions
     loop = DataFreeLoop(parts.synthesizer, student, teacher, parts.objective,
                         rounds=job.schedule.rounds, student_steps=parts.student_steps,
                         batch_size=job.schedule.batch_size, optim=job.student_optim, device=device,
@@ -142,6 +150,8 @@ def run_datafree(job: DataFreeJob, *, extensions: DataFreeExtensions | None = No
     metrics.update(seconds=time.perf_counter() - t0, method=job.method, rounds=job.schedule.rounds,
                    student_updates=job.schedule.rounds * parts.student_steps,
                    train_seconds=sum(r.seconds for r in history))
+    if abd is not None:
+        metrics["abd"] = {"mode": job.abd.mode, **abd.summary()}
     t_metrics = t_manifest.get("metrics") or evaluate_model(teacher, test, attack,
                                                             train_cfg=eval_cfg).to_dict()
     manifest = {

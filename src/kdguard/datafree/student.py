@@ -166,9 +166,11 @@ class StudentStepContext:
                 return self.student_taps(x)
             return self.student(x), {}
 
-    def distill_losses(self) -> dict[str, torch.Tensor]:
-        """The method's named student losses on ``self.x`` (with gradients)."""
-        s_logits, s_feats = self.forward_student()
+    def distill_losses(self, student_outputs: tuple[torch.Tensor, dict[str, torch.Tensor]] | None = None
+                       ) -> dict[str, torch.Tensor]:
+        """The method's named student losses on ``self.x`` (with gradients), from
+        ``student_outputs`` (logits, features) of :meth:`forward_student` if already computed."""
+        s_logits, s_feats = student_outputs if student_outputs is not None else self.forward_student()
         t = self.teacher_outputs
         per = self.objective.per_sample(t.logits, s_logits)
         losses = dict(self.sample_weighting(per, self.x, t.logits))

@@ -1,0 +1,78 @@
+"""Assemble ABD (SV and/or SR) as :class:`~kdguard.datafree.loop.DataFreeExtensions` for any
+data-free method: ``abd.mode = off | sv | sr | full``."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..datafree.config import ABDConfig
+from ..datafree.loop import DataFreeExtensions
+from .retrospection import SelfRetrospection
+from .shuffle import ShuffledTeacher
+from .vaccine import ShufflingVaccine, VaccineWeighting
+
+
+@dataclass
+class ABDPlugin:
+    """The built defence: its extensions plus the parts, for summaries and tests."""
+
+    extensions: DataFreeExtensions
+    vaccine: ShufflingVaccine | None = None
+    retrospection: SelfRetrospection | None = None
+
+    def summary(self) -> dict[str, Any]:
+        """What ran, for ``metrics.json`` (``abd`` key)."""
+        out: dict[str, Any] = {}
+        if self.vaccine is not None:
+            out["sv"] = self.vaccine.summary()
+        if self.retrospection is not None:
+            out["sr"] = self.retrospection.summary()
+        return out
+
+
+def build_abd(cfg: ABDConfig, *, teacher: nn.Module, image_shape: tuple[int, int, int],
+              device: torch.device, method: str, seed: int = 0,
+              autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+              ) -> ABDPlugin | None:
+    """ABD for one run, or ``None`` when ``cfg.mode == "off"``.
+
+    Args:
+        cfg: the job's ``abd`` section.
+        teacher: the frozen teacher on ``device``.
+        image_shape: ``(C, H, W)`` of the teacher's input.
+        method: the data-free method; the vaccine's ``auto`` form is the student form for
+            ``ood`` (no generator) and the generator form otherwise.
+        seed: seeds the shuffles and the SR sample choice.
+        autocast: forward-pass context (bf16 or no-op).
+
+    Raises:
+        KDGuardError: the teacher has no layer to shuffle, or bad settings.
+    """
+    if cfg.mode == "off":
+        return None
+    ext = DataFreeExtensions()
+    vaccine = retro = None
+    if cfg.uses_sv:
+        sv = cfg.sv
+        rng = torch.Generator().manual_seed(seed + 7919)
+        example = torch.zeros((2, *image_shape), device=device)
+        shuffled = ShuffledTeacher(teacher, example, layers=sv.layers, ensemble=sv.ensemble, generator=rng)
+        vaccine = ShufflingVaccine(teacher, shuffled, coef=sv.coef, shuffle_grad=sv.shuffle_grad,
+                                   verify_batches=sv.verify_batches, verify_skip=sv.verify_skip,
+                                   tail_threshold=sv.tail_threshold, max_trials=sv.max_trials,
+                                   generator=rng, autocast=autocast)
+        form = sv.form if sv.form != "auto" else ("student" if method == "ood" else "generator")
+        if form == "student":
+            ext.sample_weighting = VaccineWeighting(vaccine)
+        else:
+            ext.generator_regularizers.append(vaccine)
+    if cfg.uses_sr:
+        retro = SelfRetrospection(cfg.sr, seed=seed)
+        ext.student_step = retro
+    return ABDPlugin(ext, vaccine, retro)

@@ -1,0 +1,218 @@
+"""ABD's Self-Retrospection (SR): late in distillation, the student synthesises the backdoor it
+may have learned as a universal perturbation and unlearns it.
+
+Hong et al., ICML 2023, §4.2; reference ``UnlearnOptimizer`` (``cmi/datafree/unlearn.py``) and
+``zskt/solver.py`` (``sup_backdoor``, ``use_hg``). For every student update in the SR phase
+(the last ``phase`` share of the round budget) on a synthetic batch ``x`` (``N×C×H×W``):
+
+1. **Perturbation.** ``δ ∈ R^{1×C×H×W}`` (universal), from ``δ = 0``, ``inner_steps`` Adam steps
+   (lr ``inner_lr``) on ``−KL(M(x) ‖ M(x + δ)) + λ‖δ‖²`` with ``M`` the teacher (ABD sweeps) or the
+   student (``perturb_model``), in eval mode; KL with τ = 1, ``batchmean``. No pixel clipping
+   (as the reference). With ``M`` = teacher, δ depends only on ``x``: it is computed once per
+   batch and reused by the student steps of a round that share the batch (ZSKT).
+2. **Unlearning loss.** A random subset B of the batch (``max(min_count, round(share·N))``
+   samples, capped at N; the reference's ``hg_out_portion`` = 2 % gives 2 of 128 and none below
+   50) gets δ::
+
+       ℓ_out(δ, θ) = weight · mean_{i∈B} KL(S_θ(x_i) ‖ S_θ(x_i + δ))      (outer_reduction=perturbed)
+                     weight · Σ_{i∈B} KL(…) / N                          (=batch, the reference)
+
+   with the clean logits detached (``detach_clean``; the ZSKT code) or not (the CMI code).
+3. **Hypergradient.** δ*(θ) is treated as the solution of the student's inner problem
+   ``ℓ_in(δ, θ) = −KL(S_θ(x) ‖ S_θ(x + δ)) + λ‖δ‖²`` and the update uses
+   ``dℓ_out/dθ = ∂_θ ℓ_out + (∂_θ Φ)ᵀ v`` from :func:`~kdguard.abd.hypergrad.fixed_point_hypergradient`
+   (``K`` = ``hypergradient_steps``, α = ``hypergradient_step_size``), as I-BAU does. With
+   ``hypergradient=False`` only the direct term ∂_θ ℓ_out is used (plain adversarial unlearning).
+4. The method's usual distillation loss (KD, + attention for ZSKT) is added, the sum is clipped
+   and stepped.
+
+Phase and learning rate: the reference resumes a near-final checkpoint with a fresh optimiser at
+a reset learning rate (5e-4) and a cosine schedule over what is left. kdguard does the same
+inside one run: at the first SR round the optimiser state is cleared (``reset_optimizer``) and
+the learning rate follows ``lr · ½(1 + cos(π·(r − r₀)/(R − r₀)))`` over rounds ``r₀ ≤ r < R``.
+
+The extra student forwards of steps 2–3 run in train mode (batch statistics) with the BN running
+statistics frozen, so unlearning does not move them; they run in float32 (double backward).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from ..datafree.config import SelfRetrospectionConfig
+from ..datafree.losses import kl_per_sample
+from ..datafree.student import StudentStepContext, default_student_step, frozen
+from .hypergrad import fixed_point_hypergradient
+
+
+@contextlib.contextmanager
+def frozen_bn_statistics(model: nn.Module) -> Iterator[None]:
+    """BatchNorm layers keep using batch statistics in train mode but do not update their running
+    statistics (momentum 0 and ``num_batches_tracked`` restored)."""
+    saved = [(m, m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone())
+             for m in model.modules() if isinstance(m, _BatchNorm)]
+    for m, _, _ in saved:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, momentum, tracked in saved:
+            m.momentum = momentum
+            if tracked is not None:
+                m.num_batches_tracked.copy_(tracked)
+
+
+def universal_perturbation(model: nn.Module, x: torch.Tensor, reference_logits: torch.Tensor, *,
+                           steps: int = 10, lr: float = 0.1, l2: float = 1e-3) -> torch.Tensor:
+    """δ (``1×C×H×W``, float32) maximising ``KL(M(x) ‖ M(x + δ)) − λ‖δ‖²`` by Adam from δ = 0.
+
+    Args:
+        model: M, run as it is (callers put it in eval mode and freeze its weights).
+        x: float ``N×C×H×W`` in the model's input space.
+        reference_logits: M(x), ``N×K`` (no gradient needed).
+        steps, lr, l2: Adam steps, learning rate and λ (ABD: 10, 0.1, 0.001).
+    """
+    delta = torch.zeros((1, *x.shape[1:]), device=x.device, requires_grad=True)
+    if steps == 0:
+        return delta.detach()
+    opt = torch.optim.Adam([delta], lr=lr)
+    ref = reference_logits.detach().float()
+    for _ in range(steps):
+        out = model(x + delta).float()
+        loss = -kl_per_sample(ref, out, reduction="batchmean").mean() + l2 * delta.pow(2).sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return delta.detach()
+
+
+class SelfRetrospection:
+    """The SR plug-in: a ``student_step`` for :class:`~kdguard.datafree.loop.DataFreeExtensions`.
+
+    Before the SR phase it is the method's plain step; in the phase it runs steps 1–4 of the module
+    docstring and logs ``sr_unlearn`` (ℓ_out) besides the method's losses.
+
+    Args:
+        cfg: :class:`~kdguard.datafree.config.SelfRetrospectionConfig`.
+        seed: seeds the choice of perturbed samples (checkpointed).
+    """
+
+    def __init__(self, cfg: SelfRetrospectionConfig | None = None, *, seed: int = 0) -> None:
+        self.cfg = cfg or SelfRetrospectionConfig()
+        self.generator = torch.Generator().manual_seed(seed)
+        self.entered = False
+        self.steps = 0
+        self._delta_key: torch.Tensor | None = None
+        self._delta: torch.Tensor | None = None
+
+    def phase_start(self, total_rounds: int) -> int:
+        """First round (0-based) of the SR phase: the last ``max(1, ceil(phase·R))`` rounds."""
+        return total_rounds - min(total_rounds, max(1, math.ceil(self.cfg.phase * total_rounds)))
+
+    def in_phase(self, round_index: int, total_rounds: int) -> bool:
+        return round_index >= self.phase_start(total_rounds)
+
+    def phase_lr(self, round_index: int, total_rounds: int) -> float:
+        start = self.phase_start(total_rounds)
+        span = max(total_rounds - start, 1)
+        return self.cfg.lr * 0.5 * (1.0 + math.cos(math.pi * (round_index - start) / span))
+
+    def perturbed_count(self, batch_size: int) -> int:
+        return min(batch_size, max(self.cfg.min_count, round(self.cfg.share * batch_size)))
+
+    # -- the step ------------------------------------------------------------------------------
+    def _perturbation(self, ctx: StudentStepContext) -> torch.Tensor:
+        c = self.cfg
+        if c.perturb_model == "teacher":
+            if self._delta_key is ctx.x and self._delta is not None:
+                return self._delta
+            with ctx.autocast():
+                delta = universal_perturbation(ctx.teacher, ctx.x, ctx.teacher_outputs.logits,
+                                               steps=c.inner_steps, lr=c.inner_lr, l2=c.l2)
+            self._delta_key, self._delta = ctx.x, delta
+            return delta
+        student = ctx.student
+        was_training = student.training
+        student.eval()
+        try:
+            with frozen(student), torch.no_grad(), ctx.autocast():
+                ref = student(ctx.x).float()
+            with frozen(student), ctx.autocast():
+                return universal_perturbation(student, ctx.x, ref, steps=c.inner_steps,
+                                              lr=c.inner_lr, l2=c.l2)
+        finally:
+            student.train(was_training)
+
+    def __call__(self, ctx: StudentStepContext) -> dict[str, torch.Tensor]:
+        if not self.in_phase(ctx.round_index, ctx.total_rounds):
+            return default_student_step(ctx)
+        c = self.cfg
+        if not self.entered:
+            self.entered = True
+            if c.reset_optimizer:
+                ctx.optimizer.state.clear()
+        lr = self.phase_lr(ctx.round_index, ctx.total_rounds)
+        for group in ctx.optimizer.param_groups:
+            group["lr"] = lr
+
+        x, student = ctx.x, ctx.student
+        n = len(x)
+        delta = self._perturbation(ctx)
+        chosen = torch.randperm(n, generator=self.generator)[:self.perturbed_count(n)].to(x.device)
+        rows = torch.zeros(n, 1, 1, 1, device=x.device)
+        rows[chosen] = 1.0
+
+        outputs = ctx.forward_student()
+        losses = ctx.distill_losses(outputs)
+        clean = outputs[0].detach().float()
+        params = [p for p in student.parameters() if p.requires_grad]
+        last: dict[str, torch.Tensor] = {}
+
+        def outer_loss(d: torch.Tensor) -> torch.Tensor:
+            with frozen_bn_statistics(student):
+                ref = clean if c.detach_clean else student(x).float()
+                perturbed = student(x + d * rows).float()
+            per = kl_per_sample(ref, perturbed, reduction="batchmean")[chosen]
+            value = per.mean() if c.outer_reduction == "perturbed" else per.sum() / n
+            value = c.weight * value
+            last["sr_unlearn"] = value.detach()
+            return value
+
+        def inner_loss(d: torch.Tensor) -> torch.Tensor:
+            with frozen_bn_statistics(student):
+                perturbed = student(x + d).float()
+            return -kl_per_sample(clean, perturbed, reduction="batchmean").mean() + c.l2 * d.pow(2).sum()
+
+        ctx.optimizer.zero_grad(set_to_none=True)
+        sum(losses.values()).backward()
+        if c.hypergradient:
+            grads = fixed_point_hypergradient(delta, params, inner_loss, outer_loss,
+                                              steps=c.hypergradient_steps,
+                                              step_size=c.hypergradient_step_size)
+            for p, g in zip(params, grads):
+                p.grad = g if p.grad is None else p.grad + g
+        else:
+            outer_loss(delta).backward()
+        ctx.clip_and_step()
+        self.steps += 1
+        losses["sr_unlearn"] = last["sr_unlearn"]
+        return losses
+
+    def summary(self) -> dict[str, Any]:
+        return {"phase": self.cfg.phase, "sr_steps": self.steps, "perturb_model": self.cfg.perturb_model,
+                "hypergradient": self.cfg.hypergradient}
+
+    # -- checkpointing -------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"entered": self.entered, "steps": self.steps, "rng": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.entered, self.steps = bool(state["entered"]), int(state["steps"])
+        self.generator.set_state(state["rng"])

@@ -1,0 +1,132 @@
+"""Self-Retrospection: the perturbation, the phase, and one unlearning step."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from kdguard.abd import SelfRetrospection, frozen_bn_statistics, universal_perturbation
+from kdguard.datafree.config import SelfRetrospectionConfig
+from kdguard.datafree.losses import kl_per_sample
+from kdguard.datafree.student import (
+    DistillObjective,
+    StudentStepContext,
+    TeacherOutputs,
+    default_student_step,
+)
+
+
+def _student(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 4))
+
+
+def _context(abd_kit, student, round_index, total_rounds=10, x=None):
+    teacher = abd_kit.ShortcutNet()
+    x = abd_kit.clean_images(16) if x is None else x
+    opt = torch.optim.Adam(student.parameters(), lr=1e-2)
+    with torch.no_grad():
+        t = teacher(x)
+    return StudentStepContext(student=student, teacher=teacher, optimizer=opt, x=x,
+                              teacher_outputs=TeacherOutputs(t), objective=DistillObjective(),
+                              round_index=round_index, total_rounds=total_rounds, grad_clip=5.0)
+
+
+def test_universal_perturbation_is_one_image_and_raises_the_divergence(abd_kit):
+    teacher = abd_kit.ShortcutNet()
+    x = abd_kit.clean_images(32)
+    ref = teacher(x)
+    delta = universal_perturbation(teacher, x, ref, steps=10, lr=0.1, l2=1e-3)
+    assert delta.shape == (1, *abd_kit.SHAPE) and not delta.requires_grad
+    assert kl_per_sample(ref, teacher(x + delta)).mean() > 0.1
+    assert not any(p.grad is not None for p in teacher.parameters())
+    assert torch.equal(universal_perturbation(teacher, x, ref, steps=0), torch.zeros(1, *abd_kit.SHAPE))
+
+
+def test_phase_learning_rate_and_subset_size():
+    sr = SelfRetrospection(SelfRetrospectionConfig(phase=0.02, lr=5e-4, share=0.02, min_count=8))
+    assert sr.phase_start(1500) == 1470 and sr.phase_start(10) == 9  # at least one round
+    assert not sr.in_phase(1469, 1500) and sr.in_phase(1470, 1500)
+    assert sr.phase_lr(1470, 1500) == pytest.approx(5e-4)
+    assert 0 < sr.phase_lr(1499, 1500) < 1e-5
+    assert sr.perturbed_count(128) == 8 and sr.perturbed_count(1000) == 20 and sr.perturbed_count(4) == 4
+
+
+def test_bn_statistics_stay_frozen_but_batch_statistics_are_used():
+    model = _student()
+    model.train()
+    before = copy.deepcopy(model[1].state_dict())
+    x = torch.rand(8, 3, 5, 5)
+    with frozen_bn_statistics(model):
+        out = model(x)
+    for k, v in model[1].state_dict().items():
+        assert torch.equal(v, before[k]), k
+    model.eval()
+    assert not torch.allclose(out, model(x))  # train-mode (batch) statistics were used
+    assert model[1].momentum == 0.1
+
+
+def test_before_the_phase_it_is_the_plain_step(abd_kit):
+    a, b = _student(), _student()
+    ctx_a, ctx_b = _context(abd_kit, a, round_index=3), _context(abd_kit, b, round_index=3)
+    out = SelfRetrospection(SelfRetrospectionConfig(phase=0.2))(ctx_a)
+    default_student_step(ctx_b)
+    assert set(out) == {"kd"}
+    for pa, pb in zip(a.state_dict().values(), b.state_dict().values()):
+        assert torch.equal(pa, pb)
+
+
+@pytest.mark.parametrize("hypergradient", [True, False])
+@pytest.mark.parametrize("perturb_model", ["teacher", "student"])
+def test_an_sr_step_unlearns_without_touching_the_teacher_or_bn_statistics(abd_kit, hypergradient,
+                                                                            perturb_model):
+    student, plain = _student(), _student()
+    cfg = SelfRetrospectionConfig(phase=0.2, lr=1e-3, hypergradient=hypergradient,
+                                  perturb_model=perturb_model, min_count=4)
+    sr = SelfRetrospection(cfg)
+    ctx = _context(abd_kit, student, round_index=8)
+    ctx.optimizer.state[next(student.parameters())]["junk"] = 1  # must be cleared on entry
+    teacher_before = copy.deepcopy(ctx.teacher.state_dict())
+    out = sr(ctx)
+    assert set(out) == {"kd", "sr_unlearn"} and all(torch.isfinite(v) for v in out.values())
+    assert "junk" not in ctx.optimizer.state[next(student.parameters())]
+    assert all(g["lr"] == pytest.approx(1e-3) for g in ctx.optimizer.param_groups)
+    assert sr.entered and sr.steps == 1
+    for k, v in ctx.teacher.state_dict().items():
+        assert torch.equal(v, teacher_before[k])
+    # BN running statistics moved exactly as one plain KD forward moves them
+    default_student_step(_context(abd_kit, plain, round_index=0))
+    assert torch.allclose(student[1].running_mean, plain[1].running_mean)
+    assert torch.allclose(student[1].running_var, plain[1].running_var)
+    # the unlearning term changed the update
+    assert not torch.allclose(student[0].weight, plain[0].weight)
+
+
+def test_the_teacher_perturbation_is_computed_once_per_batch(abd_kit, monkeypatch):
+    import kdguard.abd.retrospection as mod
+
+    calls = []
+    real = mod.universal_perturbation
+    monkeypatch.setattr(mod, "universal_perturbation", lambda *a, **k: calls.append(1) or real(*a, **k))
+    sr = SelfRetrospection(SelfRetrospectionConfig(phase=0.5, min_count=2))
+    student = _student()
+    ctx = _context(abd_kit, student, round_index=9)
+    sr(ctx)
+    sr(ctx)  # the same batch object (ZSKT: every student step of a round)
+    assert len(calls) == 1
+    sr(_context(abd_kit, student, round_index=9))
+    assert len(calls) == 2
+
+
+def test_state_round_trip():
+    a = SelfRetrospection(seed=3)
+    a.entered, a.steps = True, 7
+    torch.randperm(10, generator=a.generator)
+    b = SelfRetrospection(seed=4)
+    b.load_state_dict(a.state_dict())
+    assert (b.entered, b.steps) == (True, 7)
+    assert torch.equal(torch.randperm(10, generator=a.generator), torch.randperm(10, generator=b.generator))
