@@ -130,3 +130,17 @@ def test_state_round_trip():
     b.load_state_dict(a.state_dict())
     assert (b.entered, b.steps) == (True, 7)
     assert torch.equal(torch.randperm(10, generator=a.generator), torch.randperm(10, generator=b.generator))
+
+
+def test_the_perturbation_lives_in_normalised_units(abd_kit):
+    """f(x) = g(x / s): the u found for f with scale s is the u found for g on x / s."""
+    g = abd_kit.ShortcutNet()
+    s = torch.tensor([0.3, 0.5, 0.25]).view(1, 3, 1, 1)
+    x = abd_kit.clean_images(16)
+
+    def f(images):
+        return g(images / s)
+
+    u_f = universal_perturbation(f, x, f(x), steps=5, scale=s)
+    u_g = universal_perturbation(g, x / s, g(x / s), steps=5)
+    assert torch.allclose(u_f, u_g, atol=1e-5) and u_f.abs().max() > 0

@@ -38,6 +38,7 @@ class ABDPlugin:
 
 def build_abd(cfg: ABDConfig, *, teacher: nn.Module, image_shape: tuple[int, int, int],
               device: torch.device, method: str, seed: int = 0,
+              input_std: tuple[float, ...] | None = None,
               autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
               ) -> ABDPlugin | None:
     """ABD for one run, or ``None`` when ``cfg.mode == "off"``.
@@ -49,6 +50,8 @@ def build_abd(cfg: ABDConfig, *, teacher: nn.Module, image_shape: tuple[int, int
         method: the data-free method; the vaccine's ``auto`` form is the student form for
             ``ood`` (no generator) and the generator form otherwise.
         seed: seeds the shuffles and the SR sample choice.
+        input_std: the teacher's per-channel input std (SR's perturbation lives in normalised
+            units, as in the reference); ``None`` = 1.
         autocast: forward-pass context (bf16 or no-op).
 
     Raises:
@@ -73,6 +76,6 @@ def build_abd(cfg: ABDConfig, *, teacher: nn.Module, image_shape: tuple[int, int
         else:
             ext.generator_regularizers.append(vaccine)
     if cfg.uses_sr:
-        retro = SelfRetrospection(cfg.sr, seed=seed)
+        retro = SelfRetrospection(cfg.sr, seed=seed, input_std=input_std)
         ext.student_step = retro
     return ABDPlugin(ext, vaccine, retro)

@@ -8,14 +8,19 @@ Hong et al., ICML 2023, §4.2; reference ``UnlearnOptimizer`` (``cmi/datafree/un
 1. **Perturbation.** ``δ ∈ R^{1×C×H×W}`` (universal), from ``δ = 0``, ``inner_steps`` Adam steps
    (lr ``inner_lr``) on ``−KL(M(x) ‖ M(x + δ)) + λ‖δ‖²`` with ``M`` the teacher (ABD sweeps) or the
    student (``perturb_model``), in eval mode; KL with τ = 1, ``batchmean``. No pixel clipping
-   (as the reference). With ``M`` = teacher, δ depends only on ``x``: it is computed once per
+   (as the reference). δ is optimised in the *normalised* input space, as in the reference whose
+   models take normalised tensors: kdguard's models take [0, 1] images, so the image gets
+   ``std·δ`` (``input_std``, the teacher's per-channel std); without this rescaling the same
+   learning rate makes a perturbation 1/std times larger (≈ 3–4× on MNIST and CIFAR-10). With
+   ``M`` = teacher, δ depends only on ``x``: it is computed once per
    batch and reused by the student steps of a round that share the batch (ZSKT).
 2. **Unlearning loss.** A random subset B of the batch (``max(min_count, round(share·N))``
    samples, capped at N; the reference's ``hg_out_portion`` = 2 % gives 2 of 128 and none below
    50) gets δ::
 
-       ℓ_out(δ, θ) = weight · mean_{i∈B} KL(S_θ(x_i) ‖ S_θ(x_i + δ))      (outer_reduction=perturbed)
-                     weight · Σ_{i∈B} KL(…) / N                          (=batch, the reference)
+       ℓ_out(δ, θ) = weight · Σ_{i∈B} KL(S_θ(x_i) ‖ S_θ(x_i + δ)) / N      (outer_reduction=batch,
+                                                                     the reference's batchmean)
+                     weight · mean_{i∈B} KL(…)                         (=perturbed, N/|B| × stronger)
 
    with the clean logits detached (``detach_clean``; the ZSKT code) or not (the CMI code).
 3. **Hypergradient.** δ*(θ) is treated as the solution of the student's inner problem
@@ -70,27 +75,33 @@ def frozen_bn_statistics(model: nn.Module) -> Iterator[None]:
 
 
 def universal_perturbation(model: nn.Module, x: torch.Tensor, reference_logits: torch.Tensor, *,
-                           steps: int = 10, lr: float = 0.1, l2: float = 1e-3) -> torch.Tensor:
-    """δ (``1×C×H×W``, float32) maximising ``KL(M(x) ‖ M(x + δ)) − λ‖δ‖²`` by Adam from δ = 0.
+                           steps: int = 10, lr: float = 0.1, l2: float = 1e-3,
+                           scale: torch.Tensor | float = 1.0) -> torch.Tensor:
+    """u (``1×C×H×W``, float32) maximising ``KL(M(x) ‖ M(x + s·u)) − λ‖u‖²`` by Adam from u = 0.
+
+    The perturbation added to the images is ``s·u``. With ``s`` = the per-channel input std
+    (``1×C×1×1``), u lives in the normalised input space where the reference optimises it
+    (its models take normalised tensors), so ``lr`` and λ mean what they mean there.
 
     Args:
         model: M, run as it is (callers put it in eval mode and freeze its weights).
         x: float ``N×C×H×W`` in the model's input space.
         reference_logits: M(x), ``N×K`` (no gradient needed).
         steps, lr, l2: Adam steps, learning rate and λ (ABD: 10, 0.1, 0.001).
+        scale: s, a float or a tensor broadcastable to ``1×C×H×W``.
     """
-    delta = torch.zeros((1, *x.shape[1:]), device=x.device, requires_grad=True)
+    u = torch.zeros((1, *x.shape[1:]), device=x.device, requires_grad=True)
     if steps == 0:
-        return delta.detach()
-    opt = torch.optim.Adam([delta], lr=lr)
+        return u.detach()
+    opt = torch.optim.Adam([u], lr=lr)
     ref = reference_logits.detach().float()
     for _ in range(steps):
-        out = model(x + delta).float()
-        loss = -kl_per_sample(ref, out, reduction="batchmean").mean() + l2 * delta.pow(2).sum()
+        out = model(x + scale * u).float()
+        loss = -kl_per_sample(ref, out, reduction="batchmean").mean() + l2 * u.pow(2).sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    return delta.detach()
+    return u.detach()
 
 
 class SelfRetrospection:
@@ -104,8 +115,10 @@ class SelfRetrospection:
         seed: seeds the choice of perturbed samples (checkpointed).
     """
 
-    def __init__(self, cfg: SelfRetrospectionConfig | None = None, *, seed: int = 0) -> None:
+    def __init__(self, cfg: SelfRetrospectionConfig | None = None, *, seed: int = 0,
+                 input_std: tuple[float, ...] | None = None) -> None:
         self.cfg = cfg or SelfRetrospectionConfig()
+        self.input_std = input_std
         self.generator = torch.Generator().manual_seed(seed)
         self.entered = False
         self.steps = 0
@@ -128,14 +141,20 @@ class SelfRetrospection:
         return min(batch_size, max(self.cfg.min_count, round(self.cfg.share * batch_size)))
 
     # -- the step ------------------------------------------------------------------------------
+    def _scale(self, x: torch.Tensor) -> torch.Tensor | float:
+        if self.input_std is None:
+            return 1.0
+        return torch.tensor(self.input_std, device=x.device, dtype=torch.float32).view(1, -1, 1, 1)
+
     def _perturbation(self, ctx: StudentStepContext) -> torch.Tensor:
         c = self.cfg
+        scale = self._scale(ctx.x)
         if c.perturb_model == "teacher":
             if self._delta_key is ctx.x and self._delta is not None:
                 return self._delta
             with ctx.autocast():
                 delta = universal_perturbation(ctx.teacher, ctx.x, ctx.teacher_outputs.logits,
-                                               steps=c.inner_steps, lr=c.inner_lr, l2=c.l2)
+                                               steps=c.inner_steps, lr=c.inner_lr, l2=c.l2, scale=scale)
             self._delta_key, self._delta = ctx.x, delta
             return delta
         student = ctx.student
@@ -146,7 +165,7 @@ class SelfRetrospection:
                 ref = student(ctx.x).float()
             with frozen(student), ctx.autocast():
                 return universal_perturbation(student, ctx.x, ref, steps=c.inner_steps,
-                                              lr=c.inner_lr, l2=c.l2)
+                                              lr=c.inner_lr, l2=c.l2, scale=scale)
         finally:
             student.train(was_training)
 
@@ -164,7 +183,8 @@ class SelfRetrospection:
 
         x, student = ctx.x, ctx.student
         n = len(x)
-        delta = self._perturbation(ctx)
+        delta = self._perturbation(ctx)  # u, in normalised units; the images get scale·u
+        scale = self._scale(x)
         chosen = torch.randperm(n, generator=self.generator)[:self.perturbed_count(n)].to(x.device)
         rows = torch.zeros(n, 1, 1, 1, device=x.device)
         rows[chosen] = 1.0
@@ -178,7 +198,7 @@ class SelfRetrospection:
         def outer_loss(d: torch.Tensor) -> torch.Tensor:
             with frozen_bn_statistics(student):
                 ref = clean if c.detach_clean else student(x).float()
-                perturbed = student(x + d * rows).float()
+                perturbed = student(x + scale * d * rows).float()
             per = kl_per_sample(ref, perturbed, reduction="batchmean")[chosen]
             value = per.mean() if c.outer_reduction == "perturbed" else per.sum() / n
             value = c.weight * value
@@ -187,7 +207,7 @@ class SelfRetrospection:
 
         def inner_loss(d: torch.Tensor) -> torch.Tensor:
             with frozen_bn_statistics(student):
-                perturbed = student(x + d).float()
+                perturbed = student(x + scale * d).float()
             return -kl_per_sample(clean, perturbed, reduction="batchmean").mean() + c.l2 * d.pow(2).sum()
 
         ctx.optimizer.zero_grad(set_to_none=True)

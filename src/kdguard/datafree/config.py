@@ -66,6 +66,8 @@ class ScheduleConfig:
                                            # pass over the image pool (OOD epochs)
     batch_size: int = 128                  # student batch (ZSKT 128, CMI 128, OOD 512)
     synthesis_batch_size: Optional[int] = None  # generator / inversion batch; null = batch_size
+    stop_after: Optional[int] = None       # stop (checkpointed) once this many rounds are done;
+                                           # the same command with a larger value or null resumes
 
 
 @dataclass
@@ -195,14 +197,16 @@ class SelfRetrospectionConfig:
     perturb_model: str = "teacher"         # teacher | student: the model δ is synthesised against
                                            # (ABD sweeps: teacher; ZSKT code default: student)
     inner_steps: int = 10                  # --inner_round: Adam steps on δ
-    inner_lr: float = 0.1                  # --pert_lr
+    inner_lr: float = 0.1                  # --pert_lr (δ in normalised input units, as the reference)
     l2: float = 1e-3                       # λ of the ‖δ‖² term of the inner problem
     share: float = 0.02                    # share of each batch that gets δ (--hg_out_portion) ...
     min_count: int = 8                     # ... but at least this many samples (the reference
                                            # rounds 2 % of 128 down to 2, and to 0 below 50)
     weight: float = 1.0                    # weight of the unlearning term
-    outer_reduction: str = "perturbed"     # perturbed: mean over the perturbed samples | batch:
-                                           # sum over them ÷ batch size (the reference's batchmean)
+    outer_reduction: str = "batch"         # batch: sum over the perturbed samples ÷ batch size
+                                           # (the reference's batchmean) | perturbed: mean over
+                                           # them (N/|B| times stronger; too strong at lr 5e-4 in
+                                           # kdguard's measurements, docs/abd.md)
     detach_clean: bool = True              # clean student logits detached in the outer loss (ZSKT
                                            # code; the CMI code keeps their gradient)
     hypergradient: bool = True             # implicit hypergradient through δ*(θ) (--use_hg)
@@ -357,7 +361,8 @@ def validate_job(job: DataFreeJob) -> None:
     for label, value in (("schedule.rounds", s.rounds), ("schedule.generator_steps", s.generator_steps),
                          ("schedule.batch_size", s.batch_size),
                          ("schedule.student_steps", s.student_steps),
-                         ("schedule.synthesis_batch_size", s.synthesis_batch_size)):
+                         ("schedule.synthesis_batch_size", s.synthesis_batch_size),
+                         ("schedule.stop_after", s.stop_after)):
         _positive(label, value)
     for prefix, opt in (("student_optim", job.student_optim), ("generator_optim", job.generator_optim)):
         _choice(f"{prefix}.name", opt.name, ("adam", "sgd"))

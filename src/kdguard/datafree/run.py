@@ -131,7 +131,8 @@ def run_datafree(job: DataFreeJob, *, extensions: DataFreeExtensions | None = No
         from ..abd import build_abd
 
         abd = build_abd(job.abd, teacher=teacher, image_shape=test.shape, device=device,
-                        method=job.method, seed=job.seed, autocast=lambda: autocast(device, bf16))
+                        method=job.method, seed=job.seed, input_std=std,
+                        autocast=lambda: autocast(device, bf16))
         extensions = abd.extensions
     loop = DataFreeLoop(parts.synthesizer, student, teacher, parts.objective,
                         rounds=job.schedule.rounds, student_steps=parts.student_steps,
@@ -139,9 +140,13 @@ def run_datafree(job: DataFreeJob, *, extensions: DataFreeExtensions | None = No
                         bf16=bf16, run_dir=out, evaluate=evaluate, monitor=job.monitor,
                         extensions=extensions, progress=job.progress, desc=f"datafree[{job.method}]")
     try:
-        history = loop.run()
+        history = loop.run(stop_after=job.schedule.stop_after)
     finally:
         loop.close()
+    if loop.round < job.schedule.rounds:  # stopped early on purpose: the run continues later
+        partial = dict(history[-1].eval) if history and history[-1].eval else {}
+        partial.update(round=loop.round, rounds=job.schedule.rounds, finished=False)
+        return RunResult(out, partial, student, time.perf_counter() - t0)
 
     final = history[-1] if history and history[-1].round == job.schedule.rounds else None
     # the loop evaluates the last round anyway: reuse it (it is the model being saved)
@@ -176,6 +181,16 @@ def _write_report(out: Path, job: DataFreeJob, t_manifest: dict[str, Any], t_met
     notes = [f"Data-free method `{job.method}` (preset `{job.preset}`): {job.schedule.rounds} rounds, "
              f"{metrics['student_updates']} student updates of {job.schedule.batch_size} images; "
              "metrics of the last round."]
+    abd = metrics.get("abd")
+    if abd:
+        parts = [f"ABD (`abd.mode={abd['mode']}`):"]
+        if "sv" in abd:
+            parts.append(f"Shuffling Vaccine {abd['sv']['status']} (coef {abd['sv']['coef']}, "
+                         f"{abd['sv']['ensemble']} shuffled copies of layers {', '.join(abd['sv']['layers'])});")
+        if "sr" in abd:
+            parts.append(f"Self-Retrospection over the last {100 * abd['sr']['phase']:g} % of the rounds "
+                         f"({abd['sr']['sr_steps']} unlearning steps, δ from the {abd['sr']['perturb_model']}).")
+        notes += ["", " ".join(parts)]
     if plot_datafree_curves(out / "datafree_curves.png", history):
         notes += ["", "![CA/ASR over rounds](datafree_curves.png)"]
     grids = sorted(out.glob("synthetic_r*.png"))
