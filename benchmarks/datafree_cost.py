@@ -16,6 +16,7 @@ Results go to ``<out>/datafree_cost.json`` and are printed as a Markdown table.
 
     python benchmarks/datafree_cost.py                 # CIFAR-10 sizes, ResNet-20 → ResNet-8
     python benchmarks/datafree_cost.py --tiny          # seconds-long check that it runs
+    python benchmarks/datafree_cost.py --methods zskt --variants "bf16 + channels_last" --abd off sv sr
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from kdguard.abd import build_abd
 from kdguard.datafree import DataFreeJob, DataFreeLoop, MethodContext, build_method, preset_values
+from kdguard.runtime import autocast
 from kdguard.models import build_model
 from kdguard.runtime import configure_threads, resolve_device
 
@@ -38,6 +41,14 @@ VARIANTS = {
     "fp32, reference (teacher re-run per student step)": (False, False, False),
     "fp32": (False, False, True),
     "bf16 + channels_last": (True, True, True),
+}
+# ABD plug-in variants (``--abd``): abd.mode and extra settings. "sr" times rounds *inside* the
+# SR phase (phase = the whole run), i.e. the cost of one of the last rounds.
+ABD_VARIANTS = {
+    "off": ("off", {}),
+    "sv": ("sv", {}),
+    "sv, no grad through T̃": ("sv", {"shuffle_grad": False}),
+    "sr": ("sr", {"phase": 1.0}),
 }
 
 
@@ -92,7 +103,8 @@ class Counter:
         self.images += int(args[0].shape[0])
 
 
-def measure(method: str, variant: str, args: argparse.Namespace, device: torch.device) -> dict:
+def measure(method: str, variant: str, args: argparse.Namespace, device: torch.device,
+            abd_variant: str = "off") -> dict:
     bf16, channels_last, reuse = VARIANTS[variant]
     shape = tuple(args.shape)
     torch.manual_seed(0)
@@ -108,6 +120,12 @@ def measure(method: str, variant: str, args: argparse.Namespace, device: torch.d
                         mean=(0.5,) * shape[0], std=(0.25,) * shape[0], hflip=True, device=device,
                         bf16=bf16, seed=0)
     parts = build_method(job, ctx)
+    mode, extra = ABD_VARIANTS[abd_variant]
+    job.abd.mode = mode
+    for key, value in extra.items():
+        setattr(job.abd.sr if key == "phase" else job.abd.sv, key, value)
+    abd = build_abd(job.abd, teacher=teacher, image_shape=shape, device=device, method=method,
+                    autocast=lambda: autocast(device, bf16))
     synth = parts.synthesizer
     if not reuse:
         synth.reuses_batch = False
@@ -126,7 +144,8 @@ def measure(method: str, variant: str, args: argparse.Namespace, device: torch.d
     total = args.warmup + args.rounds + 1
     loop = DataFreeLoop(synth, student, teacher, parts.objective, rounds=total,
                         student_steps=parts.student_steps, batch_size=job.schedule.batch_size,
-                        optim=job.student_optim, device=device, bf16=bf16, progress=False)
+                        optim=job.student_optim, device=device, bf16=bf16, progress=False,
+                        extensions=abd.extensions if abd is not None else None)
     loop.monitor.every = loop.monitor.grid_every = loop.monitor.checkpoint_every = 0
     loop.run(resume=False, stop_after=args.warmup)
     t_count, s_count = Counter(teacher), Counter(student)
@@ -144,7 +163,7 @@ def measure(method: str, variant: str, args: argparse.Namespace, device: torch.d
     gflop = flops.get_total_flops() / 1e9
     loop.close()
     return {
-        "method": method, "variant": variant, "batch": job.schedule.batch_size,
+        "method": method, "variant": variant, "abd": abd_variant, "batch": job.schedule.batch_size,
         "synthesis_batch": job.schedule.synthesis_batch_size or job.schedule.batch_size,
         "generator_steps": job.schedule.generator_steps, "student_steps": parts.student_steps,
         "seconds_per_round": seconds, "synthesis_seconds": synthesis_seconds,
@@ -170,6 +189,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all cores)")
+    ap.add_argument("--abd", nargs="+", default=["off"], choices=list(ABD_VARIANTS),
+                    help="ABD plug-in variants to time next to each other (e.g. off sv sr)")
     ap.add_argument("--tiny", action="store_true", help="small sizes: checks that the script runs")
     ap.add_argument("--out", default="runs/bench_datafree_cost")
     args = ap.parse_args()
@@ -180,8 +201,8 @@ def main() -> None:
     device = resolve_device(args.device)
     peaks = {"fp32": matmul_peak(device, torch.float32), "bf16": matmul_peak(device, torch.bfloat16)}
     # the reference variant only differs where a round's batch is reused (ZSKT-style)
-    rows = [measure(m, v, args, device) for m in args.methods for v in args.variants
-            if VARIANTS[v][2] or m == "zskt"]
+    rows = [measure(m, v, args, device, a) for m in args.methods for v in args.variants
+            if VARIANTS[v][2] or m == "zskt" for a in args.abd]
     result = {"machine": platform.processor() or platform.machine(), "device": str(device),
               "threads": torch.get_num_threads(), "teacher": args.teacher, "student": args.student,
               "shape": args.shape, "preset": args.preset, "matmul_peak_gflops": peaks, "rows": rows}
@@ -191,12 +212,12 @@ def main() -> None:
     print(f"\n{args.teacher} → {args.student}, input {tuple(args.shape)}, {device}, "
           f"{torch.get_num_threads()} threads; matmul peak fp32 {peaks['fp32']:.0f} GFLOP/s, "
           f"bf16 {peaks['bf16']:.0f} GFLOP/s\n")
-    print("| method | variant | batch | g-steps | s-steps | s/round | synthesis s | student s | "
+    print("| method | variant | ABD | batch | g-steps | s-steps | s/round | synthesis s | student s | "
           "teacher img/s | student img/s | GFLOP/round | GFLOP/s | % of peak |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         peak = peaks["bf16" if r["variant"].startswith("bf16") else "fp32"]
-        print(f"| {r['method']} | {r['variant']} | {r['batch']} | {r['generator_steps']} | "
+        print(f"| {r['method']} | {r['variant']} | {r['abd']} | {r['batch']} | {r['generator_steps']} | "
               f"{r['student_steps']} | {r['seconds_per_round']:.3f} | {r['synthesis_seconds']:.3f} | "
               f"{r['student_seconds']:.3f} | {r['teacher_images_per_s']:.0f} | "
               f"{r['student_images_per_s']:.0f} | {r['gflop_per_round']:.2f} | {r['gflops']:.1f} | "

@@ -14,10 +14,13 @@ scale:
 
 Every stage is its own run directory; a finished stage (``metrics.json`` present) is skipped
 and an unfinished one resumes from its state file, so the table can be built in parts
-(``--only badnets:zskt badnets:clean_kd``). Results: ``<out>/summary.json`` and a Markdown table.
+(``--only badnets:zskt badnets:clean_kd``). Results: ``<out>/summary_<table>.json`` and a
+Markdown table. ``--table abd`` builds the ABD issue's table instead (five triggers; ZSKT,
+ZSKT + ABD, clean KD; CMI ± ABD; the SV-only / SR-only ablation), sharing teachers and cells.
 
-    python benchmarks/datafree_transfer.py --data-root ../shared/data          # full protocol
-    python benchmarks/datafree_transfer.py --smoke                             # tiny, embedded MNIST
+    python benchmarks/datafree_transfer.py --data-root ../shared/data              # transfer table
+    python benchmarks/datafree_transfer.py --data-root ../shared/data --table abd  # ABD table
+    python benchmarks/datafree_transfer.py --smoke [--table abd]                   # tiny, embedded MNIST
 """
 
 from __future__ import annotations
@@ -35,17 +38,36 @@ from kdguard.config import AttackConfig, DataConfig, DistillJob, KDConfig, Optim
 from kdguard.datafree import build_datafree_job, run_datafree
 from kdguard.report import metrics_table
 
-#: attack → student methods (the issue's table)
-PROTOCOL = {
-    "badnets": ["zskt", "cmi", "ood", "clean_kd"],
-    "trojan_3x3": ["zskt", "clean_kd"],
-    "blend": ["zskt", "clean_kd"],
+#: table → attack → student methods. "transfer": the data-free issue's table; "abd": the ABD
+#: issue's headline table (undefended ZSKT, ZSKT + ABD and clean KD for five triggers, CMI ± ABD
+#: for two, and the SV-only / SR-only ablation). "+abd" = abd.mode=full, "+sv", "+sr" = one part.
+PROTOCOLS = {
+    "transfer": {
+        "badnets": ["zskt", "cmi", "ood", "clean_kd"],
+        "trojan_3x3": ["zskt", "clean_kd"],
+        "blend": ["zskt", "clean_kd"],
+    },
+    "abd": {
+        "badnets": ["zskt", "zskt+abd", "zskt+sv", "zskt+sr", "cmi", "cmi+abd", "clean_kd"],
+        "trojan_3x3": ["zskt", "zskt+abd", "zskt+sv", "zskt+sr", "cmi", "cmi+abd", "clean_kd"],
+        "trojan_wm": ["zskt", "zskt+abd", "clean_kd"],
+        "blend": ["zskt", "zskt+abd", "clean_kd"],
+        "sig_abd": ["zskt", "zskt+abd", "clean_kd"],
+    },
 }
-ATTACK_LABEL = {"badnets": "BadNets grid 3×3", "trojan_3x3": "Trojan 3×3", "blend": "Blend"}
-#: ABD README (WRN-16-2 → WRN-16-1, CIFAR-10): ZSKT and clean-KD (CA, ASR) in %
-ABD_REFERENCE = {"badnets": {"zskt": (71.9, 96.9), "clean_kd": (74.6, 4.3)},
-                 "trojan_3x3": {"zskt": (80.9, 96.8), "clean_kd": (72.9, 1.7)},
-                 "blend": {"zskt": (77.0, 74.4), "clean_kd": (78.0, 4.3)}}
+ATTACK_LABEL = {"badnets": "BadNets grid 3×3", "trojan_3x3": "Trojan 3×3", "blend": "Blend",
+                "trojan_wm": "Trojan watermark", "sig_abd": "SIG (clean-label)"}
+#: poison rate per attack (None: the preset's own, i.e. every target-class image for SIG)
+POISON_RATE = {"sig_abd": None}
+ABD_MODES = {"abd": "full", "sv": "sv", "sr": "sr"}
+#: ABD README (WRN-16-2 → WRN-16-1, CIFAR-10): (CA, ASR) in % per attack and method
+ABD_REFERENCE = {
+    "badnets": {"zskt": (71.9, 96.9), "zskt+abd": (68.3, 0.7), "clean_kd": (74.6, 4.3)},
+    "trojan_3x3": {"zskt": (80.9, 96.8), "zskt+abd": (71.7, 33.3), "clean_kd": (72.9, 1.7)},
+    "trojan_wm": {"zskt": (82.7, 93.9), "zskt+abd": (78.2, 22.5), "clean_kd": (77.5, 11.1)},
+    "blend": {"zskt": (77.0, 74.4), "zskt+abd": (71.5, 23.1), "clean_kd": (78.0, 4.3)},
+    "sig_abd": {"zskt": (77.9, 0.0), "zskt+abd": (72.2, 0.0), "clean_kd": (77.4, 0.0)},
+}
 
 
 def settings(args: argparse.Namespace) -> dict:
@@ -66,7 +88,8 @@ def settings(args: argparse.Namespace) -> dict:
 def teacher_job(attack: str, cfg: dict, out: Path, seed: int) -> TeacherJob:
     sgd = OptimConfig(name="sgd", lr=0.1, momentum=0.9, weight_decay=5e-4, nesterov=True)
     return TeacherJob(data=DataConfig(name=cfg["dataset"], root=cfg["root"], val_fraction=0.05),
-                      attack=AttackConfig(name=attack, target=0, poison_rate=0.1), model=cfg["teacher"],
+                      attack=AttackConfig(name=attack, target=0, poison_rate=POISON_RATE.get(attack, 0.1)),
+                      model=cfg["teacher"],
                       train=TrainConfig(epochs=cfg["teacher_epochs"], batch_size=cfg["batch"], optim=sgd,
                                         progress=False),
                       seed=seed, out=str(out / "teachers" / f"{attack}_s{seed}"))
@@ -94,8 +117,11 @@ def student_stage(method: str, teacher: str, cfg: dict, out: Path, seed: int, pr
     if method == "clean_kd":
         job = clean_kd_job(teacher, cfg, str(out), seed)
         return cached(out, lambda: pipeline.distill(job))
+    method, _, defence = method.partition("+")
     overrides = [f"teacher={teacher}", f"method={method}", "preset=cpu", f"student={cfg['student']}",
                  f"seed={seed}", f"out={out}", f"progress={str(progress).lower()}", *cfg["datafree"]]
+    if defence:
+        overrides.append(f"abd.mode={ABD_MODES[defence]}")
     if cfg["root"]:
         overrides.append(f"data.root={cfg['root']}")
     if method in ("cmi", "ood"):
@@ -109,8 +135,10 @@ def main() -> None:
     ap.add_argument("--data-root", default=None, help="folder holding CIFAR-10 (e.g. ../shared/data)")
     ap.add_argument("--out", default="runs/bench_datafree_transfer")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--table", choices=sorted(PROTOCOLS), default="transfer",
+                    help="transfer: the data-free table; abd: the ABD headline table and ablation")
     ap.add_argument("--only", nargs="*", default=None, metavar="ATTACK:METHOD",
-                    help="run only these cells, e.g. badnets:zskt badnets:clean_kd")
+                    help="run only these cells, e.g. badnets:zskt badnets:zskt+abd")
     ap.add_argument("--teacher-epochs", type=int, default=30)
     ap.add_argument("--kd-epochs", type=int, default=60)
     ap.add_argument("--threads", type=int, default=None,
@@ -128,7 +156,7 @@ def main() -> None:
     out = Path(args.out) / ("smoke" if args.smoke else "cifar10")
     wanted = {tuple(x.split(":", 1)) for x in args.only} if args.only else None
     summary: dict = {"settings": {k: v for k, v in cfg.items()}, "cells": []}
-    for attack, methods in PROTOCOL.items():
+    for attack, methods in PROTOCOLS[args.table].items():
         methods = [m for m in methods if wanted is None or (attack, m) in wanted]
         if not methods:
             continue
@@ -138,7 +166,7 @@ def main() -> None:
             t_metrics = cached(Path(t_job.out), lambda: pipeline.train_teacher(t_job))
             rows = [(f"teacher ({ATTACK_LABEL[attack]})", cfg["teacher"], t_metrics)]
             for method in methods:
-                s_out = out / attack / f"{method}_s{seed}"
+                s_out = out / attack / f"{method.replace('+', '_')}_s{seed}"
                 m = student_stage(method, t_job.out, cfg, s_out, seed, args.progress)
                 rows.append((f"student: {method}", cfg["student"], m))
                 summary["cells"].append({"attack": attack, "method": method, "seed": seed,
@@ -147,7 +175,7 @@ def main() -> None:
                                          "abd_reference": ABD_REFERENCE.get(attack, {}).get(method)})
             print(f"\n## {ATTACK_LABEL[attack]}, seed {seed} ({time.perf_counter() - t0:.0f} s this call)\n")
             print(metrics_table(rows))
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    (out / f"summary_{args.table}.json").write_text(json.dumps(summary, indent=2))
     print("\n| attack | method | seed | student CA % | student ASR % | ABD (WRN) CA / ASR % | minutes |")
     print("|---|---|---|---|---|---|---|")
     for c in summary["cells"]:
@@ -156,6 +184,21 @@ def main() -> None:
         asr = "—" if s["asr"] is None else f"{100 * s['asr']:.1f}"
         print(f"| {ATTACK_LABEL[c['attack']]} | {c['method']} | {c['seed']} | {100 * s['ca']:.1f} | {asr} | "
               f"{'—' if ref is None else f'{ref[0]} / {ref[1]}'} | {(s.get('seconds') or 0) / 60:.1f} |")
+    print_means(summary["cells"])
+
+
+def print_means(cells: list[dict]) -> None:
+    """Mean CA, ASR and minutes per method over the attacks it ran on (the ABD table's last rows)."""
+    by_method: dict[str, list[dict]] = {}
+    for c in cells:
+        by_method.setdefault(c["method"], []).append(c["student"])
+    print("\n| method | cells | mean CA % | mean ASR % | mean minutes |")
+    print("|---|---|---|---|---|")
+    for method, rows in by_method.items():
+        asrs = [r["asr"] for r in rows if r["asr"] is not None]
+        mean_asr = f"{100 * sum(asrs) / len(asrs):.1f}" if asrs else "—"
+        print(f"| {method} | {len(rows)} | {100 * sum(r['ca'] for r in rows) / len(rows):.1f} | {mean_asr} | "
+              f"{sum((r.get('seconds') or 0) for r in rows) / len(rows) / 60:.1f} |")
 
 
 if __name__ == "__main__":
