@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -121,3 +123,50 @@ def test_perms_rebuild_the_same_model_and_hooks_on_the_teacher_are_not_copied():
     assert calls == []  # the copies do not fire the teacher's hooks
     with pytest.raises(KDGuardError, match="do not match"):
         b.set_perms(a.get_perms()[:1])
+
+
+class DataDependent(nn.Module):
+    """A model torch.fx cannot trace (control flow on a tensor value)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = F.relu(self.conv1(x))
+        if h.mean() > -1:  # always true, but only known at run time
+            h = F.relu(self.conv2(h))
+        return self.fc(h.mean((2, 3)))
+
+
+@pytest.mark.parametrize("arch", ["resnet8", "wrn16_1", "lenet5"])
+def test_shared_trunk_gives_the_plain_ensemble_logits_and_gradients(arch):
+    channels, size = (1, 28) if arch == "lenet5" else (3, 16)
+    teacher = _frozen(build_model(arch, num_classes=4, in_channels=channels))
+    calls = []
+    for m in teacher.modules():
+        m.register_forward_hook(lambda *a: calls.append(1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # LeNet-5 has fewer than 5 convolutions
+        shuffled = ShuffledTeacher(teacher, torch.rand(2, channels, size, size),
+                                   generator=torch.Generator().manual_seed(0))
+    assert shuffled.shared_trunk
+    calls.clear()
+    x = torch.rand(5, channels, size, size, requires_grad=True)
+    fast = shuffled(x)
+    (g_fast,) = torch.autograd.grad(fast.sum(), x)
+    slow = shuffled._slow_forward(x)
+    (g_slow,) = torch.autograd.grad(slow.sum(), x)
+    assert torch.allclose(fast, slow, atol=1e-5) and torch.allclose(g_fast, g_slow, atol=1e-5)
+    assert calls == []  # neither path runs the teacher's own modules
+
+
+def test_an_untraceable_model_falls_back_to_the_plain_ensemble():
+    teacher = _frozen(DataDependent())
+    shuffled = ShuffledTeacher(teacher, torch.rand(2, 3, 6, 6), layers=1, ensemble=2,
+                               generator=torch.Generator().manual_seed(0))
+    assert not shuffled.shared_trunk
+    x = torch.rand(3, 3, 6, 6)
+    assert torch.allclose(shuffled(x), torch.stack([m(x) for m in shuffled.members]).mean(0))
