@@ -39,3 +39,16 @@ def make_blobs(n: int = 64, num_classes: int = 4, channels: int = 1, size: int =
         images[labels == c, :, r * half:(r + 1) * half, col * half:(col + 1) * half] += 150
     return ImageDataset(images, labels.long(), tuple(str(c) for c in range(num_classes)), name=name,
                         mean=(0.3,) * channels, std=(0.3,) * channels)
+
+
+def cli_error(args: list[str], capsys) -> str:
+    """Run ``kdguard args`` and return its one-line ``error: ...`` message (asserting exit code 2,
+    a single line and no traceback)."""
+    from kdguard.cli import main
+
+    capsys.readouterr()
+    rc = main(args)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2, err
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
+    return err

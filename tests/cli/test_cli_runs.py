@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from helpers import cli_error
 
 from kdguard.checkpoint import read_manifest
 from kdguard.cli import main
@@ -67,15 +68,6 @@ def test_list_names_everything(capsys):
         assert name in out
 
 
-def _error_of(args, capsys) -> str:
-    capsys.readouterr()
-    rc = main(args)
-    err = capsys.readouterr().err.strip()
-    assert rc == 2, err
-    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
-    return err
-
-
 @pytest.mark.parametrize("args, fragment", [
     (["data.name=imagenet"], "unknown dataset 'imagenet'"),
     (["model=resnet21"], "unknown model 'resnet21'"),
@@ -89,7 +81,7 @@ def _error_of(args, capsys) -> str:
     (["train.epochs=many"], "could not be converted"),
 ])
 def test_train_teacher_bad_input(args, fragment, tmp_path, capsys):
-    err = _error_of(["train-teacher", *FAST, f"out={tmp_path / 'run'}", *args], capsys)
+    err = cli_error(["train-teacher", *FAST, f"out={tmp_path / 'run'}", *args], capsys)
     assert fragment in err
 
 
@@ -100,13 +92,13 @@ def test_checkpoint_that_does_not_match_its_architecture(teacher_dir, tmp_path, 
     manifest = read_manifest(teacher_dir)
     manifest["model"]["arch"] = "resnet8"
     write_json(bad / "manifest.json", manifest)
-    err = _error_of(["evaluate", str(bad)], capsys)
+    err = cli_error(["evaluate", str(bad)], capsys)
     assert "does not match architecture 'resnet8'" in err
 
 
 def test_missing_checkpoint_and_missing_teacher(tmp_path, capsys):
-    assert "does not exist" in _error_of(["evaluate", str(tmp_path / "nope")], capsys)
-    assert "teacher" in _error_of(["distill", *FAST], capsys)
+    assert "does not exist" in cli_error(["evaluate", str(tmp_path / "nope")], capsys)
+    assert "teacher" in cli_error(["distill", *FAST], capsys)
 
 
 def test_usage_errors_exit_2(capsys):

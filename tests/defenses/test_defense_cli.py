@@ -6,6 +6,7 @@ import hashlib
 
 import pytest
 import torch
+from helpers import cli_error
 
 from kdguard.checkpoint import load_model, read_manifest
 from kdguard.cli import main
@@ -105,15 +106,6 @@ def test_rerun_resumes_instead_of_retraining(defended, teacher_dir):
     assert (out / "metrics.jsonl").read_text().count("\n") == before
 
 
-def _error_of(args, capsys) -> str:
-    capsys.readouterr()
-    rc = main(args)
-    err = capsys.readouterr().err.strip()
-    assert rc == 2, err
-    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
-    return err
-
-
 @pytest.mark.parametrize("extra, fragment", [
     (["method=nadd"], "unknown defense 'nadd'"),
     (["clean_fraction=0"], "clean fraction 0"),
@@ -122,7 +114,7 @@ def _error_of(args, capsys) -> str:
     (["train.epochs=abc"], "invalid configuration"),
 ])
 def test_bad_inputs_exit_2_with_one_line(teacher_dir, tmp_path, capsys, extra, fragment):
-    err = _error_of(["defend", "--model", str(teacher_dir), *extra, f"out={tmp_path / 'x'}"], capsys)
+    err = cli_error(["defend", "--model", str(teacher_dir), *extra, f"out={tmp_path / 'x'}"], capsys)
     assert fragment in err
     assert not (tmp_path / "x").exists()  # nothing is written for a rejected job
 
@@ -131,7 +123,7 @@ def test_model_dir_problems_exit_2(teacher_dir, tmp_path, capsys):
     bare = tmp_path / "bare"
     bare.mkdir()
     (bare / "model.safetensors").write_bytes((teacher_dir / "model.safetensors").read_bytes())
-    assert "has no manifest.json" in _error_of(["defend", "--model", str(bare), f"out={tmp_path / 'o'}"], capsys)
-    assert "model.safetensors" in _error_of(["defend", "--model", str(tmp_path), f"out={tmp_path / 'o'}"], capsys)
-    assert "required setting 'model'" in _error_of(["defend", f"out={tmp_path / 'o'}"], capsys)
-    assert "own directory" in _error_of(["defend", "--model", str(teacher_dir), f"out={teacher_dir}"], capsys)
+    assert "has no manifest.json" in cli_error(["defend", "--model", str(bare), f"out={tmp_path / 'o'}"], capsys)
+    assert "model.safetensors" in cli_error(["defend", "--model", str(tmp_path), f"out={tmp_path / 'o'}"], capsys)
+    assert "required setting 'model'" in cli_error(["defend", f"out={tmp_path / 'o'}"], capsys)
+    assert "own directory" in cli_error(["defend", "--model", str(teacher_dir), f"out={teacher_dir}"], capsys)
