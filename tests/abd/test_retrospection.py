@@ -144,3 +144,16 @@ def test_the_perturbation_lives_in_normalised_units(abd_kit):
     u_f = universal_perturbation(f, x, f(x), steps=5, scale=s)
     u_g = universal_perturbation(g, x / s, g(x / s), steps=5)
     assert torch.allclose(u_f, u_g, atol=1e-5) and u_f.abs().max() > 0
+
+
+def test_divergence_follows_the_method_when_asked(abd_kit):
+    sr_kl = SelfRetrospection(SelfRetrospectionConfig(divergence="kl"))
+    sr_method = SelfRetrospection(SelfRetrospectionConfig(divergence="method"))
+    ctx = _context(abd_kit, _student(), round_index=0)
+    ctx.objective = DistillObjective(temperature=4.0, reduction="batchmean", t2_scale=True)
+    p, q = torch.randn(6, 4), torch.randn(6, 4)
+    assert torch.allclose(sr_kl.divergence(ctx)(p, q), kl_per_sample(p, q, reduction="batchmean"))
+    expected = 16.0 * kl_per_sample(p, q, temperature=4.0, reduction="batchmean")
+    assert torch.allclose(sr_method.divergence(ctx)(p, q), expected)
+    ctx.objective = DistillObjective(reduction="mean")  # ZSKT: ÷K, τ = 1
+    assert torch.allclose(sr_method.divergence(ctx)(p, q), kl_per_sample(p, q, reduction="batchmean") / 4)

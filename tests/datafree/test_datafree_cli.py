@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers import cli_error
 from PIL import Image
 
 from kdguard.checkpoint import model_spec, save_model
@@ -73,7 +74,7 @@ def test_short_cli_run_per_method(setup, tmp_path, method, capsys):
 
 
 def test_cli_errors_are_one_line(setup, tmp_path, capsys):
-    root, teacher = setup
+    _, teacher = setup
     assert main(["distill-datafree", f"teacher={teacher}", "method=gan"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "method" in err and len(err.strip().splitlines()) == 1
@@ -115,3 +116,10 @@ def test_bad_abd_settings_are_one_line_errors(setup, tmp_path, capsys):
         assert main(_args("zskt", root, teacher, tmp_path / "bad") + [bad]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and word in err and len(err.strip().splitlines()) == 1
+
+
+def test_vaccine_generator_form_is_refused_for_ood(setup, tmp_path, capsys):
+    root, teacher = setup
+    err = cli_error(_args("ood", root, teacher, tmp_path / "x") + ["abd.mode=sv", "abd.sv.form=generator"],
+                    capsys)
+    assert "abd.sv.form" in err

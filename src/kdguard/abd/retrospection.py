@@ -7,7 +7,9 @@ Hong et al., ICML 2023, §4.2; reference ``UnlearnOptimizer`` (``cmi/datafree/un
 
 1. **Perturbation.** ``δ ∈ R^{1×C×H×W}`` (universal), from ``δ = 0``, ``inner_steps`` Adam steps
    (lr ``inner_lr``) on ``−KL(M(x) ‖ M(x + δ)) + λ‖δ‖²`` with ``M`` the teacher (ABD sweeps) or the
-   student (``perturb_model``), in eval mode; KL with τ = 1, ``batchmean``. No pixel clipping
+   student (``perturb_model``), in eval mode. KL: τ = 1 summed over classes (``divergence=kl``,
+   kdguard's default), or the method's own KD divergence (``divergence=method``, what the
+   reference codes do: ZSKT τ = 1 ÷ K, i.e. K times weaker; CMI τ = 20 with τ²). No pixel clipping
    (as the reference). δ is optimised in the *normalised* input space, as in the reference whose
    models take normalised tensors: kdguard's models take [0, 1] images, so the image gets
    ``std·δ`` (``input_std``, the teacher's per-channel std); without this rescaling the same
@@ -44,7 +46,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -74,9 +76,18 @@ def frozen_bn_statistics(model: nn.Module) -> Iterator[None]:
                 m.num_batches_tracked.copy_(tracked)
 
 
+Divergence = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def kl_summed(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
+    """Per-sample KL(softmax p ‖ softmax q) at τ = 1, summed over classes (SR's default)."""
+    return kl_per_sample(p_logits, q_logits, reduction="batchmean")
+
+
 def universal_perturbation(model: nn.Module, x: torch.Tensor, reference_logits: torch.Tensor, *,
                            steps: int = 10, lr: float = 0.1, l2: float = 1e-3,
-                           scale: torch.Tensor | float = 1.0) -> torch.Tensor:
+                           scale: torch.Tensor | float = 1.0,
+                           divergence: Divergence = kl_summed) -> torch.Tensor:
     """u (``1×C×H×W``, float32) maximising ``KL(M(x) ‖ M(x + s·u)) − λ‖u‖²`` by Adam from u = 0.
 
     The perturbation added to the images is ``s·u``. With ``s`` = the per-channel input std
@@ -89,6 +100,8 @@ def universal_perturbation(model: nn.Module, x: torch.Tensor, reference_logits: 
         reference_logits: M(x), ``N×K`` (no gradient needed).
         steps, lr, l2: Adam steps, learning rate and λ (ABD: 10, 0.1, 0.001).
         scale: s, a float or a tensor broadcastable to ``1×C×H×W``.
+        divergence: per-sample divergence ``(p_logits, q_logits) -> N`` (default
+            :func:`kl_summed`); its batch mean is maximised.
     """
     u = torch.zeros((1, *x.shape[1:]), device=x.device, requires_grad=True)
     if steps == 0:
@@ -97,7 +110,7 @@ def universal_perturbation(model: nn.Module, x: torch.Tensor, reference_logits: 
     ref = reference_logits.detach().float()
     for _ in range(steps):
         out = model(x + scale * u).float()
-        loss = -kl_per_sample(ref, out, reduction="batchmean").mean() + l2 * u.pow(2).sum()
+        loss = -divergence(ref, out).mean() + l2 * u.pow(2).sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -146,15 +159,31 @@ class SelfRetrospection:
             return 1.0
         return torch.tensor(self.input_std, device=x.device, dtype=torch.float32).view(1, -1, 1, 1)
 
+    def divergence(self, ctx: StudentStepContext) -> Divergence:
+        """SR's per-sample divergence: :func:`kl_summed` (``divergence=kl``) or the method's own
+        KD divergence (``divergence=method``: its temperature, reduction and τ², as the reference
+        codes do; ZSKT: τ = 1, ÷K; CMI: τ = 20, τ², batchmean; DFAD's L1 becomes a KL at its τ)."""
+        if self.cfg.divergence == "kl":
+            return kl_summed
+        obj = ctx.objective
+
+        def method_kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
+            per = kl_per_sample(p_logits, q_logits, temperature=obj.temperature, reduction=obj.reduction)
+            return per * obj.temperature**2 if obj.t2_scale else per
+
+        return method_kl
+
     def _perturbation(self, ctx: StudentStepContext) -> torch.Tensor:
         c = self.cfg
         scale = self._scale(ctx.x)
+        div = self.divergence(ctx)
         if c.perturb_model == "teacher":
             if self._delta_key is ctx.x and self._delta is not None:
                 return self._delta
             with ctx.autocast():
                 delta = universal_perturbation(ctx.teacher, ctx.x, ctx.teacher_outputs.logits,
-                                               steps=c.inner_steps, lr=c.inner_lr, l2=c.l2, scale=scale)
+                                               steps=c.inner_steps, lr=c.inner_lr, l2=c.l2, scale=scale,
+                                               divergence=div)
             self._delta_key, self._delta = ctx.x, delta
             return delta
         student = ctx.student
@@ -165,7 +194,7 @@ class SelfRetrospection:
                 ref = student(ctx.x).float()
             with frozen(student), ctx.autocast():
                 return universal_perturbation(student, ctx.x, ref, steps=c.inner_steps,
-                                              lr=c.inner_lr, l2=c.l2, scale=scale)
+                                              lr=c.inner_lr, l2=c.l2, scale=scale, divergence=div)
         finally:
             student.train(was_training)
 
@@ -189,9 +218,11 @@ class SelfRetrospection:
         rows = torch.zeros(n, 1, 1, 1, device=x.device)
         rows[chosen] = 1.0
 
+        div = self.divergence(ctx)
         outputs = ctx.forward_student()
         losses = ctx.distill_losses(outputs)
-        clean = outputs[0].detach().float()
+        with torch.no_grad(), frozen_bn_statistics(student):  # float32, as the SR passes below
+            clean = student(x).float()  # (the KD forward may be bf16: KL would not be 0 at δ = 0)
         params = [p for p in student.parameters() if p.requires_grad]
         last: dict[str, torch.Tensor] = {}
 
@@ -199,7 +230,7 @@ class SelfRetrospection:
             with frozen_bn_statistics(student):
                 ref = clean if c.detach_clean else student(x).float()
                 perturbed = student(x + scale * d * rows).float()
-            per = kl_per_sample(ref, perturbed, reduction="batchmean")[chosen]
+            per = div(ref, perturbed)[chosen]
             value = per.mean() if c.outer_reduction == "perturbed" else per.sum() / n
             value = c.weight * value
             last["sr_unlearn"] = value.detach()
@@ -208,7 +239,7 @@ class SelfRetrospection:
         def inner_loss(d: torch.Tensor) -> torch.Tensor:
             with frozen_bn_statistics(student):
                 perturbed = student(x + scale * d).float()
-            return -kl_per_sample(clean, perturbed, reduction="batchmean").mean() + c.l2 * d.pow(2).sum()
+            return -div(clean, perturbed).mean() + c.l2 * d.pow(2).sum()
 
         ctx.optimizer.zero_grad(set_to_none=True)
         sum(losses.values()).backward()
@@ -217,7 +248,10 @@ class SelfRetrospection:
                                               steps=c.hypergradient_steps,
                                               step_size=c.hypergradient_step_size)
             for p, g in zip(params, grads):
-                p.grad = g if p.grad is None else p.grad + g
+                if p.grad is not None:
+                    p.grad = p.grad + g
+                elif g.any():  # a parameter nothing reaches keeps grad None (no Adam/decay step)
+                    p.grad = g
         else:
             outer_loss(delta).backward()
         ctx.clip_and_step()

@@ -189,7 +189,8 @@ class ShuffledTeacher(nn.Module):
         if ensemble < 1:
             raise KDGuardError(f"ensemble size {ensemble} must be >= 1", "use e.g. 3")
         self._teacher = [teacher]  # a plain list: not a submodule, never saved or moved with us
-        self._example = example[:2].detach()
+        # the shared-trunk check runs on random images of the example's shape, not on zeros
+        self._example = torch.rand(example[:2].shape, generator=torch.Generator().manual_seed(0)).to(example)
         self.paths = select_shuffle_layers(teacher, example, layers)
         self.ensemble_size = int(ensemble)
         self.members = nn.ModuleList()

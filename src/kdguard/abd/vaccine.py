@@ -21,7 +21,9 @@ per-sample divergence ``D(x) = KL(p_T(x) ‖ p_T̃(x)) / K`` (K classes, the ref
   when the ratio exceeds ``tail_threshold``. Otherwise the ensemble is re-shuffled and tested
   again, up to ``max_trials`` times; if every trial fails, SV stays off for the run.
 
-State (status, call counter, permutations, trial log and the pending cache) is checkpointed
+A *call* is one batch the vaccine sees: a generator/pixel step in the generator form, a student
+step in the student form. State (status, call counter, permutations, trial log and the pending
+cache, float32) is checkpointed
 through :meth:`state_dict` / :meth:`load_state_dict`, so a resumed run continues exactly.
 """
 
@@ -52,7 +54,7 @@ def tail_ratio(divergence: torch.Tensor, sigmas: float = 3.0) -> float:
     s = divergence.float().clamp_min(1e-12).log10()
     if s.numel() < 2:
         return 0.0
-    return float((s < s.mean() - sigmas * s.std()).float().mean())
+    return float((s < s.mean() - sigmas * s.std(correction=0)).float().mean())  # np.std, as the reference
 
 
 class ShufflingVaccine:
@@ -161,7 +163,7 @@ class ShufflingVaccine:
             return
         self.calls += 1
         if self.calls > self.verify_skip:
-            self._cache.append(x.detach().to("cpu", torch.float16))
+            self._cache.append(x.detach().to("cpu", torch.float32))
         if self.calls >= self.verify_batches:
             self.verify()
 

@@ -203,6 +203,9 @@ class SelfRetrospectionConfig:
     min_count: int = 8                     # ... but at least this many samples (the reference
                                            # rounds 2 % of 128 down to 2, and to 0 below 50)
     weight: float = 1.0                    # weight of the unlearning term
+    divergence: str = "kl"                 # kl: KL at τ = 1 summed over classes | method: the
+                                           # method's own KD divergence, as the references (ZSKT:
+                                           # τ 1, ÷K, i.e. K× weaker; CMI: τ 20 with τ²)
     outer_reduction: str = "batch"         # batch: sum over the perturbed samples ÷ batch size
                                            # (the reference's batchmean) | perturbed: mean over
                                            # them (N/|B| times stronger; too strong at lr 5e-4 in
@@ -385,6 +388,9 @@ def validate_job(job: DataFreeJob) -> None:
         _choice(label, mode, ("fresh", "last"))
     _choice("ood.source", job.ood.source, ("image", "dataset"))
     validate_abd(job.abd)
+    if job.abd.uses_sv and job.method == "ood" and job.abd.sv.form == "generator":
+        raise KDGuardError("abd.sv.form=generator does nothing with method=ood (proxy images have no "
+                           "generator to regularise)", "use abd.sv.form=auto or student for ood")
     m = job.monitor
     for label, value in (("monitor.every", m.every), ("monitor.grid_every", m.grid_every),
                          ("monitor.checkpoint_every", m.checkpoint_every)):
@@ -420,6 +426,7 @@ def validate_abd(cfg: ABDConfig) -> None:
         raise KDGuardError(f"abd.sr.share {sr.share!r} is not in (0, 1]", "give e.g. 0.02")
     _choice("abd.sr.perturb_model", sr.perturb_model, ("teacher", "student"))
     _choice("abd.sr.outer_reduction", sr.outer_reduction, ("perturbed", "batch"))
+    _choice("abd.sr.divergence", sr.divergence, ("kl", "method"))
     for label, value in (("abd.sr.lr", sr.lr), ("abd.sr.inner_lr", sr.inner_lr),
                          ("abd.sr.hypergradient_step_size", sr.hypergradient_step_size)):
         _positive(label, value)
