@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, TypeVar
 
-from omegaconf import MISSING, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .errors import KDGuardError
@@ -97,6 +97,40 @@ class DistillJob:
     out: str = "runs/student"
 
 
+def user_layer(yaml_path: str | Path | None = None, overrides: list[str] | None = None, *,
+               example: str = "train.epochs=30") -> DictConfig:
+    """The user's settings: YAML file ← ``key=value`` overrides, untyped (types and key names are
+    checked when the layer is merged onto a schema).
+
+    Args:
+        example: an override shown in the fix of a malformed one.
+
+    Raises:
+        KDGuardError: missing YAML file, or an override without ``=``.
+        OmegaConfBaseException: unreadable YAML (callers turn it into a KDGuardError).
+    """
+    user = OmegaConf.create({})
+    if yaml_path is not None:
+        path = Path(yaml_path)
+        if not path.exists():
+            raise KDGuardError(f"config file {str(path)!r} does not exist", "check the path")
+        user = OmegaConf.merge(user, OmegaConf.load(path))
+    if overrides:
+        bad = [o for o in overrides if "=" not in o]
+        if bad:
+            raise KDGuardError(f"override {bad[0]!r} is not of the form key=value", f"write e.g. {example}")
+        user = OmegaConf.merge(user, OmegaConf.from_dotlist(list(overrides)))
+    return user
+
+
+def require_complete(cfg: DictConfig, fix: str = "pass {key}=VALUE or set it in the YAML file") -> None:
+    """Raise :class:`KDGuardError` naming the first required (``MISSING``) setting of ``cfg``
+    that is not given; ``fix`` is formatted with ``key``."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise KDGuardError(f"required setting {missing[0]!r} is not given", fix.format(key=missing[0]))
+
+
 def build_config(schema: type[T], yaml_path: str | Path | None = None,
                  overrides: list[str] | None = None) -> T:
     """Merge ``schema`` defaults ← YAML file ← ``key=value`` overrides; return a typed object.
@@ -105,22 +139,8 @@ def build_config(schema: type[T], yaml_path: str | Path | None = None,
         KDGuardError: missing YAML file, unknown key, wrong type, or a missing required value.
     """
     try:
-        cfg = OmegaConf.structured(schema)
-        if yaml_path is not None:
-            path = Path(yaml_path)
-            if not path.exists():
-                raise KDGuardError(f"config file {str(path)!r} does not exist", "check the path")
-            cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
-        if overrides:
-            bad = [o for o in overrides if "=" not in o]
-            if bad:
-                raise KDGuardError(f"override {bad[0]!r} is not of the form key=value",
-                                   "write e.g. train.epochs=30")
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
-        missing = sorted(OmegaConf.missing_keys(cfg))
-        if missing:
-            raise KDGuardError(f"required setting {missing[0]!r} is not given",
-                               f"pass {missing[0]}=VALUE or set it in the YAML file")
+        cfg = OmegaConf.merge(OmegaConf.structured(schema), user_layer(yaml_path, overrides))
+        require_complete(cfg)
         return OmegaConf.to_object(cfg)  # type: ignore[return-value]
     except OmegaConfBaseException as e:
         msg = str(e).splitlines()[0]

@@ -24,7 +24,7 @@ from typing import Any, Optional
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from ..config import AttackConfig
+from ..config import AttackConfig, require_complete, user_layer
 from ..errors import KDGuardError
 
 #: The data-free methods (the CLI's ``method=``), in the order of the issue.
@@ -308,26 +308,12 @@ def build_datafree_job(yaml_path: str | Path | None = None,
     from .presets import preset_values
 
     try:
-        user = OmegaConf.create({})
-        if yaml_path is not None:
-            path = Path(yaml_path)
-            if not path.exists():
-                raise KDGuardError(f"config file {str(path)!r} does not exist", "check the path")
-            user = OmegaConf.merge(user, OmegaConf.load(path))
-        if overrides:
-            bad = [o for o in overrides if "=" not in o]
-            if bad:
-                raise KDGuardError(f"override {bad[0]!r} is not of the form key=value",
-                                   "write e.g. schedule.rounds=500")
-            user = OmegaConf.merge(user, OmegaConf.from_dotlist(list(overrides)))
+        user = user_layer(yaml_path, overrides, example="schedule.rounds=500")
         method = _peek(user, "method", DataFreeJob.method)
         scale = _peek(user, "preset", DataFreeJob.preset)
         cfg = OmegaConf.structured(DataFreeJob)
         cfg = OmegaConf.merge(cfg, OmegaConf.create(preset_values(method, scale)), user)
-        missing = sorted(OmegaConf.missing_keys(cfg))
-        if missing:
-            raise KDGuardError(f"required setting {missing[0]!r} is not given",
-                               f"pass {missing[0]}=VALUE (or --{missing[0]}) or set it in the YAML file")
+        require_complete(cfg, "pass {key}=VALUE (or --{key}) or set it in the YAML file")
         job = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as e:
         raise _error_from_omegaconf(e) from None
