@@ -31,10 +31,15 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from kdguard.abd import build_abd
-from kdguard.datafree import DataFreeJob, DataFreeLoop, MethodContext, build_method, preset_values
-from kdguard.runtime import autocast
+from kdguard.datafree import (
+    DataFreeJob,
+    DataFreeLoop,
+    MethodContext,
+    build_method,
+    preset_values,
+)
 from kdguard.models import build_model
-from kdguard.runtime import configure_threads, resolve_device
+from kdguard.runtime import autocast, configure_threads, resolve_device
 
 # name → (bf16, channels_last, reuse teacher outputs across the student steps of a round)
 VARIANTS = {
@@ -44,11 +49,11 @@ VARIANTS = {
 }
 # ABD plug-in variants (``--abd``): abd.mode and extra settings. "sr" times rounds *inside* the
 # SR phase (phase = the whole run), i.e. the cost of one of the last rounds.
-ABD_VARIANTS = {
+ABD_VARIANTS = {  # name → (abd.mode, {"sv" | "sr": {setting: value}})
     "off": ("off", {}),
     "sv": ("sv", {}),
-    "sv, no grad through T̃": ("sv", {"shuffle_grad": False}),
-    "sr": ("sr", {"phase": 1.0}),
+    "sv, no grad through T̃": ("sv", {"sv": {"shuffle_grad": False}}),
+    "sr": ("sr", {"sr": {"phase": 1.0}}),
 }
 
 
@@ -122,8 +127,9 @@ def measure(method: str, variant: str, args: argparse.Namespace, device: torch.d
     parts = build_method(job, ctx)
     mode, extra = ABD_VARIANTS[abd_variant]
     job.abd.mode = mode
-    for key, value in extra.items():
-        setattr(job.abd.sr if key == "phase" else job.abd.sv, key, value)
+    for part, settings in extra.items():
+        for key, value in settings.items():
+            setattr(getattr(job.abd, part), key, value)
     abd = build_abd(job.abd, teacher=teacher, image_shape=shape, device=device, method=method,
                     autocast=lambda: autocast(device, bf16))
     synth = parts.synthesizer

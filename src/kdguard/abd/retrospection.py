@@ -173,10 +173,9 @@ class SelfRetrospection:
 
         return method_kl
 
-    def _perturbation(self, ctx: StudentStepContext) -> torch.Tensor:
+    def _perturbation(self, ctx: StudentStepContext, scale: torch.Tensor | float,
+                      div: Divergence) -> torch.Tensor:
         c = self.cfg
-        scale = self._scale(ctx.x)
-        div = self.divergence(ctx)
         if c.perturb_model == "teacher":
             if self._delta_key is ctx.x and self._delta is not None:
                 return self._delta
@@ -212,13 +211,13 @@ class SelfRetrospection:
 
         x, student = ctx.x, ctx.student
         n = len(x)
-        delta = self._perturbation(ctx)  # u, in normalised units; the images get scale·u
         scale = self._scale(x)
+        div = self.divergence(ctx)
+        delta = self._perturbation(ctx, scale, div)  # u, in normalised units; the images get scale·u
         chosen = torch.randperm(n, generator=self.generator)[:self.perturbed_count(n)].to(x.device)
         rows = torch.zeros(n, 1, 1, 1, device=x.device)
         rows[chosen] = 1.0
 
-        div = self.divergence(ctx)
         outputs = ctx.forward_student()
         losses = ctx.distill_losses(outputs)
         with torch.no_grad(), frozen_bn_statistics(student):  # float32, as the SR passes below
