@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 import traceback
 from dataclasses import dataclass
@@ -38,9 +39,10 @@ from typing import Any
 from kdguard.checkpoint import read_manifest
 from kdguard.config import (AttackConfig, DataConfig, DistillJob, KDConfig, OptimConfig, TeacherJob,
                             TrainConfig)
+from kdguard.data.batches import num_batches
 from kdguard.defenses import DEFENSES, DefenseJob, run_defense
 from kdguard.distill.methods import KD_METHODS
-from kdguard.pipeline import distill, train_teacher
+from kdguard.pipeline import clean_subset, distill, load_splits, train_teacher
 
 
 @dataclass
@@ -73,12 +75,21 @@ def smoke_teacher(out: Path) -> Path:
     return Path(job.out)
 
 
+def kd_epochs(args: argparse.Namespace, dataset: str, fraction: float) -> int:
+    """``--epochs``, or the epochs that give ``--kd-steps`` optimiser steps on this clean share."""
+    if args.kd_steps is None:
+        return args.epochs
+    n = len(clean_subset(load_splits(DataConfig(name=dataset, root=args.data_root), seed=args.seed),
+                         fraction, args.seed))
+    return max(1, math.ceil(args.kd_steps / num_batches(n, args.batch_size)))
+
+
 def kd_job(args: argparse.Namespace, teacher: Path, dataset: str, fraction: float, method: str,
            out: Path) -> DistillJob:
     sgd = OptimConfig(name="sgd", lr=0.1, momentum=0.9, weight_decay=5e-4, nesterov=True, schedule="cosine")
     return DistillJob(teacher=str(teacher), data=DataConfig(name=dataset, root=args.data_root),
                       student=args.student, clean_fraction=fraction, kd=KDConfig(method=method),
-                      train=TrainConfig(epochs=args.epochs, batch_size=args.batch_size, optim=sgd,
+                      train=TrainConfig(epochs=kd_epochs(args, dataset, fraction), batch_size=args.batch_size, optim=sgd,
                                         progress=args.progress),
                       seed=args.seed, out=str(out))
 
@@ -139,6 +150,9 @@ def main(argv: list[str] | None = None) -> None:
                     help="KD methods and/or defences (default: every KD method, then ft fp nad)")
     ap.add_argument("--student", default="resnet8", help="student architecture for the KD runs")
     ap.add_argument("--epochs", type=int, default=80, help="KD student epochs")
+    ap.add_argument("--kd-steps", type=int, default=None,
+                    help="instead of --epochs: the same number of optimiser steps for every clean share "
+                         "(epochs = ceil(steps / batches per epoch)), so a larger share costs no more")
     ap.add_argument("--batch-size", type=int, default=128, help="KD student batch size")
     ap.add_argument("--defense-epochs", type=int, default=20, help="FT / FP fine-tuning / NAD student epochs")
     ap.add_argument("--nad-teacher-epochs", type=int, default=None, help="NAD teacher epochs (default 10)")
@@ -180,7 +194,9 @@ def main(argv: list[str] | None = None) -> None:
             runs.append(run)
     text = table(teacher, manifest.get("metrics") or {}, runs)
     header = (f"# Defences and KD losses vs. the poisoned {manifest['model']['arch']} on {dataset}\n\n"
-              f"Teacher `{teacher}`; KD student {args.student} ({args.epochs} epochs); defences "
+              f"Teacher `{teacher}`; KD student {args.student} ("
+              + (f"{args.kd_steps} optimiser steps at batch {args.batch_size}" if args.kd_steps
+                 else f"{args.epochs} epochs") + "); defences "
               f"{args.defense_epochs} epochs. CA/ASR/RA on the test split (ASR over non-target classes).\n\n")
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.md").write_text(header + text + "\n")
