@@ -81,7 +81,8 @@ def kd_epochs(args: argparse.Namespace, dataset: str, fraction: float) -> int:
         return args.epochs
     n = len(clean_subset(load_splits(DataConfig(name=dataset, root=args.data_root), seed=args.seed),
                          fraction, args.seed))
-    return max(1, math.ceil(args.kd_steps / num_batches(n, args.batch_size)))
+    # the trainer drops the last partial batch of every epoch
+    return max(1, math.ceil(args.kd_steps / num_batches(n, min(args.batch_size, n), drop_last=True)))
 
 
 def kd_job(args: argparse.Namespace, teacher: Path, dataset: str, fraction: float, method: str,

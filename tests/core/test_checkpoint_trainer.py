@@ -110,6 +110,27 @@ def test_resume_continues_exactly(tmp_path, blobs):
         assert torch.allclose(v.float(), resumed.state_dict()[k].float(), atol=1e-6), k
 
 
+class _EpochRecorder(TinyNet):
+    def __init__(self):
+        super().__init__()
+        self.started = []
+
+    def on_epoch_start(self, epoch):
+        self.started.append(epoch)
+
+
+def test_trainer_announces_each_epoch_also_after_resume(tmp_path, blobs):
+    # Epoch-dependent loss schedules (DKD's warm-up) are set from this call, so a resumed run
+    # must make it for the epoch it resumes at.
+    net = _EpochRecorder()
+    Trainer(net, _cfg(epochs=3), seed=0).fit(blobs.images, blobs.labels)
+    assert net.started == [0, 1, 2]
+    Trainer(_EpochRecorder(), _cfg(epochs=2), run_dir=tmp_path, seed=0).fit(blobs.images, blobs.labels)
+    resumed = _EpochRecorder()
+    Trainer(resumed, _cfg(epochs=4), run_dir=tmp_path, seed=0).fit(blobs.images, blobs.labels)
+    assert resumed.started == [2, 3]
+
+
 def test_resume_refuses_state_of_another_model(tmp_path, blobs):
     Trainer(TinyNet(), _cfg(epochs=1), run_dir=tmp_path).fit(blobs.images, blobs.labels)
     with pytest.raises(KDGuardError, match="does not match"):

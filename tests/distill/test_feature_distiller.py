@@ -183,3 +183,19 @@ def test_inplace_overwritten_features_are_detected(batch, tiny):
     _, feats = taps(x)
     assert feats["block1.bn"].min() < 0  # a genuine pre-ReLU feature
     taps.remove()
+
+
+def test_dkd_warmup_scales_the_loss_linearly_by_epoch(pair, batch):
+    # mdistiller's DKD warm-up: min(epoch / warmup, 1) with 1-based epochs.
+    student, teacher = pair
+    x, y, _ = batch
+    plain = FeatureDistiller(student, teacher, terms={"dkd": (1.0, DKDTerm(warmup_epochs=0))}).train()
+    full = plain(x, y)[1]["dkd"].item()
+    assert full > 0
+    d = FeatureDistiller(student, teacher, terms={"dkd": (1.0, DKDTerm(warmup_epochs=4))}).train()
+    assert d(x, y)[1]["dkd"].item() == pytest.approx(full / 4, rel=1e-5)  # before any epoch: epoch 0
+    for epoch, share in [(1, 2 / 4), (3, 1.0), (10, 1.0), (0, 1 / 4)]:
+        d.on_epoch_start(epoch)
+        assert d(x, y)[1]["dkd"].item() == pytest.approx(share * full, rel=1e-5), epoch
+    with pytest.raises(KDGuardError, match="warmup_epochs"):
+        DKDTerm(warmup_epochs=-1)

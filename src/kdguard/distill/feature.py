@@ -138,6 +138,15 @@ class FeatureDistiller(Distiller):
             raise KDGuardError(f"no loss term named {name!r}", f"use one of: {', '.join(self._paths)}")
         return self._paths[name]
 
+    def on_epoch_start(self, epoch: int) -> None:
+        """Tell every term that 0-based epoch ``epoch`` starts (schedules such as DKD's warm-up).
+
+        :class:`kdguard.train.Trainer` calls it before each epoch, also the one a resumed run
+        starts at; a custom loop must call it too.
+        """
+        for term in self.terms.values():
+            term.on_epoch_start(epoch)
+
     def set_weight(self, name: str, weight: float) -> None:
         """Change a term's weight (``"ce"`` for the cross-entropy), e.g. for a warm-up schedule."""
         if name == "ce":

@@ -13,8 +13,8 @@ method        weight    source of the default
 kd            1 (0.9)   τ = 4. Alone: KD 0.9 + CE 0.1, i.e. Hinton's α = 0.9 as in
                         ``LogitKD``, mdistiller ``KD`` and RepDistiller ``-r 0.1 -a 0.9``.
                         In a combination: 1 (RepDistiller ``-a 1``), CE 1.
-dkd           1         α = 1, β = 8, τ = 4, CE 1 (mdistiller CIFAR-100 ``DKD`` config); its
-                        20-epoch warm-up is left to the trainer (``set_weight``).
+dkd           1         α = 1, β = 8, τ = 4, CE 1, linear warm-up over 20 epochs (mdistiller
+                        CIFAR-100 ``DKD`` config; ``warmup_epochs=0`` is the paper's Eq. 8).
 fitnet        100       mdistiller ``FITNET.LOSS.FEAT_WEIGHT`` / RepDistiller ``-b 100``; the
                         middle stage (their ``hint_layer = 2`` on 3-stage CIFAR nets).
 at            1000      Zagoruyko & Komodakis' README (β = 10³), mdistiller, RepDistiller; per
@@ -107,8 +107,8 @@ def _kd(ctx: BuildContext, *, temperature: float = 4.0, reduction: str = "batchm
          source="Zhao et al., CVPR 2022; mdistiller CIFAR-100 config", needs=("logits", "labels"),
          features=None, stages=None, weight=1.0)
 def _dkd(ctx: BuildContext, *, alpha: float = 1.0, beta: float = 8.0,
-         temperature: float = 4.0) -> DistillTerm:
-    return DKDTerm(alpha=alpha, beta=beta, temperature=temperature)
+         temperature: float = 4.0, warmup_epochs: float = 20.0) -> DistillTerm:
+    return DKDTerm(alpha=alpha, beta=beta, temperature=temperature, warmup_epochs=warmup_epochs)
 
 
 @_method("fitnet", description="FitNets hint: MSE between a connected student stage and the teacher's",

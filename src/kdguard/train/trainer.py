@@ -90,7 +90,9 @@ class Trainer:
     """Trains ``module`` (a classifier or a :class:`Distiller`) on uint8 image tensors.
 
     Args:
-        module: a classifier ``x → logits`` or a Distiller ``(x, y) → (logits, losses)``.
+        module: a classifier ``x → logits`` or a Distiller ``(x, y) → (logits, losses)``. If it
+            has ``on_epoch_start(epoch)``, that is called before every epoch (0-based), also
+            the first epoch of a resumed run.
         cfg: optimiser, schedule, epochs, batch size, precision.
         run_dir: where ``train_state.pt`` and ``metrics.jsonl`` go (``None``: no checkpoints).
         augment: callable on a uint8 batch (``N×C×H×W``) with a ``generator`` keyword, or None.
@@ -204,8 +206,11 @@ class Trainer:
         epochs = tqdm(range(self.start_epoch, self.cfg.epochs), desc=self.desc, unit="epoch",
                       initial=self.start_epoch, total=self.cfg.epochs, disable=not self.cfg.progress,
                       dynamic_ncols=True)
+        on_epoch_start = getattr(self.module, "on_epoch_start", None)
         for epoch in epochs:
             self.module.train()
+            if callable(on_epoch_start):  # epoch-dependent loss schedules (DKD's warm-up)
+                on_epoch_start(epoch)
             t0 = time.perf_counter()
             sums: dict[str, torch.Tensor] = {}
             correct = torch.zeros((), dtype=torch.long, device=self.device)

@@ -32,7 +32,8 @@ class DistillTerm(nn.Module):
             means "the distiller's default paths". :func:`kdguard.distill.build_distiller` sets
             them per term, so methods needing different layers can be combined.
 
-    Subclasses implement :meth:`forward`.
+    Subclasses implement :meth:`forward`; a term whose weight follows the training schedule
+    (DKD's warm-up) also overrides :meth:`on_epoch_start`.
     """
 
     uses_features: ClassVar[bool] = True
@@ -49,6 +50,13 @@ class DistillTerm(nn.Module):
             raise KDGuardError(
                 f"{type(self).__name__} got {len(self.student_paths)} student paths and "
                 f"{len(self.teacher_paths)} teacher paths", "give one student path per teacher path")
+
+    def on_epoch_start(self, epoch: int) -> None:
+        """Called by the trainer before epoch ``epoch`` (0-based) runs; the default does nothing.
+
+        Terms keep no schedule state of their own beyond what this sets, so a resumed run that
+        calls it again for the epoch it resumes at is in the same state as an uninterrupted one.
+        """
 
     def forward(self, s_feats: list[torch.Tensor], t_feats: list[torch.Tensor], *,
                 s_logits: torch.Tensor, t_logits: torch.Tensor, y: torch.Tensor | None,
