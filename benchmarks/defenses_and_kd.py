@@ -3,22 +3,28 @@
 The measurement of issue 3: on CIFAR-10 with the foundation's poisoned ResNet-20 teacher
 (BadNets 3×3 grid, 10 % dirty-label, target 0), with 5 % and 20 % clean training data:
 
+* the ResNet-8 student trained on the clean share alone (``ce``, the control);
 * a fresh ResNet-8 student distilled with each registered KD loss
   (``kdguard.distill.methods.KD_METHODS``: kd, at, fitnet, ..., via ``kdguard.pipeline.distill``);
 * the data-available defences FT, FP and NAD applied to the poisoned teacher itself
   (``kdguard.defenses.run_defense``).
 
-Every run has its own directory ``<out>/clean<pct>/<kd|defense>-<method>/``; a run whose
+The control ``ce`` trains the same student with cross-entropy on the clean share alone, so the
+ASR that a student shows without anything passed on from the teacher (the trigger patch's own
+pull towards the target class) is in the table too.
+
+Every run has its own directory ``<out>/clean<pct>/<scratch|kd|defense>-<method>/``; a run whose
 ``metrics.json`` exists is not run again (delete the directory to redo it; use a new ``--out``
 when changing epochs or recipes), and an interrupted run resumes from its ``train_state.pt``.
 A run that fails is reported in the table and does not stop the others. The table is printed
 and written to ``<out>/results.md`` (+ ``results.json``).
 
-    python benchmarks/defenses_and_kd.py --teacher runs/bench_real/cifar10/teacher \\
-        --data-root ../shared/data --fractions 0.05 0.2 --out runs/bench_defenses
+    python benchmarks/defenses_and_kd.py --teacher runs/bench_real/cifar10/teacher_resnet20_e60 \\
+        --data-root ../shared/data --fractions 0.05 0.2 --kd-steps 1520 --out runs/bench_defenses
 
 Recipes: KD students as the foundation benchmark's ResNet-8 student (SGD lr 0.1, Nesterov
-momentum 0.9, wd 5e-4, cosine, batch 128, ``--epochs`` 80); defences with the defaults of
+momentum 0.9, wd 5e-4, cosine, batch 128, ``--epochs`` 80, or ``--kd-steps`` optimiser steps
+whatever the clean share: 1520 steps are 80 epochs of 5 % CIFAR-10 and 20 of 20 %); defences with the defaults of
 :class:`kdguard.defenses.DefenseJob` (20 epochs, batch 64, lr 0.01 cosine, Nesterov, wd 1e-4;
 NAD teacher 10 epochs). ``--smoke`` checks the whole loop in a few minutes on CPU: it trains
 its own 1-epoch LeNet-5 teacher on the embedded MNIST digits, and runs every method for 1 epoch
@@ -56,12 +62,19 @@ class Run:
     error: str | None = None
 
 
+#: the control: the student trained with cross-entropy on the clean share alone (logit KD with
+#: α = 0), i.e. the ASR a student shows without anything passed on from the teacher
+SCRATCH = "ce"
+
+
 def method_kind(name: str) -> str:
+    if name == SCRATCH:
+        return "scratch"
     if name in DEFENSES:
         return "defense"
     if name in KD_METHODS or all(part in KD_METHODS for part in name.split("+")):
         return "kd"
-    raise SystemExit(f"error: unknown method {name!r}; choose from KD methods "
+    raise SystemExit(f"error: unknown method {name!r}; choose {SCRATCH!r} (student on CE alone), KD methods "
                      f"{', '.join(KD_METHODS.names())} or defences {', '.join(DEFENSES.names())}")
 
 
@@ -89,7 +102,8 @@ def kd_job(args: argparse.Namespace, teacher: Path, dataset: str, fraction: floa
            out: Path) -> DistillJob:
     sgd = OptimConfig(name="sgd", lr=0.1, momentum=0.9, weight_decay=5e-4, nesterov=True, schedule="cosine")
     return DistillJob(teacher=str(teacher), data=DataConfig(name=dataset, root=args.data_root),
-                      student=args.student, clean_fraction=fraction, kd=KDConfig(method=method),
+                      student=args.student, clean_fraction=fraction,
+                      kd=KDConfig(method="kd", alpha=0.0) if method == SCRATCH else KDConfig(method=method),
                       train=TrainConfig(epochs=kd_epochs(args, dataset, fraction), batch_size=args.batch_size, optim=sgd,
                                         progress=args.progress),
                       seed=args.seed, out=str(out))
@@ -148,7 +162,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--fractions", type=float, nargs="+", default=[0.05, 0.2],
                     help="clean shares of the whole training set")
     ap.add_argument("--methods", nargs="+", default=None,
-                    help="KD methods and/or defences (default: every KD method, then ft fp nad)")
+                    help=f"KD methods and/or defences (default: {SCRATCH!r}, the student on CE alone, "
+                         "then every KD method, then ft fp nad)")
     ap.add_argument("--student", default="resnet8", help="student architecture for the KD runs")
     ap.add_argument("--epochs", type=int, default=80, help="KD student epochs")
     ap.add_argument("--kd-steps", type=int, default=None,
@@ -178,7 +193,7 @@ def main(argv: list[str] | None = None) -> None:
     dataset = manifest.get("dataset", {}).get("name")
     if not dataset:
         ap.error(f"{teacher} has no manifest naming its dataset")
-    methods = args.methods or [*KD_METHODS.names(), *DEFENSES.names()]
+    methods = args.methods or [SCRATCH, *KD_METHODS.names(), *DEFENSES.names()]
     kinds = {m: method_kind(m) for m in methods}
 
     t0 = time.perf_counter()
