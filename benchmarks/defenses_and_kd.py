@@ -34,6 +34,7 @@ with a LeNet-5 student.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import time
@@ -88,12 +89,17 @@ def smoke_teacher(out: Path) -> Path:
     return Path(job.out)
 
 
+@functools.cache
+def clean_size(dataset: str, root: str | None, fraction: float, seed: int) -> int:
+    """Images in the clean share (loaded once per share, not once per method)."""
+    return len(clean_subset(load_splits(DataConfig(name=dataset, root=root), seed=seed), fraction, seed))
+
+
 def kd_epochs(args: argparse.Namespace, dataset: str, fraction: float) -> int:
     """``--epochs``, or the epochs that give ``--kd-steps`` optimiser steps on this clean share."""
     if args.kd_steps is None:
         return args.epochs
-    n = len(clean_subset(load_splits(DataConfig(name=dataset, root=args.data_root), seed=args.seed),
-                         fraction, args.seed))
+    n = clean_size(dataset, args.data_root, fraction, args.seed)
     # the trainer drops the last partial batch of every epoch
     return max(1, math.ceil(args.kd_steps / num_batches(n, min(args.batch_size, n), drop_last=True)))
 

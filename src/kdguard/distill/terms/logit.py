@@ -63,7 +63,6 @@ class DKDTerm(DistillTerm):
                                "use 20 (the reference code) or 0 (no warm-up, the paper's Eq. 8)")
         self.alpha, self.beta, self.temperature = float(alpha), float(beta), float(temperature)
         self.warmup_epochs = float(warmup_epochs)
-        self.scale = 1.0
         self.on_epoch_start(0)
 
     def on_epoch_start(self, epoch: int) -> None:
