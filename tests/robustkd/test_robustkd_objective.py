@@ -83,8 +83,9 @@ def _asr(ns, model) -> float:
 
 @pytest.mark.parametrize("granularity", ["channel", "element"])
 def test_dormant_form_removes_a_planted_backdoor_channel(planted, granularity):
+    # λ_s 0.5: on this 4-channel toy the default λ_s 1 buys a 0.13 mask on the clean channels too
     result = detoxify(planted.model, planted.x, planted.y, paths=["stage"], granularity=granularity,
-                      epochs=15, batch_size=64, lr=0.1)
+                      objective=DetoxObjective(sparsity_weight=0.5), epochs=15, batch_size=64, lr=0.1)
     mask = result.detox.channel_masks()["stage"]
     assert mask[planted.trigger_channel] > 0.9  # the dormant backdoor channel is replaced
     assert mask[0] < 0.1 and mask[3] < 0.1  # the channels carrying the clean signal are kept
@@ -117,3 +118,26 @@ def test_detox_lowers_the_asr_of_a_trained_backdoor(backdoored_tinynet):
         ca, asr = ns.accuracy(ns.model, ns.test.images, ns.test.labels), ns.accuracy(ns.model, triggered, target)
     assert ca >= ca0 - 0.03
     assert asr <= 0.1 * asr0
+
+
+def test_library_defaults_match_the_robustkd_job_defaults():
+    """`detoxify()` and `DetoxObjective()` called bare give what `kdguard robustkd` runs."""
+    import inspect
+
+    from kdguard.defenses.robustkd.run import DetoxConfig
+
+    cfg = DetoxConfig()
+    assert cfg.objective() == DetoxObjective()
+    params = inspect.signature(detoxify).parameters
+    for name in ("granularity", "combine", "init_mask", "activation", "epochs", "batch_size", "lr",
+                 "replacement_lr", "learn_replacement", "binarize"):
+        assert params[name].default == getattr(cfg, name), name
+
+
+def test_objective_reads_the_granularity_from_the_mask_shape():
+    stats = {"a": _stats([1.0, 3.0])}
+    y = torch.zeros(2, dtype=torch.long)
+    channel = DetoxObjective()(torch.randn(2, 3), torch.randn(2, 3), y, {"a": torch.ones(2, 1, 1)}, stats)
+    explicit = DetoxObjective()(torch.randn(2, 3), torch.randn(2, 3), y, {"a": torch.ones(2, 1, 1)}, stats,
+                                granularity="channel")
+    torch.testing.assert_close(channel["variance"], explicit["variance"])

@@ -10,9 +10,9 @@ replaced, before it feeds the next stage, by
 with a mask ``M_l ∈ [0, 1]`` and a replacement feature ``P_l`` initialised from clean-sample mean
 features. The reference PyramidNet uses an additive variant ``F̂_l = F_l + M_l ⊙ P_l``, offered
 as ``combine="additive"``. Here ``M_l = sigmoid(Z_l)`` with learnable logits ``Z_l``, so it stays
-in [0, 1] without clamping (``Z = ±inf`` gives an exact 0 or 1). ``M_l`` is per channel
-(``C×1×1``, ``granularity="channel"``, default) or per channel and position (``C×H×W``,
-``"element"``, the shape of the reference's shipped tensors); ``P_l`` is always ``C×H×W``.
+in [0, 1] without clamping (``Z = ±inf`` gives an exact 0 or 1). ``M_l`` is per channel and
+position (``C×H×W``, ``granularity="element"``, default: the shape of the reference's shipped
+tensors) or per channel (``C×1×1``, ``"channel"``); ``P_l`` is always ``C×H×W``.
 
 The edit is applied through forward hooks (:meth:`FeatureDetox.attach`), so the teacher's code is
 not touched and the edited output is what every later module, and every later hook, sees: the
@@ -79,7 +79,7 @@ class StageDetox(nn.Module):
         KDGuardError: bad shape/option values; on forward, a feature whose shape differs.
     """
 
-    def __init__(self, shape: Sequence[int], *, granularity: str = "channel", combine: str = "replace",
+    def __init__(self, shape: Sequence[int], *, granularity: str = "element", combine: str = "replace",
                  init_mask: float = 0.05, replacement: torch.Tensor | None = None) -> None:
         super().__init__()
         self.shape = _check_shape(shape, "detox stage")
@@ -195,7 +195,7 @@ class FeatureDetox(nn.Module):
     model, :meth:`save`/:meth:`load` to keep it with a run.
     """
 
-    def __init__(self, shapes: Mapping[str, Sequence[int]], *, granularity: str = "channel",
+    def __init__(self, shapes: Mapping[str, Sequence[int]], *, granularity: str = "element",
                  combine: str = "replace", init_mask: float = 0.05,
                  replacements: Mapping[str, torch.Tensor] | None = None) -> None:
         super().__init__()

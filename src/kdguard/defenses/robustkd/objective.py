@@ -79,8 +79,8 @@ class DetoxObjective:
         ce_weight: ``w_ce`` of CE to the clean labels (1).
         kd_weight: ``w_kd`` of ``τ²·KL`` to the original teacher's predictions (1).
         temperature: ``τ`` of the KL term (4, Hinton et al.).
-        sparsity_weight: ``λ_s`` (form "dormant"; 0.5).
-        variance_weight: ``λ_v`` (form "dormant"; 0.25), so units with ``v̂ > λ_s/λ_v = 2`` are
+        sparsity_weight: ``λ_s`` (form "dormant"; 1).
+        variance_weight: ``λ_v`` (form "dormant"; 0.25), so units with ``v̂ > λ_s/λ_v = 4`` are
             never worth masking on the penalties alone.
         feature_variance_weight: ``λ_f`` (form "variance"; 1).
         mask_size_weight: ``λ_m`` (form "variance"; 0.1).
@@ -94,7 +94,7 @@ class DetoxObjective:
     ce_weight: float = 1.0
     kd_weight: float = 1.0
     temperature: float = 4.0
-    sparsity_weight: float = 0.5
+    sparsity_weight: float = 1.0
     variance_weight: float = 0.25
     feature_variance_weight: float = 1.0
     mask_size_weight: float = 0.1
@@ -118,7 +118,7 @@ class DetoxObjective:
 
     def __call__(self, detox_logits: torch.Tensor, teacher_logits: torch.Tensor | None,
                  labels: torch.Tensor | None, masks: Mapping[str, torch.Tensor],
-                 stats: Mapping[str, StageStats], *, granularity: str = "channel",
+                 stats: Mapping[str, StageStats], *, granularity: str | None = None,
                  features: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """The named, weighted loss terms (their sum is minimised over ``M`` and ``P``).
 
@@ -129,7 +129,8 @@ class DetoxObjective:
             labels: ``N`` int64 clean labels, needed when ``ce_weight > 0``.
             masks: ``{path: M}`` with gradient (``C×1×1`` or ``C×H×W``).
             stats: clean statistics of the same paths (:func:`~.stats.clean_feature_stats`).
-            granularity: the masks' granularity (selects ``v̂``).
+            granularity: the masks' granularity (selects ``v̂``); None reads it from each
+                mask's shape (``C×1×1`` → "channel", else "element").
             features: ``{path: F̂}`` detoxified features ``N×C×H×W`` (form "variance").
 
         Returns:
@@ -168,7 +169,8 @@ class DetoxObjective:
         if self.variance_weight > 0:
             terms = []
             for path, m in masks.items():
-                v = normalized_variance(stats[path], granularity).to(m.device)
+                g = granularity or ("channel" if tuple(m.shape[-2:]) == (1, 1) else "element")
+                v = normalized_variance(stats[path], g).to(m.device)
                 if v.shape != m.shape:
                     raise KDGuardError(f"mask of stage {path!r} has shape {tuple(m.shape)} but its "
                                        f"statistics give {tuple(v.shape)}",

@@ -57,9 +57,9 @@ def _positive_int(name: str, value: int) -> int:
 
 
 def detoxify(teacher: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, paths: Sequence[str],
-             objective: DetoxObjective | None = None, granularity: str = "channel",
+             objective: DetoxObjective | None = None, granularity: str = "element",
              combine: str = "replace", init_mask: float = 0.05, activation: str = "relu",
-             epochs: int = 10, batch_size: int = 128, lr: float = 0.05,
+             epochs: int = 20, batch_size: int = 128, lr: float = 0.1,
              replacement_lr: float | None = None, learn_replacement: bool = True,
              binarize: float | None = None, augment: Callable | None = None,
              device: torch.device | str = "cpu", bf16: bool = False, seed: int = 0,
