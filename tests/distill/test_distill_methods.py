@@ -145,9 +145,13 @@ def test_build_errors(build, pair, tiny):
                         teacher_paths=["block1"])
     with pytest.raises(KDGuardError, match="student_paths"):  # tiny models have no stage presets
         build_distiller("at", student, teacher, input_shape=tiny.input_shape)
-    with pytest.raises(KDGuardError, match="BatchNorm"):  # OFD margins need a BN behind the tap
+    with pytest.raises(KDGuardError, match="BatchNorm"):  # the paper's margin needs a BN behind the tap
         build_distiller("ofd", student, teacher, input_shape=tiny.input_shape, student_paths=["stem"],
-                        teacher_paths=["stem"])
+                        teacher_paths=["stem"], margin="bn")
+    with pytest.warns(UserWarning, match="OFD distils without the margin"):  # default "auto": warn, no clipping
+        d = build_distiller("ofd", student, teacher, input_shape=tiny.input_shape, student_paths=["stem"],
+                            teacher_paths=["stem"])
+    assert not d.terms["ofd"].use_margin
     d = build_distiller("ofd", student, teacher, input_shape=tiny.input_shape, student_paths=["stem"],
                         teacher_paths=["stem"], margin="none")
     assert not d.terms["ofd"].use_margin

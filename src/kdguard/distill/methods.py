@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -180,17 +181,27 @@ def _afd(ctx: BuildContext, *, att_f: float = 2.0, train_attention: bool = True)
 @_method("ofd", description="overhaul of feature distillation: margin ReLU + partial L2 on pre-ReLU features",
          source="Heo et al., ICCV 2019; clovaai/overhaul-distillation", needs=("pre_relu",),
          features="pre_relu", stages="all", weight=1.0, aliases=("overhaul",))
-def _ofd(ctx: BuildContext, *, margin: str = "bn", margin_paths: Sequence[str] | None = None,
+def _ofd(ctx: BuildContext, *, margin: str = "auto", margin_paths: Sequence[str] | None = None,
          normalization: str = "reference", stage_weights: str = "reference") -> DistillTerm:
-    if margin not in ("bn", "none"):
+    # margin: "bn" (paper/code: from the teacher's BatchNorm, an error if there is none),
+    # "auto" ("bn" where the teacher has BatchNorm, else no clipping, with a warning: BN-free
+    # teachers such as LeNet-5 still distil) or "none".
+    if margin not in ("auto", "bn", "none"):
         raise KDGuardError(f"unknown OFD margin {margin!r}",
-                           "use 'bn' (from the teacher's BatchNorm) or 'none'")
+                           "use 'auto' (default), 'bn' (from the teacher's BatchNorm) or 'none'")
     margins = None
-    if margin == "bn":
+    if margin in ("auto", "bn"):
         channels = [s[0] for s in ctx.t_shapes]
         if margin_paths is None:
             margin_paths = _preset_margin_paths(ctx.teacher, ctx.teacher_paths)
-        margins = teacher_margins(ctx.teacher, ctx.teacher_paths, channels, margin_paths=margin_paths)
+        try:
+            margins = teacher_margins(ctx.teacher, ctx.teacher_paths, channels, margin_paths=margin_paths)
+        except KDGuardError as e:
+            if margin == "bn":
+                raise
+            warnings.warn(f"{e.problem}; OFD distils without the margin (plain partial L2). "
+                          "Set margin='bn' to make this an error, or margin='none' to silence it",
+                          stacklevel=2)
     return OFDTerm(ctx.s_shapes, ctx.t_shapes, margins=margins, normalization=normalization,
                    stage_weights=stage_weights)
 
