@@ -64,7 +64,8 @@ class Run:
 
 
 #: the control: the student trained with cross-entropy on the clean share alone (logit KD with
-#: α = 0), i.e. the ASR a student shows without anything passed on from the teacher
+#: α = 0, which never runs the teacher), i.e. the ASR a student shows without anything passed on
+#: from the teacher
 SCRATCH = "ce"
 
 

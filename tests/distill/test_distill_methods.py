@@ -176,3 +176,18 @@ def test_default_paths_from_registry_models(batch, tiny):
     _, losses = d.train()(x, y, index)
     assert set(losses) == {"ce", "at", "fitnet", "sp", "crd", "ofd"}
     assert all(torch.isfinite(v) for v in losses.values())
+
+
+def test_logit_kd_alpha_zero_is_ce_alone_without_running_the_teacher(pair, batch):
+    x, y, _ = batch
+    student, teacher = pair
+    calls = []
+    handle = teacher.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        logits, losses = LogitKD(student, teacher, alpha=0.0).train()(x, y)
+        assert calls == [] and set(losses) == {"ce"}
+        assert losses["ce"].item() == pytest.approx(torch.nn.functional.cross_entropy(logits, y).item(), rel=1e-6)
+        with pytest.raises(KDGuardError, match="needs labels"):
+            LogitKD(student, teacher, alpha=0.0).train()(x, None)
+    finally:
+        handle.remove()

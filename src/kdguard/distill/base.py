@@ -69,9 +69,13 @@ class LogitKD(Distiller):
     Args:
         temperature: τ > 0 (default 4).
         alpha: weight α ∈ [0, 1] of the KD term; the CE term gets 1 − α and is skipped when
-            α = 1 or no labels are given (unlabelled / proxy data).
+            α = 1 or no labels are given (unlabelled / proxy data). With α = 0 only ``ce`` is
+            returned and the teacher is not run (a student-on-labels control at no teacher cost).
 
     Losses returned: ``kd`` and, when used, ``ce`` (already weighted).
+
+    Raises:
+        KDGuardError: α outside [0, 1], τ ≤ 0, or α = 0 without labels.
     """
 
     def __init__(self, student: nn.Module, teacher: nn.Module, *, temperature: float = 4.0,
@@ -84,6 +88,12 @@ class LogitKD(Distiller):
         self.alpha = alpha
 
     def forward_train(self, x: torch.Tensor, y: torch.Tensor | None):
+        if self.alpha == 0.0:  # CE alone (a no-teacher control): the teacher is never run
+            if y is None:
+                raise KDGuardError("logit KD with alpha=0 trains on cross-entropy alone, which needs labels",
+                                   "give labelled data or set alpha > 0")
+            s_logits = self.student(x)
+            return s_logits, {"ce": F.cross_entropy(s_logits.float(), y)}
         t_logits = self.teacher_logits(x)
         s_logits = self.student(x)
         losses = {"kd": self.alpha * kd_loss(s_logits, t_logits, temperature=self.temperature)}
