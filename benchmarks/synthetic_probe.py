@@ -1,0 +1,117 @@
+"""What does a data-free run's synthetic data show the teacher? A diagnostic for backdoor transfer.
+
+A data-free student can only inherit a backdoor through the teacher's answers on the synthetic
+images it is trained on. This script restores the synthesizer (generator or image pool) of
+finished or interrupted ``kdguard distill --method …`` runs from their ``datafree_state.pt`` and
+reports, on ``--n`` synthetic images and on the real clean test images:
+
+* how often the teacher predicts the target class, and its mean softmax probability of it
+  (chance: 1/K; a generator that found the trigger's features drives both up);
+* how often the student predicts the target class, and how often it agrees with the teacher;
+* the teacher's ASR on the synthetic images *with* the trigger stamped on them (a check that the
+  backdoor fires on the generator's distribution at all).
+
+    python benchmarks/synthetic_probe.py RUN_DIR [RUN_DIR ...] [--n 2048] [--data-root ../shared/data]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from kdguard.checkpoint import load_model
+from kdguard.data import load_dataset
+from kdguard.datafree.config import build_datafree_job
+from kdguard.datafree.methods import MethodContext, build_method, input_statistics
+from kdguard.models import build_model
+from kdguard.pipeline import attack_from_manifest, make_attack
+from kdguard.runtime import resolve_device
+
+
+@torch.inference_mode()
+def predictions(model: torch.nn.Module, x: torch.Tensor, batch: int = 512) -> torch.Tensor:
+    """Softmax outputs ``N×K`` (float32) of ``model`` on float images ``x`` in [0, 1]."""
+    return torch.cat([model(x[i:i + batch]).float().softmax(1) for i in range(0, len(x), batch)])
+
+
+@torch.no_grad()
+def draw(synthesizer, n: int) -> torch.Tensor:
+    """``n`` fresh synthetic images: from the generator with new latents (as in training, BN in
+    train mode) when there is one, else from the synthesizer's pool."""
+    generator = getattr(synthesizer, "generator", None)
+    if generator is None:
+        return synthesizer.sample(n).float().cpu()
+    generator.train()
+    return generator(torch.randn(n, generator.latent_dim)).float().cpu()
+
+
+def probe(run: Path, n: int, data_root: str | None) -> dict:
+    job = build_datafree_job(run / "config.yaml", [f"data.root={data_root}"] if data_root else [])
+    device = resolve_device("cpu")
+    teacher, t_manifest = load_model(job.teacher)
+    teacher.eval().requires_grad_(False)
+    test = load_dataset(job.data.name or t_manifest["dataset"]["name"], "test", root=job.data.root)
+    attack = make_attack(job.attack if job.attack is not None else attack_from_manifest(t_manifest),
+                         test.shape, test.num_classes)
+    target = int(attack.target)
+    student = build_model(job.student, num_classes=test.num_classes, in_channels=test.channels,
+                          mean=test.mean, std=test.std)
+    mean, std = input_statistics(teacher, test.mean, test.std)
+    ctx = MethodContext(teacher=teacher, student=student, image_shape=test.shape, num_classes=test.num_classes,
+                        mean=mean, std=std, hflip=test.hflip, device=device, bf16=False, seed=job.seed,
+                        data_root=job.data.root)
+    parts = build_method(job, ctx)
+    state = torch.load(run / "datafree_state.pt", map_location="cpu", weights_only=True)
+    student.load_state_dict(state["student"])
+    student.eval()
+    parts.synthesizer.load_state_dict(state["synthesizer"])
+    synth = torch.cat([draw(parts.synthesizer, min(256, n - i)) for i in range(0, n, 256)])
+    # the image-folder test split is sorted by class: take a seeded random subset
+    pick = torch.randperm(len(test.images), generator=torch.Generator().manual_seed(0))[:n]
+    real = test.images[pick].float().div(255.0)
+    rows = {}
+    for name, x in (("synthetic", synth), ("real clean test", real)):
+        pt, ps = predictions(teacher, x), predictions(student, x)
+        rows[name] = {"teacher_target_share": (pt.argmax(1) == target).float().mean().item(),
+                      "teacher_target_prob": pt[:, target].mean().item(),
+                      "student_target_share": (ps.argmax(1) == target).float().mean().item(),
+                      "agreement": (pt.argmax(1) == ps.argmax(1)).float().mean().item()}
+    # the trigger needs images in [0, 1]; generator outputs may lie outside (output="affine")
+    stamped = attack.trigger(synth.clamp(0, 1))
+    not_target = predictions(teacher, synth.clamp(0, 1)).argmax(1) != target
+    rows["synthetic"]["teacher_asr_with_trigger"] = \
+        (predictions(teacher, stamped).argmax(1)[not_target] == target).float().mean().item()
+    rows["synthetic"]["outside_unit_range"] = ((synth < 0) | (synth > 1)).float().mean().item()
+    return {"run": str(run), "method": job.method, "round": int(state["round"]), "target": target,
+            "n": n, "chance": 1.0 / test.num_classes, "rows": rows}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("runs", nargs="+", type=Path)
+    ap.add_argument("--n", type=int, default=2048)
+    ap.add_argument("--data-root", default=None)
+    ap.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
+    args = ap.parse_args()
+    t0 = time.perf_counter()
+    results = [probe(r, args.n, args.data_root) for r in args.runs]
+    print("| run | round | images | teacher → target % | teacher p(target) | student → target % | "
+          "student = teacher % | teacher ASR with trigger % |")
+    print("|---|---|---|---|---|---|---|---|")
+    for res in results:
+        for name, r in res["rows"].items():
+            asr = r.get("teacher_asr_with_trigger")
+            print(f"| {Path(res['run']).name} | {res['round']} | {name} | {100 * r['teacher_target_share']:.1f} | "
+                  f"{r['teacher_target_prob']:.3f} | {100 * r['student_target_share']:.1f} | "
+                  f"{100 * r['agreement']:.1f} | {'—' if asr is None else f'{100 * asr:.1f}'} |")
+    print(f"\nchance {100 * results[0]['chance']:.1f} %; {time.perf_counter() - t0:.0f} s")
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
