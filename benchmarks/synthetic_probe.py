@@ -39,14 +39,14 @@ def predictions(model: torch.nn.Module, x: torch.Tensor, batch: int = 512) -> to
 
 
 @torch.no_grad()
-def draw(synthesizer, n: int) -> torch.Tensor:
+def draw(synthesizer, n: int, rng: torch.Generator) -> torch.Tensor:
     """``n`` fresh synthetic images: from the generator with new latents (as in training, BN in
     train mode) when there is one, else from the synthesizer's pool."""
     generator = getattr(synthesizer, "generator", None)
     if generator is None:
         return synthesizer.sample(n).float().cpu()
     generator.train()
-    return generator(torch.randn(n, generator.latent_dim)).float().cpu()
+    return generator(torch.randn(n, generator.latent_dim, generator=rng)).float().cpu()
 
 
 def probe(run: Path, n: int, data_root: str | None) -> dict:
@@ -69,7 +69,9 @@ def probe(run: Path, n: int, data_root: str | None) -> dict:
     student.load_state_dict(state["student"])
     student.eval()
     parts.synthesizer.load_state_dict(state["synthesizer"])
-    synth = torch.cat([draw(parts.synthesizer, min(256, n - i)) for i in range(0, n, 256)])
+    torch.manual_seed(0)  # pools sample with the global generator
+    rng = torch.Generator().manual_seed(0)
+    synth = torch.cat([draw(parts.synthesizer, min(256, n - i), rng) for i in range(0, n, 256)])
     # the image-folder test split is sorted by class: take a seeded random subset
     pick = torch.randperm(len(test.images), generator=torch.Generator().manual_seed(0))[:n]
     real = test.images[pick].float().div(255.0)
