@@ -110,6 +110,9 @@ def main() -> None:
             print(f"| {Path(res['run']).name} | {res['round']} | {name} | {100 * r['teacher_target_share']:.1f} | "
                   f"{r['teacher_target_prob']:.3f} | {100 * r['student_target_share']:.1f} | "
                   f"{100 * r['agreement']:.1f} | {'—' if asr is None else f'{100 * asr:.1f}'} |")
+    for res in results:
+        print(f"\n{Path(res['run']).name}: {100 * res['rows']['synthetic']['outside_unit_range']:.1f} % of the "
+              "synthetic pixel values lie outside [0, 1] (clamped before the trigger is stamped)")
     print(f"\nchance {100 * results[0]['chance']:.1f} %; {time.perf_counter() - t0:.0f} s")
     if args.out:
         args.out.write_text(json.dumps(results, indent=2))
