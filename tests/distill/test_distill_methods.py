@@ -152,6 +152,9 @@ def test_build_errors(build, pair, tiny):
         d = build_distiller("ofd", student, teacher, input_shape=tiny.input_shape, student_paths=["stem"],
                             teacher_paths=["stem"])
     assert not d.terms["ofd"].use_margin
+    with pytest.raises(KDGuardError, match="margin paths"):  # BN named by the user: never a silent fallback
+        build_distiller("ofd", student, teacher, input_shape=tiny.input_shape, student_paths=["stem"],
+                        teacher_paths=["stem"], margin_paths=["a", "b"])
     d = build_distiller("ofd", student, teacher, input_shape=tiny.input_shape, student_paths=["stem"],
                         teacher_paths=["stem"], margin="none")
     assert not d.terms["ofd"].use_margin

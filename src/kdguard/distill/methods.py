@@ -185,19 +185,21 @@ def _ofd(ctx: BuildContext, *, margin: str = "auto", margin_paths: Sequence[str]
          normalization: str = "reference", stage_weights: str = "reference") -> DistillTerm:
     # margin: "bn" (paper/code: from the teacher's BatchNorm, an error if there is none),
     # "auto" ("bn" where the teacher has BatchNorm, else no clipping, with a warning: BN-free
-    # teachers such as LeNet-5 still distil) or "none".
+    # teachers such as LeNet-5 still distil) or "none". BN layers named by the user in
+    # margin_paths are always strict: a wrong name is an error, not a silent fallback.
     if margin not in ("auto", "bn", "none"):
         raise KDGuardError(f"unknown OFD margin {margin!r}",
                            "use 'auto' (default), 'bn' (from the teacher's BatchNorm) or 'none'")
     margins = None
     if margin in ("auto", "bn"):
+        strict = margin == "bn" or margin_paths is not None
         channels = [s[0] for s in ctx.t_shapes]
         if margin_paths is None:
             margin_paths = _preset_margin_paths(ctx.teacher, ctx.teacher_paths)
         try:
             margins = teacher_margins(ctx.teacher, ctx.teacher_paths, channels, margin_paths=margin_paths)
         except KDGuardError as e:
-            if margin == "bn":
+            if strict:
                 raise
             warnings.warn(f"{e.problem}; OFD distils without the margin (plain partial L2). "
                           "Set margin='bn' to make this an error, or margin='none' to silence it",
