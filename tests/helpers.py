@@ -52,3 +52,7 @@ def cli_error(args: list[str], capsys) -> str:
     assert rc == 2, err
     assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
     return err
+
+
+#: overrides for a seconds-long CLI training run on the embedded MNIST digits
+CLI_FAST = ["train.epochs=1", "train.batch_size=64", "train.progress=false", "data.val_fraction=0.05"]

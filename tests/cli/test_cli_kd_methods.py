@@ -7,22 +7,14 @@ import json
 import math
 
 import pytest
+from helpers import CLI_FAST
 
 from kdguard.cli import main
 from kdguard.distill import KD_METHODS
 
 # 2 % of the 4,000 training digits = 80 images; batch 64 with the last partial batch dropped
-# gives exactly one optimiser step per run.
-ONE_STEP = ["train.epochs=1", "train.batch_size=64", "train.progress=false", "data.val_fraction=0.05",
-            "clean_fraction=0.02"]
-
-
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("teacher")
-    assert main(["train-teacher", "train.epochs=1", "train.batch_size=64", "train.progress=false",
-                 "data.val_fraction=0.05", "model=lenet5", "attack.name=badnets", f"out={out}"]) == 0
-    return out
+# gives exactly one optimiser step per run (teacher_dir: conftest.py)
+ONE_STEP = [*CLI_FAST, "clean_fraction=0.02"]
 
 
 @pytest.mark.parametrize("method", [*sorted(KD_METHODS.names()), "at+kd"])

@@ -5,22 +5,13 @@ from __future__ import annotations
 import json
 
 import pytest
-from helpers import cli_error
+from helpers import CLI_FAST, cli_error
 
 from kdguard.checkpoint import read_manifest
 from kdguard.cli import main
 from kdguard.io import read_json, write_json
 
-FAST = ["train.epochs=1", "train.batch_size=64", "train.progress=false", "data.val_fraction=0.05"]
-
-
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("teacher")
-    rc = main(["train-teacher", *FAST, "model=lenet5", "attack.name=badnets", "attack.poison_rate=0.1",
-               f"out={out}"])
-    assert rc == 0
-    return out
+# teacher_dir (a 1-epoch BadNets LeNet-5, shared by the CLI tests) comes from conftest.py
 
 
 def test_train_teacher_writes_a_complete_run(teacher_dir):
@@ -39,14 +30,14 @@ def test_train_teacher_writes_a_complete_run(teacher_dir):
 
 def test_rerun_resumes_instead_of_retraining(teacher_dir, capsys):
     before = (teacher_dir / "metrics.jsonl").read_text().count("\n")
-    assert main(["train-teacher", *FAST, "model=lenet5", f"out={teacher_dir}"]) == 0
+    assert main(["train-teacher", *CLI_FAST, "model=lenet5", f"out={teacher_dir}"]) == 0
     # The finished epoch is not trained again: no new history line.
     assert (teacher_dir / "metrics.jsonl").read_text().count("\n") == before
 
 
 def test_distill_then_evaluate_json(teacher_dir, tmp_path, capsys):
     out = tmp_path / "student"
-    assert main(["distill", f"--teacher={teacher_dir}", *FAST, "student=lenet5", "clean_fraction=0.2",
+    assert main(["distill", f"--teacher={teacher_dir}", *CLI_FAST, "student=lenet5", "clean_fraction=0.2",
                  f"out={out}"]) == 0
     metrics = read_json(out / "metrics.json")
     assert metrics["n_distill"] == round(0.2 * 4000)
@@ -81,7 +72,7 @@ def test_list_names_everything(capsys):
     (["train.epochs=many"], "could not be converted"),
 ])
 def test_train_teacher_bad_input(args, fragment, tmp_path, capsys):
-    err = cli_error(["train-teacher", *FAST, f"out={tmp_path / 'run'}", *args], capsys)
+    err = cli_error(["train-teacher", *CLI_FAST, f"out={tmp_path / 'run'}", *args], capsys)
     assert fragment in err
 
 
@@ -98,7 +89,7 @@ def test_checkpoint_that_does_not_match_its_architecture(teacher_dir, tmp_path, 
 
 def test_missing_checkpoint_and_missing_teacher(tmp_path, capsys):
     assert "does not exist" in cli_error(["evaluate", str(tmp_path / "nope")], capsys)
-    assert "teacher" in cli_error(["distill", *FAST], capsys)
+    assert "teacher" in cli_error(["distill", *CLI_FAST], capsys)
 
 
 def test_usage_errors_exit_2(capsys):
