@@ -23,13 +23,9 @@ from pathlib import Path
 
 import torch
 
-from kdguard.checkpoint import load_model
-from kdguard.data import load_dataset
 from kdguard.datafree.config import build_datafree_job
-from kdguard.datafree.methods import MethodContext, build_method, input_statistics
-from kdguard.models import build_model
-from kdguard.pipeline import attack_from_manifest, make_attack
-from kdguard.runtime import resolve_device
+from kdguard.datafree.methods import build_method
+from kdguard.datafree.run import prepare_datafree
 
 
 @torch.inference_mode()
@@ -51,20 +47,10 @@ def draw(synthesizer, n: int, rng: torch.Generator) -> torch.Tensor:
 
 def probe(run: Path, n: int, data_root: str | None) -> dict:
     job = build_datafree_job(run / "config.yaml", [f"data.root={data_root}"] if data_root else [])
-    device = resolve_device("cpu")
-    teacher, t_manifest = load_model(job.teacher)
-    teacher.eval().requires_grad_(False)
-    test = load_dataset(job.data.name or t_manifest["dataset"]["name"], "test", root=job.data.root)
-    attack = make_attack(job.attack if job.attack is not None else attack_from_manifest(t_manifest),
-                         test.shape, test.num_classes)
+    setup = prepare_datafree(job)  # the teacher, test split, attack and student exactly as the run built them
+    teacher, student, test, attack = setup.teacher, setup.student, setup.test, setup.attack
     target = int(attack.target)
-    student = build_model(job.student, num_classes=test.num_classes, in_channels=test.channels,
-                          mean=test.mean, std=test.std)
-    mean, std = input_statistics(teacher, test.mean, test.std)
-    ctx = MethodContext(teacher=teacher, student=student, image_shape=test.shape, num_classes=test.num_classes,
-                        mean=mean, std=std, hflip=test.hflip, device=device, bf16=False, seed=job.seed,
-                        data_root=job.data.root)
-    parts = build_method(job, ctx)
+    parts = build_method(job, setup.ctx)
     state = torch.load(run / "datafree_state.pt", map_location="cpu", weights_only=True)
     student.load_state_dict(state["student"])
     student.eval()

@@ -12,7 +12,7 @@ defences plug into.
 * :mod:`.student`: the student's loss and the replaceable update step.
 * :mod:`.loop`: :class:`DataFreeLoop` (schedule, monitoring, resumable checkpoints) and
   :class:`DataFreeExtensions` (the hooks for defences).
-* :mod:`.methods`: :data:`DATAFREE_METHODS`; :mod:`.run`: :func:`run_datafree`.
+* :mod:`.methods`: :data:`DATAFREE_METHODS`; :mod:`.run`: :func:`run_datafree`, :func:`prepare_datafree`.
 
 See ``docs/datafree.md``.
 """
@@ -23,17 +23,17 @@ from .hooks import BNStatistics
 from .loop import DataFreeExtensions, DataFreeLoop, RoundRecord
 from .methods import DATAFREE_METHODS, MethodContext, MethodParts, build_method
 from .presets import PRESET_SCALES, preset_values
-from .run import run_datafree
+from .run import DataFreeSetup, prepare_datafree, run_datafree
 from .student import (DistillObjective, StudentStepContext, TeacherOutputs, default_student_step,
                       mean_weighting)
 from .synthesizers import (CMISynthesizer, DeepInversionSynthesizer, GeneratorRegularizer,
                            GeneratorSynthesizer, ProxySynthesizer, Synthesizer)
 
 __all__ = [
-    "BNStatistics", "CMISynthesizer", "ConvGenerator", "DATAFREE_METHODS", "DataFreeExtensions",
+    "BNStatistics", "CMISynthesizer", "ConvGenerator", "DATAFREE_METHODS", "DataFreeExtensions", "DataFreeSetup",
     "DataFreeJob", "DataFreeLoop", "DeepInversionSynthesizer", "DistillObjective",
     "GeneratorRegularizer", "GeneratorSynthesizer", "METHOD_NAMES", "MethodContext", "MethodParts",
     "PRESET_SCALES", "ProxySynthesizer", "RoundRecord", "StudentStepContext", "Synthesizer",
     "TeacherOutputs", "build_datafree_job", "build_generator", "build_method", "default_student_step",
-    "mean_weighting", "preset_values", "reinitialize", "run_datafree", "validate_job",
+    "mean_weighting", "prepare_datafree", "preset_values", "reinitialize", "run_datafree", "validate_job",
 ]

@@ -15,6 +15,7 @@ reported metrics are those of the last round (never the best over the test curve
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +24,8 @@ from torch import nn
 
 from ..attacks import AttackSpec
 from ..checkpoint import load_model, model_spec, save_model
-from ..config import TrainConfig, to_dict
-from ..data import load_dataset
+from ..config import AttackConfig, TrainConfig, to_dict
+from ..data import ImageDataset, load_dataset
 from ..errors import KDGuardError
 from ..io import write_json
 from ..models import build_model
@@ -67,29 +68,38 @@ def plot_datafree_curves(path: Path, history: list[RoundRecord]) -> Path | None:
     return save_figure(fig, path)
 
 
-def run_datafree(job: DataFreeJob, *, extensions: DataFreeExtensions | None = None) -> RunResult:
-    """Distil ``job.teacher`` into a fresh student without training data; evaluate on the test split.
+@dataclass
+class DataFreeSetup:
+    """What a data-free run is built from (:func:`prepare_datafree`).
 
-    Args:
-        job: the configuration (see :mod:`kdguard.datafree.config`; build it with
-            :func:`~kdguard.datafree.config.build_datafree_job` to get the presets).
-        extensions: defence hooks, see :class:`~kdguard.datafree.loop.DataFreeExtensions`;
-            ``None`` builds ABD from ``job.abd`` (nothing when ``abd.mode=off``).
+    Attributes:
+        teacher: the frozen teacher (eval mode, no parameter gradients) on ``device``.
+        teacher_manifest: its manifest; ``test``: the test split of the dataset.
+        attack_cfg, attack: the attack to evaluate (the job's, else the teacher's manifest's).
+        student: the fresh student on ``device``; ``device``, ``bf16``: where and how it runs.
+        ctx: the :class:`~.methods.MethodContext` the method's parts are built from.
+    """
 
-    Returns:
-        :class:`kdguard.pipeline.RunResult` with the final test metrics (keys ``ca``, ``asr``,
-        ``asr_all``, ``ra``, ``n_clean``, ``n_backdoor``, … plus ``seconds``, ``rounds``,
-        ``method``). Re-running on the same ``out`` resumes from ``datafree_state.pt``.
+    teacher: nn.Module
+    teacher_manifest: dict[str, Any]
+    test: ImageDataset
+    attack_cfg: AttackConfig | None
+    attack: AttackSpec | None
+    student: nn.Module
+    device: torch.device
+    bf16: bool
+    ctx: MethodContext
+
+
+def prepare_datafree(job: DataFreeJob) -> DataFreeSetup:
+    """Load the teacher and the test split, build the student and the method context of ``job``.
+
+    Used by :func:`run_datafree` and by tools that restore a run (``benchmarks/synthetic_probe.py``).
 
     Raises:
-        KDGuardError: bad configuration, unreadable teacher, unknown data set, a teacher that
-            does not match the data set, or a method that cannot run on this teacher (e.g. BN
-            matching without BatchNorm layers).
+        KDGuardError: unreadable teacher, no dataset named, or a teacher that does not match
+            the dataset's classes or channels.
     """
-    validate_job(job)
-    t0 = time.perf_counter()
-    out = prepare_run(job.out, job, job.seed)
-
     teacher, t_manifest = load_model(job.teacher)
     dataset = job.data.name or t_manifest.get("dataset", {}).get("name")
     if not dataset:
@@ -119,6 +129,35 @@ def run_datafree(job: DataFreeJob, *, extensions: DataFreeExtensions | None = No
     ctx = MethodContext(teacher=teacher, student=student, image_shape=test.shape,
                         num_classes=test.num_classes, mean=mean, std=std, hflip=test.hflip,
                         device=device, bf16=bf16, seed=job.seed, data_root=job.data.root)
+    return DataFreeSetup(teacher, t_manifest, test, attack_cfg, attack, student, device, bf16, ctx)
+
+
+def run_datafree(job: DataFreeJob, *, extensions: DataFreeExtensions | None = None) -> RunResult:
+    """Distil ``job.teacher`` into a fresh student without training data; evaluate on the test split.
+
+    Args:
+        job: the configuration (see :mod:`kdguard.datafree.config`; build it with
+            :func:`~kdguard.datafree.config.build_datafree_job` to get the presets).
+        extensions: defence hooks, see :class:`~kdguard.datafree.loop.DataFreeExtensions`;
+            ``None`` builds ABD from ``job.abd`` (nothing when ``abd.mode=off``).
+
+    Returns:
+        :class:`kdguard.pipeline.RunResult` with the final test metrics (keys ``ca``, ``asr``,
+        ``asr_all``, ``ra``, ``n_clean``, ``n_backdoor``, … plus ``seconds``, ``rounds``,
+        ``method``). Re-running on the same ``out`` resumes from ``datafree_state.pt``.
+
+    Raises:
+        KDGuardError: bad configuration, unreadable teacher, unknown data set, a teacher that
+            does not match the data set, or a method that cannot run on this teacher (e.g. BN
+            matching without BatchNorm layers).
+    """
+    validate_job(job)
+    t0 = time.perf_counter()
+    out = prepare_run(job.out, job, job.seed)
+
+    setup = prepare_datafree(job)
+    teacher, t_manifest, test, student = setup.teacher, setup.teacher_manifest, setup.test, setup.student
+    attack_cfg, attack, device, bf16, ctx = setup.attack_cfg, setup.attack, setup.device, setup.bf16, setup.ctx
     parts = build_method(job, ctx)
     eval_cfg = TrainConfig(device=job.device, amp=job.amp, channels_last=job.channels_last,
                            eval_batch_size=job.monitor.eval_batch_size, progress=False)
@@ -131,7 +170,7 @@ def run_datafree(job: DataFreeJob, *, extensions: DataFreeExtensions | None = No
         from ..abd import build_abd
 
         abd = build_abd(job.abd, teacher=teacher, image_shape=test.shape, device=device,
-                        method=job.method, seed=job.seed, input_std=std,
+                        method=job.method, seed=job.seed, input_std=ctx.std,
                         autocast=lambda: autocast(device, bf16))
         extensions = abd.extensions
     loop = DataFreeLoop(parts.synthesizer, student, teacher, parts.objective,
