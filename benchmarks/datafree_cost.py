@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from kdguard.abd import build_abd
+from kdguard.abd import build_abd, retrospection
 from kdguard.datafree import (
     DataFreeJob,
     DataFreeLoop,
@@ -41,6 +41,7 @@ from kdguard.datafree import (
 from kdguard.models import build_model
 from kdguard.runtime import autocast, configure_threads, resolve_device
 
+NCHW_FORWARD = retrospection.nchw_forward
 # name → (bf16, channels_last, reuse teacher outputs across the student steps of a round)
 VARIANTS = {
     "fp32, reference (teacher re-run per student step)": (False, False, False),
@@ -54,6 +55,9 @@ ABD_VARIANTS = {  # name → (abd.mode, {"sv" | "sr": {setting: value}})
     "sv": ("sv", {}),
     "sv, no grad through T̃": ("sv", {"sv": {"shuffle_grad": False}}),
     "sr": ("sr", {"sr": {"phase": 1.0}}),
+    "sr, bf16 passes": ("sr", {"sr": {"phase": 1.0, "amp": True}}),
+    # before the NCHW forward: SR's double backward in the student's own (channels_last) layout
+    "sr, student's layout": ("sr", {"sr": {"phase": 1.0}}),
 }
 
 
@@ -126,6 +130,8 @@ def measure(method: str, variant: str, args: argparse.Namespace, device: torch.d
                         bf16=bf16, seed=0)
     parts = build_method(job, ctx)
     mode, extra = ABD_VARIANTS[abd_variant]
+    retrospection.nchw_forward = (lambda model: model) if abd_variant == "sr, student's layout" \
+        else NCHW_FORWARD
     job.abd.mode = mode
     for part, settings in extra.items():
         for key, value in settings.items():

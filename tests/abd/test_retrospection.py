@@ -157,3 +157,72 @@ def test_divergence_follows_the_method_when_asked(abd_kit):
     assert torch.allclose(sr_method.divergence(ctx)(p, q), expected)
     ctx.objective = DistillObjective(reduction="mean")  # ZSKT: ÷K, τ = 1
     assert torch.allclose(sr_method.divergence(ctx)(p, q), kl_per_sample(p, q, reduction="batchmean") / 4)
+
+
+def test_nchw_forward_matches_a_channels_last_student_to_second_order():
+    """SR runs a channels_last student in NCHW (faster double backward on CPU): same logits,
+    same gradients, same double-backward products."""
+    from kdguard.abd.retrospection import nchw_forward
+
+    plain = _student()
+    assert nchw_forward(plain) is plain  # nothing to convert
+    cl = copy.deepcopy(plain).to(memory_format=torch.channels_last)
+    forward = nchw_forward(cl)
+    assert forward is not cl
+    x = torch.rand(6, 3, 5, 5)
+    d = torch.zeros(1, 3, 5, 5, requires_grad=True)
+    results = []
+    for model, fwd in ((plain, plain), (cl, forward)):
+        out = fwd(x + d)
+        g_d, = torch.autograd.grad(out.pow(2).sum(), d, create_graph=True)
+        params = list(model.parameters())
+        second = torch.autograd.grad(g_d.sum(), params)
+        results.append((out, g_d, second))
+    (o1, g1, s1), (o2, g2, s2) = results
+    assert torch.allclose(o1, o2, atol=1e-5) and torch.allclose(g1, g2, atol=1e-5)
+    for a, b in zip(s1, s2):
+        assert torch.allclose(a, b, atol=1e-4)
+
+
+def test_an_sr_step_on_a_channels_last_student_equals_the_nchw_step(abd_kit):
+    a = _student()
+    b = copy.deepcopy(a).to(memory_format=torch.channels_last)
+    cfg = SelfRetrospectionConfig(phase=0.2, min_count=4)
+    x = abd_kit.clean_images(16)
+    outs = []
+    for student in (a, b):
+        ctx = _context(abd_kit, student, round_index=8, x=x)
+        ctx.optimizer = torch.optim.SGD(student.parameters(), lr=0.1)  # Adam's first step ≈ sign(g)
+        outs.append(SelfRetrospection(cfg)(ctx))
+    assert torch.allclose(outs[0]["sr_unlearn"], outs[1]["sr_unlearn"], atol=1e-6)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.allclose(pa, pb, atol=1e-6)
+
+
+@pytest.mark.parametrize("amp", [False, True])
+def test_the_unlearning_term_is_zero_at_zero_perturbation_in_either_precision(abd_kit, amp):
+    """The clean logits come from the precision of the SR passes, so KL(S(x) ‖ S(x + 0)) = 0 even
+    when the distillation forward runs under bf16 autocast."""
+    cfg = SelfRetrospectionConfig(phase=0.2, min_count=4, inner_steps=0, amp=amp)
+    ctx = _context(abd_kit, _student(), round_index=8)
+    ctx.autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)
+    out = SelfRetrospection(cfg)(ctx)
+    assert out["sr_unlearn"].item() == 0.0 and torch.isfinite(out["kd"])
+
+
+def test_sr_in_bf16_stays_close_to_float32(abd_kit):
+    """amp=True: one SR update within a few per cent of the float32 update."""
+    base = _student()
+    x = abd_kit.clean_images(16)
+    updates = []
+    for amp in (False, True):
+        student = copy.deepcopy(base)
+        ctx = _context(abd_kit, student, round_index=8, x=x)
+        ctx.optimizer = torch.optim.SGD(student.parameters(), lr=0.1)
+        ctx.autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)
+        SelfRetrospection(SelfRetrospectionConfig(phase=0.2, min_count=4, lr=0.1, amp=amp))(ctx)
+        updates.append(torch.cat([(p - q).flatten() for p, q in zip(student.parameters(), base.parameters())]))
+    f32, bf16 = updates
+    assert f32.norm() > 0
+    cos = torch.nn.functional.cosine_similarity(f32, bf16, dim=0)
+    assert cos > 0.95 and not torch.equal(f32, bf16)  # close, and bf16 really ran

@@ -39,7 +39,10 @@ inside one run: at the first SR round the optimiser state is cleared (``reset_op
 the learning rate follows ``lr · ½(1 + cos(π·(r − r₀)/(R − r₀)))`` over rounds ``r₀ ≤ r < R``.
 
 The extra student forwards of steps 2–3 run in train mode (batch statistics) with the BN running
-statistics frozen, so unlearning does not move them; they run in float32 (double backward).
+statistics frozen, so unlearning does not move them. They run in float32 (``amp=False``, the
+default) or under the run's bf16 autocast (``amp=True``: 1.6× faster on CPU, hypergradient within
+about 3 % of float32's). On CPU they run in NCHW layout even when the student is channels_last
+(:func:`nchw_forward`): double backward through channels_last tensors is 1.3× slower there.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.func import functional_call
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..datafree.config import SelfRetrospectionConfig
@@ -77,6 +81,31 @@ def frozen_bn_statistics(model: nn.Module) -> Iterator[None]:
 
 
 Divergence = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def nchw_forward(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``model``'s forward with its 4-D weights and its input in contiguous (NCHW) layout.
+
+    SR back-propagates twice through the student (the hypergradient). On CPU, the reductions of
+    BatchNorm's double backward and ReLU's backward are several times slower on channels_last
+    tensors, which made the whole hypergradient 1.3× slower than in NCHW (``docs/abd.md`` §3.3).
+    ``p.contiguous()`` is differentiable, so gradients still reach the parameters; the copies of
+    the weights cost little next to the activations. Returns ``model`` itself when no parameter
+    is channels_last, or on CUDA, where the channels_last kernels are the fast ones.
+    """
+    def channels_last_only(p: torch.Tensor) -> bool:
+        return p.dim() == 4 and not p.is_contiguous()
+
+    params = dict(model.named_parameters())
+    if not any(channels_last_only(p) for p in params.values()) or \
+            any(p.device.type == "cuda" for p in params.values()):
+        return model
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        weights = {name: p.contiguous() for name, p in model.named_parameters()}
+        return functional_call(model, weights, (x.contiguous(),))
+
+    return forward
 
 
 def kl_summed(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
@@ -220,15 +249,19 @@ class SelfRetrospection:
 
         outputs = ctx.forward_student()
         losses = ctx.distill_losses(outputs)
-        with torch.no_grad(), frozen_bn_statistics(student):  # float32, as the SR passes below
-            clean = student(x).float()  # (the KD forward may be bf16: KL would not be 0 at δ = 0)
+        forward = nchw_forward(student)
+        precision = ctx.autocast if c.amp else contextlib.nullcontext
+        # The clean logits come from the same precision as the SR passes below (the KD forward
+        # may be bf16), so that the KL is exactly 0 at δ = 0.
+        with torch.no_grad(), frozen_bn_statistics(student), precision():
+            clean = forward(x).float()
         params = [p for p in student.parameters() if p.requires_grad]
         last: dict[str, torch.Tensor] = {}
 
         def outer_loss(d: torch.Tensor) -> torch.Tensor:
-            with frozen_bn_statistics(student):
-                ref = clean if c.detach_clean else student(x).float()
-                perturbed = student(x + scale * d * rows).float()
+            with frozen_bn_statistics(student), precision():
+                ref = clean if c.detach_clean else forward(x).float()
+                perturbed = forward(x + scale * d * rows).float()
             per = div(ref, perturbed)[chosen]
             value = per.mean() if c.outer_reduction == "perturbed" else per.sum() / n
             value = c.weight * value
@@ -236,8 +269,8 @@ class SelfRetrospection:
             return value
 
         def inner_loss(d: torch.Tensor) -> torch.Tensor:
-            with frozen_bn_statistics(student):
-                perturbed = student(x + scale * d).float()
+            with frozen_bn_statistics(student), precision():
+                perturbed = forward(x + scale * d).float()
             return -div(clean, perturbed).mean() + c.l2 * d.pow(2).sum()
 
         ctx.optimizer.zero_grad(set_to_none=True)
