@@ -30,7 +30,8 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from kdguard.abd import build_abd, retrospection
+from kdguard.abd import ShufflingVaccine, build_abd, retrospection
+from kdguard.checkpoint import load_model
 from kdguard.datafree import (
     DataFreeJob,
     DataFreeLoop,
@@ -54,6 +55,8 @@ ABD_VARIANTS = {  # name → (abd.mode, {"sv" | "sr": {setting: value}})
     "off": ("off", {}),
     "sv": ("sv", {}),
     "sv, no grad through T̃": ("sv", {"sv": {"shuffle_grad": False}}),
+    # before the flagged-rows pass: T̃ with gradient on the whole batch at every generator step
+    "sv, whole-batch pass": ("sv", {"sv": {}}),
     "sr": ("sr", {"sr": {"phase": 1.0}}),
     "sr, bf16 passes": ("sr", {"sr": {"phase": 1.0, "amp": True}}),
     # before the NCHW forward: SR's double backward in the student's own (channels_last) layout
@@ -117,7 +120,10 @@ def measure(method: str, variant: str, args: argparse.Namespace, device: torch.d
     bf16, channels_last, reuse = VARIANTS[variant]
     shape = tuple(args.shape)
     torch.manual_seed(0)
-    teacher = build_model(args.teacher, num_classes=10, in_channels=shape[0]).to(device).eval()
+    if args.teacher_dir:  # a trained teacher: SV's flagged share (and so its cost) is realistic
+        teacher = load_model(args.teacher_dir)[0].to(device).eval()
+    else:
+        teacher = build_model(args.teacher, num_classes=10, in_channels=shape[0]).to(device).eval()
     student = build_model(args.student, num_classes=10, in_channels=shape[0]).to(device)
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -138,6 +144,18 @@ def measure(method: str, variant: str, args: argparse.Namespace, device: torch.d
             setattr(getattr(job.abd, part), key, value)
     abd = build_abd(job.abd, teacher=teacher, image_shape=shape, device=device, method=method,
                     autocast=lambda: autocast(device, bf16))
+    vaccine = getattr(abd, "vaccine", None) if abd is not None else None
+    if vaccine is not None:
+        vaccine.SUBSET_MAX_SHARE = -1.0 if abd_variant == "sv, whole-batch pass" else ShufflingVaccine.SUBSET_MAX_SHARE
+        shares = []
+        original_mask = vaccine.suspicion_mask
+
+        def counted_mask(*a, **k):
+            mask = original_mask(*a, **k)
+            shares.append(float(mask.float().mean()))
+            return mask
+
+        vaccine.suspicion_mask = counted_mask
     synth = parts.synthesizer
     if not reuse:
         synth.reuses_batch = False
@@ -183,6 +201,7 @@ def measure(method: str, variant: str, args: argparse.Namespace, device: torch.d
         "teacher_images_per_s": t_count.images / args.rounds / seconds,
         "student_images_per_s": s_count.images / args.rounds / seconds,
         "gflop_per_round": gflop, "gflops": gflop / seconds,
+        "sv_flagged_share": sum(shares) / len(shares) if vaccine is not None and shares else None,
     }
 
 
@@ -191,6 +210,8 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=["zskt", "cmi"])
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--teacher", default="resnet20")
+    ap.add_argument("--teacher-dir", default=None,
+                    help="a trained teacher's run directory (default: a random-init --teacher)")
     ap.add_argument("--student", default="resnet8")
     ap.add_argument("--shape", type=int, nargs=3, default=[3, 32, 32], metavar=("C", "H", "W"))
     ap.add_argument("--preset", default="cpu", choices=["cpu", "paper"])
@@ -225,15 +246,16 @@ def main() -> None:
           f"{torch.get_num_threads()} threads; matmul peak fp32 {peaks['fp32']:.0f} GFLOP/s, "
           f"bf16 {peaks['bf16']:.0f} GFLOP/s\n")
     print("| method | variant | ABD | batch | g-steps | s-steps | s/round | synthesis s | student s | "
-          "teacher img/s | student img/s | GFLOP/round | GFLOP/s | % of peak |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "teacher img/s | student img/s | GFLOP/round | GFLOP/s | % of peak | SV flagged |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         peak = peaks["bf16" if r["variant"].startswith("bf16") else "fp32"]
+        flagged = "" if r["sv_flagged_share"] is None else f"{100 * r['sv_flagged_share']:.0f} %"
         print(f"| {r['method']} | {r['variant']} | {r['abd']} | {r['batch']} | {r['generator_steps']} | "
               f"{r['student_steps']} | {r['seconds_per_round']:.3f} | {r['synthesis_seconds']:.3f} | "
               f"{r['student_seconds']:.3f} | {r['teacher_images_per_s']:.0f} | "
               f"{r['student_images_per_s']:.0f} | {r['gflop_per_round']:.2f} | {r['gflops']:.1f} | "
-              f"{100 * r['gflops'] / peak:.0f} |")
+              f"{100 * r['gflops'] / peak:.0f} | {flagged} |")
 
 
 if __name__ == "__main__":

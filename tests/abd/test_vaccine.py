@@ -69,6 +69,27 @@ def test_regulariser_is_zero_when_nothing_is_suspicious_or_coef_is_zero(abd_kit)
     assert off(x, teacher(x))["sv_maximize_divergence"].item() == 0.0
 
 
+def test_the_flagged_rows_pass_gives_the_full_batch_value_and_gradient(abd_kit):
+    """With gradients through T̃, SV flags rows without gradient and back-propagates through
+    those rows only; value and input gradient equal the one-pass computation on the whole batch."""
+    teacher, vaccine = _vaccine(abd_kit)
+    clean = abd_kit.clean_images(24)
+    x0 = torch.cat([clean[:16], abd_kit.triggered(clean[16:])])  # some flagged, some not
+    share = vaccine.suspicion_mask(x0).float().mean()
+    assert 0 < share < 1
+    results = []
+    for subset_max in (1.0, -1.0):  # 1: always the flagged-rows pass; -1: always the whole batch
+        vaccine.SUBSET_MAX_SHARE = subset_max
+        x = x0.clone().requires_grad_(True)
+        term = vaccine(x, teacher(x))["sv_maximize_divergence"]
+        term.backward()
+        results.append((term.detach(), x.grad))
+    (v_sub, g_sub), (v_full, g_full) = results
+    assert v_sub < 0 and torch.allclose(v_sub, v_full, atol=1e-6)
+    assert g_sub.abs().sum() > 0 and torch.allclose(g_sub, g_full, atol=1e-6)
+    assert vaccine._last_share == pytest.approx(float(share))
+
+
 def test_ood_form_keeps_kd_on_unsuspicious_and_pushes_away_on_suspicious(abd_kit):
     teacher, vaccine = _vaccine(abd_kit, coef=0.5)
     clean = abd_kit.clean_images(12)
