@@ -293,7 +293,7 @@ class SelfRetrospection:
 
     def summary(self) -> dict[str, Any]:
         return {"phase": self.cfg.phase, "sr_steps": self.steps, "perturb_model": self.cfg.perturb_model,
-                "hypergradient": self.cfg.hypergradient}
+                "hypergradient": self.cfg.hypergradient, "amp": self.cfg.amp}
 
     # -- checkpointing -------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
