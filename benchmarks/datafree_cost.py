@@ -205,6 +205,13 @@ def measure(method: str, variant: str, args: argparse.Namespace, device: torch.d
     }
 
 
+def median_run(runs: list[dict]) -> dict:
+    """The run with the median s/round, plus every repeat's s/round (``seconds_samples``)."""
+    ordered = sorted(runs, key=lambda r: r["seconds_per_round"])
+    return {**ordered[(len(ordered) - 1) // 2], "repeats": len(runs),
+            "seconds_samples": [r["seconds_per_round"] for r in runs]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--methods", nargs="+", default=["zskt", "cmi"])
@@ -220,6 +227,10 @@ def main() -> None:
     ap.add_argument("--student-steps", type=int, default=None)
     ap.add_argument("--rounds", type=int, default=2, help="timed rounds per variant")
     ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="measure every variant this many times, in alternating order, and report "
+                         "the median s/round with its range (wall-time differences of a few per "
+                         "cent need it)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all cores)")
     ap.add_argument("--abd", nargs="+", default=["off"], choices=list(ABD_VARIANTS),
@@ -234,8 +245,14 @@ def main() -> None:
     device = resolve_device(args.device)
     peaks = {"fp32": matmul_peak(device, torch.float32), "bf16": matmul_peak(device, torch.bfloat16)}
     # the reference variant only differs where a round's batch is reused (ZSKT-style)
-    rows = [measure(m, v, args, device, a) for m in args.methods for v in args.variants
-            if VARIANTS[v][2] or m == "zskt" for a in args.abd]
+    cells = [(m, v, a) for m in args.methods for v in args.variants
+             if VARIANTS[v][2] or m == "zskt" for a in args.abd]
+    samples: dict[tuple, list[dict]] = {cell: [] for cell in cells}
+    for repeat in range(args.repeats):
+        # forwards, then backwards (ABBA…): a slow drift of the machine's speed hits every variant alike
+        for cell in cells if repeat % 2 == 0 else cells[::-1]:
+            samples[cell].append(measure(cell[0], cell[1], args, device, cell[2]))
+    rows = [median_run(samples[cell]) for cell in cells]
     result = {"machine": platform.processor() or platform.machine(), "device": str(device),
               "threads": torch.get_num_threads(), "teacher": args.teacher, "student": args.student,
               "shape": args.shape, "preset": args.preset, "matmul_peak_gflops": peaks, "rows": rows}
@@ -245,14 +262,17 @@ def main() -> None:
     print(f"\n{args.teacher} → {args.student}, input {tuple(args.shape)}, {device}, "
           f"{torch.get_num_threads()} threads; matmul peak fp32 {peaks['fp32']:.0f} GFLOP/s, "
           f"bf16 {peaks['bf16']:.0f} GFLOP/s\n")
-    print("| method | variant | ABD | batch | g-steps | s-steps | s/round | synthesis s | student s | "
+    print("| method | variant | ABD | batch | g-steps | s-steps | s/round (median, range) | synthesis s | student s | "
           "teacher img/s | student img/s | GFLOP/round | GFLOP/s | % of peak | SV flagged |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         peak = peaks["bf16" if r["variant"].startswith("bf16") else "fp32"]
         flagged = "" if r["sv_flagged_share"] is None else f"{100 * r['sv_flagged_share']:.0f} %"
+        seconds = f"{r['seconds_per_round']:.3f}"
+        if r["repeats"] > 1:
+            seconds += f" ({min(r['seconds_samples']):.3f}–{max(r['seconds_samples']):.3f})"
         print(f"| {r['method']} | {r['variant']} | {r['abd']} | {r['batch']} | {r['generator_steps']} | "
-              f"{r['student_steps']} | {r['seconds_per_round']:.3f} | {r['synthesis_seconds']:.3f} | "
+              f"{r['student_steps']} | {seconds} | {r['synthesis_seconds']:.3f} | "
               f"{r['student_seconds']:.3f} | {r['teacher_images_per_s']:.0f} | "
               f"{r['student_images_per_s']:.0f} | {r['gflop_per_round']:.2f} | {r['gflops']:.1f} | "
               f"{100 * r['gflops'] / peak:.0f} | {flagged} |")
