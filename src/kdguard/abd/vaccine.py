@@ -61,10 +61,10 @@ class ShufflingVaccine:
     """The SV plug-in: a generator regulariser (``__call__``) and an OOD sample weighting
     (:meth:`sample_weighting`) around one :class:`ShuffledTeacher`.
 
-    With ``shuffle_grad``, the generator form runs T̃ once without gradient to flag the
+    With ``shuffle_grad`` on CPU, the generator form runs T̃ once without gradient to flag the
     suspicious samples, then with gradient on those rows only, as long as the last call flagged at
     most ``SUBSET_MAX_SHARE`` of its batch; above that, one pass with gradient on the whole batch
-    is cheaper.
+    is cheaper. On a GPU it always makes the one whole-batch pass (no host sync).
 
     Args:
         teacher: the frozen teacher (eval mode).
@@ -146,17 +146,21 @@ class ShufflingVaccine:
         self._watch(x)
         if not self.active:
             return {"sv_maximize_divergence": torch.zeros((), device=x.device)}
-        if not self.shuffle_grad or self._last_share > self.SUBSET_MAX_SHARE:
+        on_cpu = x.device.type == "cpu"
+        if not (self.shuffle_grad and on_cpu and self._last_share <= self.SUBSET_MAX_SHARE):
             shuffled = self.shuffled_logits(x, grad=self.shuffle_grad)
             mask = (shuffled.argmax(1) == teacher_logits.argmax(1)).detach()
             div = divergence_per_sample(teacher_logits, shuffled)
-            self._last_share = float(mask.float().mean()) if self.shuffle_grad else 0.0
+            if self.shuffle_grad and on_cpu:  # (a host sync, free on CPU)
+                self._last_share = float(mask.float().mean())
             mean_suspicious = (mask * div).sum() / mask.sum().clamp_min(1)
             return {"sv_maximize_divergence": -self.coef * mean_suspicious}
         # Only suspicious samples carry the term, so only they need T̃'s backward: flag them
         # without gradient, then run T̃ with gradient on those rows alone (the copies are in eval
         # mode, so a row's logits do not depend on the others). Same value and gradient, about
-        # half of SV's cost when few samples are flagged (docs/abd.md §3.3).
+        # half of SV's work when few samples are flagged (docs/abd.md §3.3). CPU only: sizing
+        # the subset needs the flag count on the host, and on a GPU these small networks are
+        # bound by kernel launches, not FLOPs, so a sync would cost more than it saves.
         mask = self.suspicion_mask(x, teacher_logits)
         rows = mask.nonzero().squeeze(1)
         self._last_share = len(rows) / max(len(x), 1)
