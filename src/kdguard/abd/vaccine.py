@@ -160,7 +160,7 @@ class ShufflingVaccine:
         # mode, so a row's logits do not depend on the others). Same value and gradient, about
         # half of SV's work when few samples are flagged (docs/abd.md §3.3). CPU only: sizing
         # the subset needs the flag count on the host, and on a GPU these small networks are
-        # bound by kernel launches, not FLOPs, so a sync would cost more than it saves.
+        # bound by kernel launches, not FLOPs, so a sync is likely to cost more than it saves.
         mask = self.suspicion_mask(x, teacher_logits)
         rows = mask.nonzero().squeeze(1)
         self._last_share = len(rows) / max(len(x), 1)
