@@ -35,15 +35,26 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from kdguard.checkpoint import read_manifest
-from kdguard.config import AttackConfig, DataConfig, OptimConfig, TeacherJob, TrainConfig
+from kdguard.config import (
+    AttackConfig,
+    DataConfig,
+    OptimConfig,
+    TeacherJob,
+    TrainConfig,
+)
 from kdguard.defenses import AUTO_DATASET, DefenseJob, NADConfig, run_defense
-from kdguard.defenses.robustkd import (DetoxConfig, RobustKDDistillConfig, RobustKDJob, TriggerJob,
-                                       run_robustkd, run_trigger_job)
+from kdguard.defenses.robustkd import (
+    DetoxConfig,
+    RobustKDDistillConfig,
+    RobustKDJob,
+    TriggerJob,
+    run_robustkd,
+    run_trigger_job,
+)
 from kdguard.io import write_json
 from kdguard.pipeline import train_teacher
 from kdguard.runtime import configure_threads
@@ -97,9 +108,16 @@ def _cached(out: Path) -> dict | None:
 
 # -- teachers ------------------------------------------------------------------------------------
 
+ATTACKS = ("badnets", "blend", "robustkd_blend")
+
+
 def make_teachers(dataset: str, root: str | None, out: Path, scale: float, device: str,
-                  poison_rate: float | None) -> list[Path]:
-    """Clean teacher → learned robustkd_blend trigger → BadNets, Blend, robustkd_blend teachers."""
+                  poison_rate: float | None, attacks: tuple[str, ...] = ATTACKS) -> list[Path]:
+    """Clean teacher → learned robustkd_blend trigger → BadNets, Blend, robustkd_blend teachers.
+
+    ``attacks`` picks which poisoned teachers to train (e.g. only ``robustkd_blend`` when BadNets
+    and Blend teachers of the same recipe exist elsewhere); the clean teacher and the learned
+    trigger are made only when ``robustkd_blend`` is asked for."""
     r = RECIPES[dataset]
     data = DataConfig(name=dataset, root=root)
     base = out / dataset
@@ -111,17 +129,22 @@ def make_teachers(dataset: str, root: str | None, out: Path, scale: float, devic
             train_teacher(job)
         return Path(job.out)
 
-    clean = teacher("clean", AttackConfig(name=None))
-    trigger_dir = base / "trigger_robustkd_blend"
-    if not (trigger_dir / "trigger.safetensors").exists():
-        run_trigger_job(TriggerJob(teacher=str(clean), data=data, fraction=r.trigger_fraction,
-                                   epochs=_scaled(r.trigger_epochs, scale), device=device, progress=False,
-                                   out=str(trigger_dir)))
     rate = {"poison_rate": poison_rate} if poison_rate is not None else {}
-    trigger_file = str((trigger_dir / "trigger.safetensors").resolve())
-    return [teacher("badnets", AttackConfig(name="badnets", **rate)),
-            teacher("blend", AttackConfig(name="blend", **rate)),
-            teacher("robustkd_blend", AttackConfig(name="robustkd_blend", params={"file": trigger_file}, **rate))]
+    made = []
+    for attack in attacks:
+        if attack != "robustkd_blend":
+            made.append(teacher(attack, AttackConfig(name=attack, **rate)))
+            continue
+        clean = teacher("clean", AttackConfig(name=None))
+        trigger_dir = base / "trigger_robustkd_blend"
+        if not (trigger_dir / "trigger.safetensors").exists():
+            run_trigger_job(TriggerJob(teacher=str(clean), data=data, fraction=r.trigger_fraction,
+                                       epochs=_scaled(r.trigger_epochs, scale), device=device, progress=False,
+                                       out=str(trigger_dir)))
+        trigger_file = str((trigger_dir / "trigger.safetensors").resolve())
+        made.append(teacher("robustkd_blend",
+                            AttackConfig(name="robustkd_blend", params={"file": trigger_file}, **rate)))
+    return made
 
 
 # -- repairs -------------------------------------------------------------------------------------
@@ -247,6 +270,8 @@ def main() -> None:
         p.add_argument("--seed", type=int, default=0)
     sub.choices["teachers"].add_argument("--dataset", required=True, choices=sorted(RECIPES))
     sub.choices["teachers"].add_argument("--poison-rate", type=float, default=None)
+    sub.choices["teachers"].add_argument("--attacks", nargs="+", default=list(ATTACKS), choices=ATTACKS,
+                                         help="poisoned teachers to train (default: all three)")
     sub.choices["compare"].add_argument("--teachers", nargs="+", required=True)
     sub.choices["compare"].add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     sub.choices["compare"].add_argument("--student", default=None, help="student architecture (default: recipe)")
@@ -254,7 +279,8 @@ def main() -> None:
     configure_threads()
     out = Path(args.out)
     if args.cmd == "teachers":
-        for path in make_teachers(args.dataset, args.data_root, out, args.scale, args.device, args.poison_rate):
+        for path in make_teachers(args.dataset, args.data_root, out, args.scale, args.device, args.poison_rate,
+                                  tuple(args.attacks)):
             m = json.loads((path / "metrics.json").read_text())
             print(f"{path}: CA {_pct(m['ca'])} %, ASR {_pct(m['asr'])} %, {m.get('seconds', 0):.0f} s")
         return
