@@ -33,8 +33,16 @@ from pathlib import Path
 import torch
 
 import kdguard.datafree.run as datafree_run
-import kdguard.pipeline as pipeline
-from kdguard.config import AttackConfig, DataConfig, DistillJob, KDConfig, OptimConfig, TeacherJob, TrainConfig
+from kdguard import pipeline
+from kdguard.config import (
+    AttackConfig,
+    DataConfig,
+    DistillJob,
+    KDConfig,
+    OptimConfig,
+    TeacherJob,
+    TrainConfig,
+)
 from kdguard.datafree import build_datafree_job, run_datafree
 from kdguard.report import metrics_table
 
@@ -171,19 +179,22 @@ def main() -> None:
                 rows.append((f"student: {method}", cfg["student"], m))
                 summary["cells"].append({"attack": attack, "method": method, "seed": seed,
                                          "teacher": {k: t_metrics.get(k) for k in ("ca", "asr")},
-                                         "student": {k: m.get(k) for k in ("ca", "asr", "ra", "seconds")},
+                                         "student": {k: m.get(k) for k in ("ca", "asr", "asr_no_trigger", "ra", "seconds")},
                                          "abd_reference": ABD_REFERENCE.get(attack, {}).get(method)})
             print(f"\n## {ATTACK_LABEL[attack]}, seed {seed} ({time.perf_counter() - t0:.0f} s this call)\n")
             print(metrics_table(rows))
     (out / f"summary_{args.table}.json").write_text(json.dumps(summary, indent=2))
-    print("\n| attack | method | seed | student CA % | student ASR % | ABD (WRN) CA / ASR % | minutes |")
-    print("|---|---|---|---|---|---|---|")
+    # ASR without the trigger: the student's target bias (runs older than the metric show —)
+    print("\n| attack | method | seed | student CA % | student ASR % | ASR without trigger % | "
+          "ABD (WRN) CA / ASR % | minutes |")
+    print("|---|---|---|---|---|---|---|---|")
     for c in summary["cells"]:
         ref = c["abd_reference"]
         s = c["student"]
         asr = "—" if s["asr"] is None else f"{100 * s['asr']:.1f}"
+        bias = "—" if s.get("asr_no_trigger") is None else f"{100 * s['asr_no_trigger']:.1f}"
         print(f"| {ATTACK_LABEL[c['attack']]} | {c['method']} | {c['seed']} | {100 * s['ca']:.1f} | {asr} | "
-              f"{'—' if ref is None else f'{ref[0]} / {ref[1]}'} | {(s.get('seconds') or 0) / 60:.1f} |")
+              f"{bias} | {'—' if ref is None else f'{ref[0]} / {ref[1]}'} | {(s.get('seconds') or 0) / 60:.1f} |")
     print_means(summary["cells"])
 
 

@@ -10,6 +10,11 @@ Definitions (all-to-one attack with target class ``t``; all images of the *clean
   BadEncoder, RobustKD and paper 1 of the brief), reported so numbers can be compared.
 - **RA**  = mean over test images with ``y ≠ t`` of ``[f(T(x)) = y]`` (robust accuracy: triggered
   images still classified as their true class; BackdoorBench).
+- **ASR without trigger** (``asr_no_trigger``) = mean over test images with ``y ≠ t`` of
+  ``[f(x) = t]``: the ASR the model scores on the clean images. A model biased towards the
+  target class scores it with or without the trigger, so ``ASR − asr_no_trigger`` is the part
+  of the ASR the trigger causes (kdguard's addition; a data-free student can learn such a bias
+  from its synthetic data, ``docs/datafree.md`` §7.3).
 
 For all-to-all attacks the backdoor target is ``(y + 1) mod K``, which never equals ``y``, so
 the non-target set is every image and ASR = ASR-all.
@@ -46,6 +51,8 @@ class BackdoorMetrics:
     backdoor_hits: int
     backdoor_hits_all: int
     robust_correct: int
+    asr_no_trigger: float | None = None
+    no_trigger_hits: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -80,12 +87,13 @@ def backdoor_metrics(labels: torch.Tensor, clean_pred: torch.Tensor,
     hits_nt = int((hits & non_target).sum())
     hits_all = int(hits.sum())
     robust = int(((backdoor_pred == labels) & non_target).sum())
+    no_trigger = int(((clean_pred == backdoor_target) & non_target).sum())
     n_nt = int(non_target.sum())
     return BackdoorMetrics(
         ca=_frac(clean_correct, n) or 0.0, asr=_frac(hits_nt, n_nt), asr_all=_frac(hits_all, n),
         ra=_frac(robust, n_nt), n_clean=n, n_backdoor=n_nt, n_backdoor_all=n,
         clean_correct=clean_correct, backdoor_hits=hits_nt, backdoor_hits_all=hits_all,
-        robust_correct=robust)
+        robust_correct=robust, asr_no_trigger=_frac(no_trigger, n_nt), no_trigger_hits=no_trigger)
 
 
 @torch.no_grad()

@@ -23,6 +23,8 @@ def test_all_to_one_hand_computed():
     assert m.ra == pytest.approx(2 / 4)
     assert (m.n_clean, m.n_backdoor, m.n_backdoor_all) == (6, 4, 6)
     assert (m.clean_correct, m.backdoor_hits, m.backdoor_hits_all, m.robust_correct) == (4, 2, 4, 2)
+    # without the trigger, non-target images predicted as the target: idx 4 (3 → 0) → 1/4
+    assert m.asr_no_trigger == pytest.approx(1 / 4) and m.no_trigger_hits == 1
 
 
 def test_all_to_all_targets_never_equal_labels():
@@ -30,7 +32,7 @@ def test_all_to_all_targets_never_equal_labels():
     target = (labels + 1) % 3
     bd_pred = torch.tensor([1, 2, 2, 0])
     m = backdoor_metrics(labels, labels.clone(), bd_pred, target, torch.ones(4, dtype=torch.bool))
-    assert m.ca == 1.0
+    assert m.ca == 1.0 and m.asr_no_trigger == 0.0  # correct clean predictions never hit y + 1
     assert m.asr == pytest.approx(3 / 4) and m.asr_all == pytest.approx(3 / 4)
     assert m.ra == pytest.approx(1 / 4)
 
@@ -38,6 +40,7 @@ def test_all_to_all_targets_never_equal_labels():
 def test_no_attack_gives_ca_only():
     m = backdoor_metrics(torch.tensor([1, 2]), torch.tensor([1, 0]))
     assert m.ca == 0.5 and m.asr is None and m.ra is None and m.n_backdoor == 0
+    assert m.asr_no_trigger is None
 
 
 def test_empty_non_target_set_gives_none_not_zero_division():
