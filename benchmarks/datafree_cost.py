@@ -145,9 +145,9 @@ def measure(method: str, variant: str, args: argparse.Namespace, device: torch.d
     abd = build_abd(job.abd, teacher=teacher, image_shape=shape, device=device, method=method,
                     autocast=lambda: autocast(device, bf16))
     vaccine = getattr(abd, "vaccine", None) if abd is not None else None
+    shares: list[float] = []  # flagged share per flagged-rows call
     if vaccine is not None:
         vaccine.SUBSET_MAX_SHARE = -1.0 if abd_variant == "sv, whole-batch pass" else ShufflingVaccine.SUBSET_MAX_SHARE
-        shares = []
         original_mask = vaccine.suspicion_mask
 
         def counted_mask(*a, **k):
@@ -201,7 +201,7 @@ def measure(method: str, variant: str, args: argparse.Namespace, device: torch.d
         "teacher_images_per_s": t_count.images / args.rounds / seconds,
         "student_images_per_s": s_count.images / args.rounds / seconds,
         "gflop_per_round": gflop, "gflops": gflop / seconds,
-        "sv_flagged_share": sum(shares) / len(shares) if vaccine is not None and shares else None,
+        "sv_flagged_share": sum(shares) / len(shares) if shares else None,
     }
 
 

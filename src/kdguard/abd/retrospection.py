@@ -40,9 +40,9 @@ the learning rate follows ``lr · ½(1 + cos(π·(r − r₀)/(R − r₀)))`` o
 
 The extra student forwards of steps 2–3 run in train mode (batch statistics) with the BN running
 statistics frozen, so unlearning does not move them. They run in float32 (``amp=False``, the
-default) or under the run's bf16 autocast (``amp=True``: 1.6× faster on CPU, hypergradient within
-about 3 % of float32's). On CPU they run in NCHW layout even when the student is channels_last
-(:func:`nchw_forward`): double backward through channels_last tensors is 1.3× slower there.
+default) or under the run's bf16 autocast (``amp=True``: about 1.5× faster on CPU, hypergradient
+within about 3 % of float32's). On CPU they run in NCHW layout even when the student is
+channels_last (:func:`nchw_forward`): an SR round is 1.2–1.3× slower in channels_last there.
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def nchw_forward(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
 
     SR back-propagates twice through the student (the hypergradient). On CPU, the reductions of
     BatchNorm's double backward and ReLU's backward are several times slower on channels_last
-    tensors, which made the whole hypergradient 1.3× slower than in NCHW (``docs/abd.md`` §3.3).
+    tensors, which made an SR round 1.2–1.3× slower than in NCHW (``docs/abd.md`` §3.3).
     ``p.contiguous()`` is differentiable, so gradients still reach the parameters; the copies of
     the weights cost little next to the activations. Returns ``model`` itself when no parameter
     is channels_last, or on CUDA, where the channels_last kernels are the fast ones.

@@ -216,7 +216,7 @@ class SelfRetrospectionConfig:
     hypergradient_steps: int = 5           # K fixed-point iterations
     hypergradient_step_size: float = 0.1   # step α of the inner gradient-descent map Φ
     amp: bool = False                      # the unlearning and hypergradient passes under the run's
-                                           # bf16 autocast (1.6× faster on CPU; hypergradient within
+                                           # bf16 autocast (~1.5× faster on CPU; hypergradient within
                                            # ~3 % of float32's) instead of float32
 
 
