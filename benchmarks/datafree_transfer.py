@@ -14,7 +14,8 @@ scale:
 
 Every stage is its own run directory; a finished stage (``metrics.json`` present) is skipped
 and an unfinished one resumes from its state file, so the table can be built in parts
-(``--only badnets:zskt badnets:clean_kd``). Results: ``<out>/summary_<table>.json`` and a
+(``--only badnets:zskt badnets:clean_kd`` runs those cells; every cell an earlier call finished
+is reported too, and the ones not run yet are listed). Results: ``<out>/summary_<table>.json`` and a
 Markdown table. ``--table abd`` builds the ABD issue's table instead (five triggers; ZSKT,
 ZSKT + ABD, clean KD; CMI ± ABD; the SV-only / SR-only ablation), sharing teachers and cells.
 
@@ -113,12 +114,30 @@ def clean_kd_job(teacher: str, cfg: dict, out: Path, seed: int) -> DistillJob:
                       seed=seed, out=out)
 
 
+def finished(out: Path) -> dict | None:
+    """``metrics.json`` of a finished stage, or None."""
+    done = Path(out) / "metrics.json"
+    return json.loads(done.read_text()) if done.exists() else None
+
+
 def cached(out: Path, run) -> dict:
     """``metrics.json`` of a finished stage, else run it (resuming) and return its metrics."""
-    done = Path(out) / "metrics.json"
-    if done.exists():
-        return json.loads(done.read_text())
-    return run().metrics
+    done = finished(out)
+    return done if done is not None else run().metrics
+
+
+def train_seconds(out: Path, metrics: dict) -> float:
+    """Training time over every call of a (resumed) stage, evaluations excluded.
+
+    ``metrics["seconds"]`` covers the last call only. Runs older than ``train_seconds`` in the
+    pipeline runs are summed from their ``metrics.jsonl`` (one record per epoch).
+    """
+    if metrics.get("train_seconds") is not None:
+        return float(metrics["train_seconds"])
+    log = Path(out) / "metrics.jsonl"
+    if not log.exists():
+        return float(metrics.get("seconds") or 0.0)
+    return sum(float(json.loads(line).get("seconds") or 0.0) for line in log.read_text().splitlines() if line)
 
 
 def student_stage(method: str, teacher: str, cfg: dict, out: Path, seed: int, progress: bool) -> dict:
@@ -163,30 +182,39 @@ def main() -> None:
     cfg = settings(args)
     out = Path(args.out) / ("smoke" if args.smoke else "cifar10")
     wanted = {tuple(x.split(":", 1)) for x in args.only} if args.only else None
-    summary: dict = {"settings": {k: v for k, v in cfg.items()}, "cells": []}
+    summary: dict = {"settings": {k: v for k, v in cfg.items()}, "cells": [], "missing": []}
     for attack, methods in PROTOCOLS[args.table].items():
-        methods = [m for m in methods if wanted is None or (attack, m) in wanted]
-        if not methods:
-            continue
         for seed in args.seeds:
-            t0 = time.perf_counter()
             t_job = teacher_job(attack, cfg, out, seed)
+            todo = [m for m in methods if wanted is None or (attack, m) in wanted]
+            if not todo and finished(Path(t_job.out)) is None:
+                summary["missing"] += [f"{attack}:{m}" for m in methods]
+                continue
+            t0 = time.perf_counter()
             t_metrics = cached(Path(t_job.out), lambda: pipeline.train_teacher(t_job))
             rows = [(f"teacher ({ATTACK_LABEL[attack]})", cfg["teacher"], t_metrics)]
             for method in methods:
                 s_out = out / attack / f"{method.replace('+', '_')}_s{seed}"
-                m = student_stage(method, t_job.out, cfg, s_out, seed, args.progress)
+                # cells outside --only are reported when an earlier call finished them, never run
+                m = student_stage(method, t_job.out, cfg, s_out, seed, args.progress) if method in todo \
+                    else finished(s_out)
+                if m is None:
+                    summary["missing"].append(f"{attack}:{method}")
+                    continue
                 rows.append((f"student: {method}", cfg["student"], m))
+                student = {k: m.get(k) for k in ("ca", "asr", "asr_no_trigger", "ra", "seconds")}
+                student["train_seconds"] = train_seconds(s_out, m)
                 summary["cells"].append({"attack": attack, "method": method, "seed": seed,
                                          "teacher": {k: t_metrics.get(k) for k in ("ca", "asr")},
-                                         "student": {k: m.get(k) for k in ("ca", "asr", "asr_no_trigger", "ra", "seconds")},
+                                         "student": student,
                                          "abd_reference": ABD_REFERENCE.get(attack, {}).get(method)})
             print(f"\n## {ATTACK_LABEL[attack]}, seed {seed} ({time.perf_counter() - t0:.0f} s this call)\n")
             print(metrics_table(rows))
     (out / f"summary_{args.table}.json").write_text(json.dumps(summary, indent=2))
-    # ASR without the trigger: the student's target bias (runs older than the metric show —)
+    # ASR without the trigger: the student's target bias (runs older than the metric show —).
+    # Minutes: training time summed over every call of a resumed run (evaluations excluded).
     print("\n| attack | method | seed | student CA % | student ASR % | ASR without trigger % | "
-          "ABD (WRN) CA / ASR % | minutes |")
+          "ABD (WRN) CA / ASR % | train minutes |")
     print("|---|---|---|---|---|---|---|---|")
     for c in summary["cells"]:
         ref = c["abd_reference"]
@@ -194,8 +222,10 @@ def main() -> None:
         asr = "—" if s["asr"] is None else f"{100 * s['asr']:.1f}"
         bias = "—" if s.get("asr_no_trigger") is None else f"{100 * s['asr_no_trigger']:.1f}"
         print(f"| {ATTACK_LABEL[c['attack']]} | {c['method']} | {c['seed']} | {100 * s['ca']:.1f} | {asr} | "
-              f"{bias} | {'—' if ref is None else f'{ref[0]} / {ref[1]}'} | {(s.get('seconds') or 0) / 60:.1f} |")
+              f"{bias} | {'—' if ref is None else f'{ref[0]} / {ref[1]}'} | {s['train_seconds'] / 60:.1f} |")
     print_means(summary["cells"])
+    if summary["missing"]:
+        print(f"\nnot run yet: {' '.join(summary['missing'])}")
 
 
 def print_means(cells: list[dict]) -> None:
@@ -203,13 +233,13 @@ def print_means(cells: list[dict]) -> None:
     by_method: dict[str, list[dict]] = {}
     for c in cells:
         by_method.setdefault(c["method"], []).append(c["student"])
-    print("\n| method | cells | mean CA % | mean ASR % | mean minutes |")
+    print("\n| method | cells | mean CA % | mean ASR % | mean train minutes |")
     print("|---|---|---|---|---|")
     for method, rows in by_method.items():
         asrs = [r["asr"] for r in rows if r["asr"] is not None]
         mean_asr = f"{100 * sum(asrs) / len(asrs):.1f}" if asrs else "—"
         print(f"| {method} | {len(rows)} | {100 * sum(r['ca'] for r in rows) / len(rows):.1f} | {mean_asr} | "
-              f"{sum((r.get('seconds') or 0) for r in rows) / len(rows) / 60:.1f} |")
+              f"{sum(r['train_seconds'] for r in rows) / len(rows) / 60:.1f} |")
 
 
 if __name__ == "__main__":

@@ -178,6 +178,8 @@ def train_teacher(job: TeacherJob) -> RunResult:
     history = trainer.fit(train_set.images, train_set.labels)
     metrics = evaluate_model(model, data.test, attack, train_cfg=job.train).to_dict()
     metrics["seconds"] = time.perf_counter() - t0
+    # ``seconds`` is this call only; a resumed run's training time is in its restored history
+    metrics["train_seconds"] = sum(r.seconds for r in history)
     manifest = {
         "role": "teacher", "seed": job.seed, "config": to_dict(job),
         "model": model_spec(model, num_classes=train_set.num_classes, in_channels=train_set.channels,
@@ -234,6 +236,7 @@ def distill(job: DistillJob) -> RunResult:
     t_metrics = t_manifest.get("metrics") or evaluate_model(teacher, data.test, attack,
                                                             train_cfg=job.train).to_dict()
     s_metrics["seconds"] = time.perf_counter() - t0
+    s_metrics["train_seconds"] = sum(r.seconds for r in history)  # every call of a resumed run
     s_metrics["n_distill"] = len(clean)
     manifest = {
         "role": "student", "seed": job.seed, "config": to_dict(job), "teacher": str(job.teacher),

@@ -20,6 +20,7 @@ def test_train_teacher_writes_a_complete_run(teacher_dir):
         assert (teacher_dir / name).exists(), name
     metrics = read_json(teacher_dir / "metrics.json")
     assert {"ca", "asr", "asr_all", "ra", "n_clean", "n_backdoor"} <= set(metrics)
+    assert metrics["train_seconds"] > 0
     assert metrics["n_clean"] == 1000 and metrics["n_backdoor"] == 1000 - 100  # 100 test images of class 0
     manifest = read_manifest(teacher_dir)
     assert manifest["model"]["arch"] == "lenet5" and manifest["attack"]["target"] == 0
@@ -95,3 +96,20 @@ def test_missing_checkpoint_and_missing_teacher(tmp_path, capsys):
 def test_usage_errors_exit_2(capsys):
     capsys.readouterr()
     assert main(["no-such-command"]) == 2
+
+
+def test_resumed_distill_reports_training_time_of_every_call(teacher_dir, tmp_path):
+    # `seconds` is the last call's wall time; `train_seconds` must add the epochs of earlier calls,
+    # or a run built in parts reports only its last part.
+    out = tmp_path / "student"
+    args = ["distill", f"--teacher={teacher_dir}", *CLI_FAST, "student=lenet5", "clean_fraction=0.2", f"out={out}"]
+    assert main(args) == 0
+    first = read_json(out / "metrics.json")
+    assert first["train_seconds"] > 0
+    (out / "metrics.json").unlink()
+    assert main([*args, "train.epochs=2"]) == 0  # resumes: epoch 2 only
+    second = read_json(out / "metrics.json")
+    epochs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [e["epoch"] for e in epochs] == [1, 2]
+    assert second["train_seconds"] == pytest.approx(sum(e["seconds"] for e in epochs))
+    assert second["train_seconds"] > epochs[1]["seconds"]
