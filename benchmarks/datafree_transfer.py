@@ -21,6 +21,7 @@ ZSKT + ABD, clean KD; CMI ± ABD; the SV-only / SR-only ablation), sharing teach
 
     python benchmarks/datafree_transfer.py --data-root ../shared/data              # transfer table
     python benchmarks/datafree_transfer.py --data-root ../shared/data --table abd  # ABD table
+    python benchmarks/datafree_transfer.py --data-root ../shared/data --report     # finished cells only
     python benchmarks/datafree_transfer.py --smoke [--table abd]                   # tiny, embedded MNIST
 """
 
@@ -126,6 +127,20 @@ def cached(out: Path, run) -> dict:
     return done if done is not None else run().metrics
 
 
+def peak_asr(out: Path) -> list | None:
+    """[ASR, round] of the highest test ASR a data-free run logged, or None (clean KD logs none).
+
+    A diagnostic of how much backdoor the student held at some point: the table's ASR is always
+    the last round's, never this one.
+    """
+    log = Path(out) / "metrics.jsonl"
+    if not log.exists():
+        return None
+    trace = [(r["eval"]["asr"], r["round"]) for r in map(json.loads, log.read_text().splitlines())
+             if "round" in r and (r.get("eval") or {}).get("asr") is not None]
+    return list(max(trace)) if trace else None
+
+
 def train_seconds(out: Path, metrics: dict) -> float:
     """Training time over every call of a (resumed) stage, evaluations excluded.
 
@@ -166,6 +181,7 @@ def main() -> None:
                     help="transfer: the data-free table; abd: the ABD headline table and ablation")
     ap.add_argument("--only", nargs="*", default=None, metavar="ATTACK:METHOD",
                     help="run only these cells, e.g. badnets:zskt badnets:zskt+abd")
+    ap.add_argument("--report", action="store_true", help="run nothing: print the cells finished so far")
     ap.add_argument("--teacher-epochs", type=int, default=30)
     ap.add_argument("--kd-epochs", type=int, default=60)
     ap.add_argument("--threads", type=int, default=None,
@@ -181,7 +197,7 @@ def main() -> None:
             module.configure_threads = lambda *a, **k: None
     cfg = settings(args)
     out = Path(args.out) / ("smoke" if args.smoke else "cifar10")
-    wanted = {tuple(x.split(":", 1)) for x in args.only} if args.only else None
+    wanted = set() if args.report else {tuple(x.split(":", 1)) for x in args.only} if args.only else None
     summary: dict = {"settings": {k: v for k, v in cfg.items()}, "cells": [], "missing": []}
     for attack, methods in PROTOCOLS[args.table].items():
         for seed in args.seeds:
@@ -204,6 +220,7 @@ def main() -> None:
                 rows.append((f"student: {method}", cfg["student"], m))
                 student = {k: m.get(k) for k in ("ca", "asr", "asr_no_trigger", "ra", "seconds")}
                 student["train_seconds"] = train_seconds(s_out, m)
+                student["peak_asr"] = peak_asr(s_out)
                 summary["cells"].append({"attack": attack, "method": method, "seed": seed,
                                          "teacher": {k: t_metrics.get(k) for k in ("ca", "asr")},
                                          "student": student,
@@ -213,16 +230,19 @@ def main() -> None:
     (out / f"summary_{args.table}.json").write_text(json.dumps(summary, indent=2))
     # ASR without the trigger: the student's target bias (runs older than the metric show —).
     # Minutes: training time summed over every call of a resumed run (evaluations excluded).
+    # Peak ASR: the highest logged test ASR of a data-free run, a diagnostic; the ASR column is the last.
     print("\n| attack | method | seed | student CA % | student ASR % | ASR without trigger % | "
-          "ABD (WRN) CA / ASR % | train minutes |")
-    print("|---|---|---|---|---|---|---|---|")
+          "peak ASR % (round) | ABD (WRN) CA / ASR % | train minutes |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for c in summary["cells"]:
         ref = c["abd_reference"]
         s = c["student"]
         asr = "—" if s["asr"] is None else f"{100 * s['asr']:.1f}"
         bias = "—" if s.get("asr_no_trigger") is None else f"{100 * s['asr_no_trigger']:.1f}"
+        peak = "—" if not s.get("peak_asr") else f"{100 * s['peak_asr'][0]:.1f} ({s['peak_asr'][1]})"
         print(f"| {ATTACK_LABEL[c['attack']]} | {c['method']} | {c['seed']} | {100 * s['ca']:.1f} | {asr} | "
-              f"{bias} | {'—' if ref is None else f'{ref[0]} / {ref[1]}'} | {s['train_seconds'] / 60:.1f} |")
+              f"{bias} | {peak} | {'—' if ref is None else f'{ref[0]} / {ref[1]}'} | "
+              f"{s['train_seconds'] / 60:.1f} |")
     print_means(summary["cells"])
     if summary["missing"]:
         print(f"\nnot run yet: {' '.join(summary['missing'])}")
