@@ -11,6 +11,10 @@ reports, on ``--n`` synthetic images and on the real clean test images:
 * the teacher's ASR on the synthetic images *with* the trigger stamped on them (a check that the
   backdoor fires on the generator's distribution at all).
 
+Two reference rows tell where a target preference comes from: the run's generator at round 0
+(rebuilt with the run's seed, before training) and uniform noise in [0, 1]. A teacher that calls
+those the target has a backdoor that fires on unstructured inputs, whatever the generator learns.
+
     python benchmarks/synthetic_probe.py RUN_DIR [RUN_DIR ...] [--n 2048] [--data-root ../shared/data]
 """
 
@@ -26,6 +30,7 @@ import torch
 from kdguard.datafree.config import build_datafree_job
 from kdguard.datafree.methods import build_method
 from kdguard.datafree.run import prepare_datafree
+from kdguard.runtime import seed_everything
 
 
 @torch.inference_mode()
@@ -47,10 +52,17 @@ def draw(synthesizer, n: int, rng: torch.Generator) -> torch.Tensor:
 
 def probe(run: Path, n: int, data_root: str | None) -> dict:
     job = build_datafree_job(run / "config.yaml", [f"data.root={data_root}"] if data_root else [])
+    seed_everything(job.seed)  # as the run did before building its student and generator
     setup = prepare_datafree(job)  # the teacher, test split, attack and student exactly as the run built them
     teacher, student, test, attack = setup.teacher, setup.student, setup.test, setup.attack
     target = int(attack.target)
     parts = build_method(job, setup.ctx)
+    images: list[tuple[str, torch.Tensor]] = []
+    if getattr(parts.synthesizer, "generator", None) is not None:
+        # built with the run's seed and not yet restored: the generator the run started from
+        rng = torch.Generator().manual_seed(0)
+        images.append(("generator at round 0",
+                       torch.cat([draw(parts.synthesizer, min(256, n - i), rng) for i in range(0, n, 256)])))
     state = torch.load(run / "datafree_state.pt", map_location="cpu", weights_only=True)
     student.load_state_dict(state["student"])
     student.eval()
@@ -61,8 +73,10 @@ def probe(run: Path, n: int, data_root: str | None) -> dict:
     # the image-folder test split is sorted by class: take a seeded random subset
     pick = torch.randperm(len(test.images), generator=torch.Generator().manual_seed(0))[:n]
     real = test.images[pick].float().div(255.0)
+    noise = torch.rand(n, *real.shape[1:], generator=torch.Generator().manual_seed(1))
+    images = [("synthetic", synth), *images, ("real clean test", real), ("uniform noise", noise)]
     rows = {}
-    for name, x in (("synthetic", synth), ("real clean test", real)):
+    for name, x in images:
         pt, ps = predictions(teacher, x), predictions(student, x)
         rows[name] = {"teacher_target_share": (pt.argmax(1) == target).float().mean().item(),
                       "teacher_target_prob": pt[:, target].mean().item(),
