@@ -85,7 +85,8 @@ def probe(run: Path, n: int, data_root: str | None) -> dict:
     # the trigger needs images in [0, 1]; generator outputs may lie outside (output="affine")
     stamped = attack.trigger(synth.clamp(0, 1))
     not_target = predictions(teacher, synth.clamp(0, 1)).argmax(1) != target
-    rows["synthetic"]["teacher_asr_with_trigger"] = \
+    # None when the teacher already calls every synthetic image the target (nothing to flip)
+    rows["synthetic"]["teacher_asr_with_trigger"] = None if not not_target.any() else \
         (predictions(teacher, stamped).argmax(1)[not_target] == target).float().mean().item()
     rows["synthetic"]["outside_unit_range"] = ((synth < 0) | (synth > 1)).float().mean().item()
     return {"run": str(run), "method": job.method, "round": int(state["round"]), "target": target,
