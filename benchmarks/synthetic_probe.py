@@ -50,6 +50,11 @@ def draw(synthesizer, n: int, rng: torch.Generator) -> torch.Tensor:
     return generator(torch.randn(n, generator.latent_dim, generator=rng)).float().cpu()
 
 
+def draw_many(synthesizer, n: int, rng: torch.Generator, chunk: int = 256) -> torch.Tensor:
+    """``n`` synthetic images drawn ``chunk`` at a time (bounds the generator's memory)."""
+    return torch.cat([draw(synthesizer, min(chunk, n - i), rng) for i in range(0, n, chunk)])
+
+
 def probe(run: Path, n: int, data_root: str | None) -> dict:
     job = build_datafree_job(run / "config.yaml", [f"data.root={data_root}"] if data_root else [])
     seed_everything(job.seed)  # as the run did before building its student and generator
@@ -60,16 +65,13 @@ def probe(run: Path, n: int, data_root: str | None) -> dict:
     images: list[tuple[str, torch.Tensor]] = []
     if getattr(parts.synthesizer, "generator", None) is not None:
         # built with the run's seed and not yet restored: the generator the run started from
-        rng = torch.Generator().manual_seed(0)
-        images.append(("generator at round 0",
-                       torch.cat([draw(parts.synthesizer, min(256, n - i), rng) for i in range(0, n, 256)])))
+        images.append(("generator at round 0", draw_many(parts.synthesizer, n, torch.Generator().manual_seed(0))))
     state = torch.load(run / "datafree_state.pt", map_location="cpu", weights_only=True)
     student.load_state_dict(state["student"])
     student.eval()
     parts.synthesizer.load_state_dict(state["synthesizer"])
     torch.manual_seed(0)  # pools sample with the global generator
-    rng = torch.Generator().manual_seed(0)
-    synth = torch.cat([draw(parts.synthesizer, min(256, n - i), rng) for i in range(0, n, 256)])
+    synth = draw_many(parts.synthesizer, n, torch.Generator().manual_seed(0))
     # the image-folder test split is sorted by class: take a seeded random subset
     pick = torch.randperm(len(test.images), generator=torch.Generator().manual_seed(0))[:n]
     real = test.images[pick].float().div(255.0)
