@@ -127,32 +127,34 @@ def cached(out: Path, run) -> dict:
     return done if done is not None else run().metrics
 
 
-def peak_asr(out: Path) -> list | None:
+def run_log(out: Path) -> list[dict]:
+    """The records of a stage's ``metrics.jsonl`` (one per epoch or logged round), [] if none."""
+    log = Path(out) / "metrics.jsonl"
+    return [json.loads(line) for line in log.read_text().splitlines() if line] if log.exists() else []
+
+
+def peak_asr(log: list[dict]) -> list | None:
     """[ASR, round] of the highest test ASR a data-free run logged, or None (clean KD logs none).
 
     A diagnostic of how much backdoor the student held at some point: the table's ASR is always
     the last round's, never this one.
     """
-    log = Path(out) / "metrics.jsonl"
-    if not log.exists():
-        return None
-    trace = [(r["eval"]["asr"], r["round"]) for r in map(json.loads, log.read_text().splitlines())
+    trace = [(r["eval"]["asr"], r["round"]) for r in log
              if "round" in r and (r.get("eval") or {}).get("asr") is not None]
     return list(max(trace)) if trace else None
 
 
-def train_seconds(out: Path, metrics: dict) -> float:
+def train_seconds(log: list[dict], metrics: dict) -> float:
     """Training time over every call of a (resumed) stage, evaluations excluded.
 
-    ``metrics["seconds"]`` covers the last call only. Runs older than ``train_seconds`` in the
-    pipeline runs are summed from their ``metrics.jsonl`` (one record per epoch).
+    ``metrics["seconds"]`` covers the last call only. Pipeline runs older than ``train_seconds``
+    in the metrics are summed from their log (one record per epoch).
     """
     if metrics.get("train_seconds") is not None:
         return float(metrics["train_seconds"])
-    log = Path(out) / "metrics.jsonl"
-    if not log.exists():
+    if not log:
         return float(metrics.get("seconds") or 0.0)
-    return sum(float(json.loads(line).get("seconds") or 0.0) for line in log.read_text().splitlines() if line)
+    return sum(float(r.get("seconds") or 0.0) for r in log)
 
 
 def student_stage(method: str, teacher: str, cfg: dict, out: Path, seed: int, progress: bool) -> dict:
@@ -207,7 +209,7 @@ def main() -> None:
                 summary["missing"] += [f"{attack}:{m}" for m in methods]
                 continue
             t0 = time.perf_counter()
-            t_metrics = cached(Path(t_job.out), lambda: pipeline.train_teacher(t_job))
+            t_metrics = cached(Path(t_job.out), lambda job=t_job: pipeline.train_teacher(job))
             rows = [(f"teacher ({ATTACK_LABEL[attack]})", cfg["teacher"], t_metrics)]
             for method in methods:
                 s_out = out / attack / f"{method.replace('+', '_')}_s{seed}"
@@ -219,8 +221,9 @@ def main() -> None:
                     continue
                 rows.append((f"student: {method}", cfg["student"], m))
                 student = {k: m.get(k) for k in ("ca", "asr", "asr_no_trigger", "ra", "seconds")}
-                student["train_seconds"] = train_seconds(s_out, m)
-                student["peak_asr"] = peak_asr(s_out)
+                log = run_log(s_out)
+                student["train_seconds"] = train_seconds(log, m)
+                student["peak_asr"] = peak_asr(log)
                 summary["cells"].append({"attack": attack, "method": method, "seed": seed,
                                          "teacher": {k: t_metrics.get(k) for k in ("ca", "asr")},
                                          "student": student,
