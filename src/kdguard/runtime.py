@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import random
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -40,14 +42,45 @@ def _switch(name: str, setting: object) -> str:
     return value
 
 
+# CPU flags (Linux /proc/cpuinfo names) of native bf16 matrix arithmetic. Without one of them
+# oneDNN emulates bf16 and a training step gets many times slower than fp32 (measured by
+# benchmarks/cpu_precision.py; docs/results.md "CPU precision").
+_NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+
+
+@functools.cache
+def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether this CPU computes bf16 natively (AVX-512 BF16 or AMX-BF16).
+
+    Reads the ``flags`` line of ``cpuinfo`` (Linux). Where that file is missing (macOS, Windows)
+    the answer is ``False``: fp32 is never slow, emulated bf16 is.
+    """
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return False
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return not _NATIVE_BF16_FLAGS.isdisjoint(line.split(":", 1)[-1].split())
+    return False
+
+
 def use_bf16(setting: str, device: torch.device, model: nn.Module) -> bool:
-    """Decide bf16 autocast: ``"on"``/``"off"``, or ``"auto"`` (on, except for tiny nets on CPU)."""
+    """Decide bf16 autocast: ``"on"``/``"off"``, or ``"auto"``.
+
+    ``"auto"`` is on for CUDA devices that support bf16, and on CPU only when the CPU computes bf16
+    natively (:func:`cpu_has_native_bf16`) and the net is not tiny (LeNet-size nets run faster
+    in fp32). ``"on"`` forces bf16 even on CPUs that emulate it.
+
+    Raises:
+        KDGuardError: ``setting`` is not auto, on or off.
+    """
     setting = _switch("amp", setting)
     if setting != "auto":
         return setting == "on"
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    return getattr(model, "arch", None) not in _SMALL_ARCHS
+    return cpu_has_native_bf16() and getattr(model, "arch", None) not in _SMALL_ARCHS
 
 
 def use_channels_last(setting: str, device: torch.device, model: nn.Module) -> bool:

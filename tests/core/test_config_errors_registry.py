@@ -61,3 +61,34 @@ def test_on_off_switches_survive_yaml_booleans():
     assert use_channels_last(job.train.channels_last, cpu, net) is True
     with pytest.raises(Err, match="amp setting 'maybe'"):
         use_bf16("maybe", cpu, net)
+
+
+def test_cpu_native_bf16_read_from_cpu_flags(tmp_path):
+    from kdguard.runtime import cpu_has_native_bf16
+
+    def cpuinfo(flags: str) -> str:
+        path = tmp_path / f"cpuinfo_{len(list(tmp_path.iterdir()))}"
+        path.write_text(f"processor\t: 0\nmodel name\t: test\nflags\t\t: {flags}\n\n")
+        return str(path)
+
+    assert cpu_has_native_bf16(cpuinfo("fpu sse avx2 fma")) is False
+    assert cpu_has_native_bf16(cpuinfo("avx2 avx512f avx512_bf16")) is True
+    assert cpu_has_native_bf16(cpuinfo("avx2 amx_tile amx_bf16")) is True
+    assert cpu_has_native_bf16(str(tmp_path / "missing")) is False
+
+
+def test_amp_auto_on_cpu_follows_native_bf16(monkeypatch):
+    import torch
+
+    import kdguard.runtime as runtime
+
+    cpu = torch.device("cpu")
+    net = torch.nn.Linear(2, 2)
+    lenet = torch.nn.Linear(2, 2)
+    lenet.arch = "lenet5"
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: False)
+    assert runtime.use_bf16("auto", cpu, net) is False
+    assert runtime.use_bf16("on", cpu, net) is True  # forced even where bf16 is emulated
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: True)
+    assert runtime.use_bf16("auto", cpu, net) is True
+    assert runtime.use_bf16("auto", cpu, lenet) is False
