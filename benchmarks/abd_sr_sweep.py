@@ -4,8 +4,9 @@ The demo teacher (LeNet-5, BadNets grid 10 %, embedded MNIST, ``kdguard.demo.dem
 distilled by ZSKT for ``--rounds`` pseudo-batches (generator width 16, as the demo) and stopped
 (checkpointed) where the SR phase would start. Each variant copies that checkpoint and finishes
 the run with ``abd.mode=sr`` and its settings, so all variants share the first rounds exactly
-and differ only in what SR does. CA/ASR of the last round are printed as a Markdown table
-(docs/abd.md §4).
+and differ only in what SR does. With several ``--seeds`` (generator and student
+initialisation, latent draws), each seed has its own shared run. CA/ASR of the last round are
+printed as a Markdown table, per seed and as the mean (docs/abd.md §3.2).
 
     python benchmarks/abd_sr_sweep.py --out runs/abd_sr_sweep          # ~30 min on 2 busy cores
 """
@@ -21,6 +22,7 @@ from pathlib import Path
 from kdguard.datafree import build_datafree_job, run_datafree
 from kdguard.demo import demo_jobs
 from kdguard.pipeline import train_teacher
+from seed_table import seed_table, selected
 
 #: name → extra overrides on top of abd.mode=sr (δ in normalised units unless stated)
 VARIANTS = {
@@ -31,6 +33,15 @@ VARIANTS = {
     "reference reduction, weight 4": ["abd.sr.weight=4"],
     "reference reduction, perturbation step ×3 (inner_lr 0.3)": ["abd.sr.inner_lr=0.3"],
     "mean over perturbed samples (perturbed), weight 1": ["abd.sr.outer_reduction=perturbed"],
+    "step ×3, δ against the student (perturb_model=student)": ["abd.sr.inner_lr=0.3",
+                                                                 "abd.sr.perturb_model=student"],
+    "step ×3, 20 inner steps": ["abd.sr.inner_lr=0.3", "abd.sr.inner_steps=20"],
+    "step ×3, weight 2": ["abd.sr.inner_lr=0.3", "abd.sr.weight=2"],
+    "step ×3, 32 perturbed samples": ["abd.sr.inner_lr=0.3", "abd.sr.min_count=32"],
+    "step ×3, no hypergradient (plain adversarial unlearning)": ["abd.sr.inner_lr=0.3",
+                                                                 "abd.sr.hypergradient=false"],
+    "step ×3, λ = 0.1 (smaller δ)": ["abd.sr.inner_lr=0.3", "abd.sr.l2=0.1"],
+    "step ×10 (inner_lr 1.0)": ["abd.sr.inner_lr=1.0"],
 }
 
 
@@ -40,6 +51,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=200)
     ap.add_argument("--phase", type=float, default=0.05, help="SR share of the rounds")
     ap.add_argument("--only", nargs="*", default=None, help="variant names (substrings) to run")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     args = ap.parse_args()
     out = Path(args.out)
     t_job, _ = demo_jobs(out, progress=False)
@@ -49,27 +61,27 @@ def main() -> None:
     base = [f"teacher={out / 'teacher'}", "method=zskt", "preset=cpu", "student=lenet5",
             f"schedule.rounds={args.rounds}", "generator.width=16", "monitor.every=5",
             "monitor.grid_every=0", "monitor.checkpoint_every=10", "progress=false"]
-    shared = out / "zskt_shared"
-    run_datafree(build_datafree_job(None, base + [f"schedule.stop_after={start}", f"out={shared}"]))
     rows = []
-    for name, extra in VARIANTS.items():
-        if args.only and not any(k in name for k in args.only):
-            continue
-        run_dir = out / f"sr_{len(rows)}"
-        if not (run_dir / "metrics.json").exists():
-            shutil.rmtree(run_dir, ignore_errors=True)
-            shutil.copytree(shared, run_dir)
-            t0 = time.perf_counter()
-            run_datafree(build_datafree_job(None, base + ["abd.mode=sr", f"abd.sr.phase={args.phase}",
-                                                          f"out={run_dir}", *extra]))
-            (run_dir / "sweep_seconds.txt").write_text(f"{time.perf_counter() - t0:.1f}\n")
-        m = json.loads((run_dir / "metrics.json").read_text())
-        rows.append((name, " ".join(extra) or "(defaults)", m))
-    print(f"\nZSKT {args.rounds} rounds; SR over rounds {start + 1}-{args.rounds}\n")
-    print("| SR variant | overrides | CA % | ASR % | RA % |")
-    print("|---|---|---|---|---|")
-    for name, extra, m in rows:
-        print(f"| {name} | `{extra}` | {100 * m['ca']:.1f} | {100 * m['asr']:.1f} | {100 * m['ra']:.1f} |")
+    for v, name, extra in selected(VARIANTS, args.only):
+        per_seed = []
+        for seed in args.seeds:
+            seeded = [*base, f"seed={seed}"]
+            shared = out / f"zskt_shared_s{seed}"
+            if not (shared / "datafree_state.pt").exists():
+                run_datafree(build_datafree_job(None, seeded + [f"schedule.stop_after={start}", f"out={shared}"]))
+            run_dir = out / f"sr_{v}_s{seed}"
+            if not (run_dir / "metrics.json").exists():
+                shutil.rmtree(run_dir, ignore_errors=True)
+                shutil.copytree(shared, run_dir)
+                t0 = time.perf_counter()
+                run_datafree(build_datafree_job(None, seeded + ["abd.mode=sr", f"abd.sr.phase={args.phase}",
+                                                                f"out={run_dir}", *extra]))
+                (run_dir / "sweep_seconds.txt").write_text(f"{time.perf_counter() - t0:.1f}\n")
+            per_seed.append(json.loads((run_dir / "metrics.json").read_text()))
+        rows.append((name, " ".join(extra) or "(defaults)", per_seed))
+    seeds = ", ".join(map(str, args.seeds))
+    print(f"\nZSKT {args.rounds} rounds; SR over rounds {start + 1}-{args.rounds}; seeds {seeds}\n")
+    print(seed_table(rows, "SR variant"))
 
 
 if __name__ == "__main__":

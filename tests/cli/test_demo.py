@@ -6,7 +6,7 @@ import json
 
 from rich.console import Console
 
-from kdguard.demo import DEMO_ABD, demo_datafree_job, run_demo
+from kdguard.demo import DEMO_ABD, abd_verdict, demo_datafree_job, run_demo
 
 
 def test_demo_runs_all_four_models_and_writes_one_report(tmp_path):
@@ -25,6 +25,7 @@ def test_demo_runs_all_four_models_and_writes_one_report(tmp_path):
     assert "abd" not in summary["student: ZSKT, data-free"]
     report = (tmp_path / "demo" / "report.md").read_text()
     assert "ZSKT + ABD" in report and "zskt_abd/datafree_curves.png" in report
+    assert abd_verdict(summary["student: ZSKT, data-free"], summary["student: ZSKT + ABD"]) in report
     assert (tmp_path / "demo" / "zskt_abd" / "model.safetensors").exists()
 
 
@@ -35,3 +36,9 @@ def test_demo_abd_job_differs_from_the_plain_one_only_by_abd(tmp_path):
     assert DEMO_ABD[0] == "abd.mode=full"
     plain.abd, plain.out = defended.abd, defended.out
     assert plain == defended
+
+
+def test_abd_verdict_states_the_measured_numbers_and_the_sign_of_the_ca_change():
+    text = abd_verdict({"ca": 0.92, "asr": 0.99}, {"ca": 0.75, "asr": 0.024})
+    assert "99.0 % ASR" in text and "ASR was 2.4 %" in text and "CA 75.0 %" in text and "−17.0 points" in text
+    assert "+1.0 points" in abd_verdict({"ca": 0.80, "asr": 0.5}, {"ca": 0.81, "asr": 0.1})
