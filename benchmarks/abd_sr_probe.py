@@ -19,27 +19,19 @@ import argparse
 from pathlib import Path
 
 import torch
-from synthetic_probe import draw
+from synthetic_probe import draw, real_test_images, rebuild_run
 
 from kdguard.abd.retrospection import universal_perturbation
-from kdguard.datafree.config import build_datafree_job
-from kdguard.datafree.methods import build_method
-from kdguard.datafree.run import prepare_datafree
-from kdguard.runtime import seed_everything
 
 
-def probe(run: Path, *, batches: int, batch: int, steps: int, lr: float, l2: float, n_real: int) -> dict:
-    job = build_datafree_job(run / "config.yaml", [])
-    seed_everything(job.seed)
-    setup = prepare_datafree(job)
+def probe(run: Path, *, batches: int, batch: int, steps: int, lr: float, l2: float, n_real: int,
+          data_root: str | None = None) -> dict:
+    _, setup, parts, state = rebuild_run(run, data_root)
     teacher, attack = setup.teacher, setup.attack
     target = int(attack.target)
-    parts = build_method(job, setup.ctx)
-    state = torch.load(run / "datafree_state.pt", map_location="cpu", weights_only=True)
     parts.synthesizer.load_state_dict(state["synthesizer"])
     std = torch.tensor(setup.ctx.std, dtype=torch.float32).view(1, -1, 1, 1)
-    pick = torch.randperm(len(setup.test.images), generator=torch.Generator().manual_seed(0))[:n_real]
-    real = setup.test.images[pick].float().div(255.0)
+    real = real_test_images(setup.test, n_real)
     # pixels the trigger changes on a black and on a white image
     shape = (1, *real.shape[1:])
     on_trigger = (attack.trigger(torch.zeros(shape)) != 0) | (attack.trigger(torch.ones(shape)) != 1)
@@ -70,13 +62,14 @@ def main() -> None:
     ap.add_argument("--inner-lr", type=float, default=0.1)
     ap.add_argument("--l2", type=float, default=1e-3)
     ap.add_argument("--n-real", type=int, default=1000)
+    ap.add_argument("--data-root", default=None)
     args = ap.parse_args()
     print("| run | round | batches whose δ → target | real test + δ → target | δ energy on trigger px "
           "(their share) | max abs δ (pixels) |")
     print("|---|---|---|---|---|---|")
     for run in args.runs:
         r = probe(run, batches=args.batches, batch=args.batch, steps=args.inner_steps, lr=args.inner_lr,
-                  l2=args.l2, n_real=args.n_real)
+                  l2=args.l2, n_real=args.n_real, data_root=args.data_root)
         print(f"| {r['run']} | {r['round']} | {100 * r['batches_to_target']:.0f} % | {100 * r['real_to_target']:.0f} % "
               f"| {100 * r['trigger_energy']:.1f} % ({100 * r['trigger_pixels']:.1f} %) | {r['max_abs_delta']:.2f} |",
               flush=True)

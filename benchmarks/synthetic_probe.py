@@ -55,26 +55,44 @@ def draw_many(synthesizer, n: int, rng: torch.Generator, chunk: int = 256) -> to
     return torch.cat([draw(synthesizer, min(chunk, n - i), rng) for i in range(0, n, chunk)])
 
 
-def probe(run: Path, n: int, data_root: str | None) -> dict:
+def rebuild_run(run: Path, data_root: str | None = None):
+    """A data-free run's teacher, test split, attack, student and method parts, rebuilt from its
+    ``config.yaml`` with the run's seed, plus its ``datafree_state.pt`` (weights-only load).
+    Nothing is restored yet: the synthesizer and student are as the run started them.
+
+    Returns:
+        ``(job, setup, parts, state)``: the run's job, its
+        :class:`~kdguard.datafree.run.DataFreeSetup`, the method's parts, and the checkpoint dict.
+    """
     job = build_datafree_job(run / "config.yaml", [f"data.root={data_root}"] if data_root else [])
     seed_everything(job.seed)  # as the run did before building its student and generator
     setup = prepare_datafree(job)  # the teacher, test split, attack and student exactly as the run built them
+    parts = build_method(job, setup.ctx)
+    state = torch.load(run / "datafree_state.pt", map_location="cpu", weights_only=True)
+    return job, setup, parts, state
+
+
+def real_test_images(test, n: int) -> torch.Tensor:
+    """A seeded random subset of ``n`` clean test images, float ``n×C×H×W`` in [0, 1] (the
+    image-folder test split is sorted by class, so its head would be one class)."""
+    pick = torch.randperm(len(test.images), generator=torch.Generator().manual_seed(0))[:n]
+    return test.images[pick].float().div(255.0)
+
+
+def probe(run: Path, n: int, data_root: str | None) -> dict:
+    job, setup, parts, state = rebuild_run(run, data_root)
     teacher, student, test, attack = setup.teacher, setup.student, setup.test, setup.attack
     target = int(attack.target)
-    parts = build_method(job, setup.ctx)
     images: list[tuple[str, torch.Tensor]] = []
     if getattr(parts.synthesizer, "generator", None) is not None:
         # built with the run's seed and not yet restored: the generator the run started from
         images.append(("generator at round 0", draw_many(parts.synthesizer, n, torch.Generator().manual_seed(0))))
-    state = torch.load(run / "datafree_state.pt", map_location="cpu", weights_only=True)
     student.load_state_dict(state["student"])
     student.eval()
     parts.synthesizer.load_state_dict(state["synthesizer"])
     torch.manual_seed(0)  # pools sample with the global generator
     synth = draw_many(parts.synthesizer, n, torch.Generator().manual_seed(0))
-    # the image-folder test split is sorted by class: take a seeded random subset
-    pick = torch.randperm(len(test.images), generator=torch.Generator().manual_seed(0))[:n]
-    real = test.images[pick].float().div(255.0)
+    real = real_test_images(test, n)
     noise = torch.rand(n, *real.shape[1:], generator=torch.Generator().manual_seed(1))
     images = [("synthetic", synth), *images, ("real clean test", real), ("uniform noise", noise)]
     rows = {}
