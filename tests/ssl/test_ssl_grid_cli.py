@@ -113,7 +113,11 @@ data: {{name: {BLOBS}}}
     assert [r["label"] for r in cells] == ["finetuned-warmup-at", "poisoned-warmup-at", "finetuned-random-at",
                                            "finetuned-warmup-sp"]
     assert [r["label"] for r in grid["rows"] if r["kind"] != "cell"] == ["clean encoder", "poisoned encoder",
-                                                                         "teacher: finetuned"]
+                                                                         "teacher: finetuned",
+                                                                         "student: warmup (before distillation)"]
+    warm = next(r for r in grid["rows"] if r["kind"] == "student")
+    assert warm["results"][BLOBS]["asr"] is not None and "ca_cost" in warm
+    assert not any("meets_goal" in r for r in grid["rows"] if r["kind"] != "cell")
     for r in cells:
         assert r["results"][BLOBS]["asr"] is not None and "ca_cost" in r and isinstance(r["meets_goal"], bool)
     table = (out / "grid.md").read_text()

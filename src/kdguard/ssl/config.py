@@ -186,6 +186,7 @@ class GridJob:
     losses: list[str] = field(default_factory=lambda: ["at", "afd", "fitnet", "cc", "kd", "sp"])
     cells: str = "factorial"               # factorial | one_at_a_time (first of each list = base cell)
     probe_teachers: bool = True            # also evaluate each prepared teacher as an encoder
+    probe_students: bool = True            # ... and the warm-up student before distillation
     defense: DefenseConfig = field(default_factory=DefenseConfig)
     datasets: list[str] = field(default_factory=lambda: ["cifar10", "gtsrb"])
     probe: ProbeConfig = field(default_factory=ProbeConfig)

@@ -12,7 +12,8 @@ Cells: ``factorial`` runs every combination; ``one_at_a_time`` runs the base cel
 student and loss, e.g. paper 1's best: fine-tuned / warm-up / AT) and varies one component at a time.
 
 Rows also include the poisoned encoder (the reference for the CA cost), the clean encoder if
-given, and each prepared teacher as an encoder. A cell "meets the goal" when its mean ASR
+given, each prepared teacher as an encoder and, when a cell uses it, the warm-up student before
+distillation (``probe_teachers``, ``probe_students``). A cell "meets the goal" when its mean ASR
 (non-target images, over the attacked datasets) is below ``asr_goal`` and its mean CA is at most
 ``ca_cost_goal`` below the poisoned encoder's (defaults: 15 % and 4 points).
 """
@@ -128,6 +129,7 @@ def _row(label: str, kind: str, results: dict, reference: dict | None, job: Grid
                            "loss": cell.loss if cell else None}
     if reference is not None and summary["mean_ca"] is not None and reference["mean_ca"] is not None:
         row["ca_cost"] = reference["mean_ca"] - summary["mean_ca"]
+    if cell is not None and "ca_cost" in row:  # the goal is a defence's; reference rows only show their cost
         row["meets_goal"] = (summary["mean_asr"] is not None and summary["mean_asr"] < job.asr_goal
                              and row["ca_cost"] <= job.ca_cost_goal)
     return row
@@ -195,6 +197,12 @@ def run_grid(job: GridJob) -> GridResult:
         if job.probe_teachers and kind != "poisoned":
             rows.append(_row(f"teacher: {kind}", "teacher",
                              probe(prep / f"teacher_{kind}", teachers[kind].encoder), reference, job))
+    if job.probe_students and any(c.student == "warmup" for c in cells):
+        # separates what SimCLR on the clean subset does alone from what the distillation adds
+        warm = prepare_student("warmup", poisoned, clean.images, job.defense, cache=prep, seed=job.seed,
+                               identity=identity)
+        rows.append(_row("student: warmup (before distillation)", "student",
+                         probe(prep / "student_warmup", warm.encoder), reference, job))
     for cell in cells:
         teacher = teachers[cell.teacher]
         settings = {**identity, "cell": cell.name, "seed": job.seed, "defense": job.defense,
@@ -220,6 +228,6 @@ def run_grid(job: GridJob) -> GridResult:
 def run_defend(job: DefendJob) -> GridResult:
     """One defence run (a single cell of the grid) plus the poisoned encoder's reference row."""
     grid = GridJob(encoder=job.encoder, data=job.data, teachers=[job.teacher], students=[job.student],
-                   losses=[job.loss], cells="factorial", probe_teachers=False, defense=job.defense,
-                   datasets=list(job.datasets), probe=job.probe, seed=job.seed, out=job.out)
+                   losses=[job.loss], cells="factorial", probe_teachers=False, probe_students=False,
+                   defense=job.defense, datasets=list(job.datasets), probe=job.probe, seed=job.seed, out=job.out)
     return run_grid(grid)
