@@ -219,6 +219,9 @@ def compare(teacher_dir: Path, out: Path, root: str | None, scale: float, device
     return summary
 
 
+NO_TRANSFER = 0.05  # KD's ASR within 5 points of its no-trigger rate: no backdoor passed on to be cut
+
+
 def _pct(v: float | None) -> str:
     return "—" if v is None else f"{100 * v:.2f}"
 
@@ -233,11 +236,15 @@ def table(summary: dict) -> str:
     t = summary.get("teacher_metrics") or {}
     k = summary.get("num_classes")
     at_chance = bool(kd and k and kd["ca"] < 2.0 / k)  # a failed KD baseline makes the target meaningless
+    # nor can a cut be measured where KD's ASR is only its no-trigger rate: the trigger adds nothing to cut
+    no_transfer = bool(kd and kd.get("asr") is not None
+                       and kd["asr"] - (kd.get("asr_no_trigger") or 0.0) < NO_TRANSFER)
     attack = (summary.get("attack") or {}).get("name")
     lines = [f"### {summary['dataset']}, {attack} teacher ({Path(summary['teacher']).name}) → {summary['student']}",
              "", f"Teacher: CA {_pct(t.get('ca'))} %, ASR {_pct(t.get('asr'))} %.", "",
-             "| method | CA % | ASR % | ΔCA vs KD (pt) | ASR cut vs KD | defence s | distillation s | target |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| method | CA % | ASR % | ASR without trigger % | ΔCA vs KD (pt) | ASR cut vs KD | defence s "
+             "| distillation s | target |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for method, m in summary["methods"].items():
         d_ca = cut = target = "—"
         if kd and method != "kd":
@@ -246,8 +253,10 @@ def table(summary: dict) -> str:
                 reduction = 1 - (m["asr"] or 0) / kd["asr"]
                 cut = f"{100 * reduction:.0f} %"
                 target = "yes" if reduction >= 0.9 and kd["ca"] - m["ca"] <= 0.03 else "no"
+                target = "n/a (KD does not carry the backdoor)" if no_transfer else target
                 target = "n/a (KD at chance)" if at_chance else target
-        lines.append(f"| {method} | {_pct(m.get('ca'))} | {_pct(m.get('asr'))} | {d_ca} | {cut} | "
+        lines.append(f"| {method} | {_pct(m.get('ca'))} | {_pct(m.get('asr'))} | {_pct(m.get('asr_no_trigger'))} | "
+                     f"{d_ca} | {cut} | "
                      f"{m.get('defence_seconds') or 0:.0f} | {_distill_s(m):.0f} | {target} |")
     return "\n".join(lines)
 

@@ -1,0 +1,47 @@
+"""The comparison table's target verdict (benchmarks/robustkd_compare.py)."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "robustkd_compare.py"
+
+
+@pytest.fixture(scope="module")
+def compare():
+    spec = importlib.util.spec_from_file_location("robustkd_compare", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(spec.name, None)
+
+
+def _summary(kd: dict, robustkd: dict) -> dict:
+    return {"teacher": "runs/t", "dataset": "gtsrb", "student": "resnet8", "num_classes": 43,
+            "teacher_metrics": {"ca": 0.98, "asr": 1.0}, "attack": {"name": "badnets"},
+            "methods": {"kd": {**kd, "defence_seconds": 0.0}, "robustkd": {**robustkd, "defence_seconds": 5.0}}}
+
+
+def _target(text: str) -> str:
+    return [line for line in text.splitlines() if line.startswith("| robustkd |")][0].split("|")[-2].strip()
+
+
+def test_target_met_and_missed(compare):
+    kd = {"ca": 0.90, "asr": 0.60, "asr_no_trigger": 0.02}
+    assert _target(compare.table(_summary(kd, {"ca": 0.88, "asr": 0.05, "asr_no_trigger": 0.02}))) == "yes"
+    assert _target(compare.table(_summary(kd, {"ca": 0.86, "asr": 0.05, "asr_no_trigger": 0.02}))) == "no"  # CA
+    assert _target(compare.table(_summary(kd, {"ca": 0.90, "asr": 0.07, "asr_no_trigger": 0.02}))) == "no"  # cut 88 %
+
+
+def test_no_verdict_when_kd_carries_no_backdoor_or_failed(compare):
+    # KD's ASR equals its no-trigger rate: a 90 % cut of it would only measure noise
+    kd = {"ca": 0.96, "asr": 0.015, "asr_no_trigger": 0.015}
+    text = compare.table(_summary(kd, {"ca": 0.96, "asr": 0.001, "asr_no_trigger": 0.001}))
+    assert _target(text) == "n/a (KD does not carry the backdoor)" and "| 1.50 | 1.50 |" in text
+    kd = {"ca": 0.02, "asr": 0.9, "asr_no_trigger": 0.1}
+    assert _target(compare.table(_summary(kd, {"ca": 0.5, "asr": 0.0, "asr_no_trigger": 0.0}))) == "n/a (KD at chance)"
