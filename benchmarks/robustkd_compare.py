@@ -219,7 +219,7 @@ def compare(teacher_dir: Path, out: Path, root: str | None, scale: float, device
     return summary
 
 
-NO_TRANSFER = 0.05  # KD's ASR within 5 points of its no-trigger rate: no backdoor passed on to be cut
+NO_TRANSFER = 0.01  # KD's ASR within 1 point of its no-trigger rate: no backdoor passed on to be cut
 
 
 def _pct(v: float | None) -> str:

@@ -43,5 +43,8 @@ def test_no_verdict_when_kd_carries_no_backdoor_or_failed(compare):
     kd = {"ca": 0.96, "asr": 0.015, "asr_no_trigger": 0.015}
     text = compare.table(_summary(kd, {"ca": 0.96, "asr": 0.001, "asr_no_trigger": 0.001}))
     assert _target(text) == "n/a (KD does not carry the backdoor)" and "| 1.50 | 1.50 |" in text
+    # a small but real transfer (4 points over a 0 % no-trigger rate) is judged
+    kd = {"ca": 0.97, "asr": 0.04, "asr_no_trigger": 0.0}
+    assert _target(compare.table(_summary(kd, {"ca": 0.97, "asr": 0.003, "asr_no_trigger": 0.0}))) == "yes"
     kd = {"ca": 0.02, "asr": 0.9, "asr_no_trigger": 0.1}
     assert _target(compare.table(_summary(kd, {"ca": 0.5, "asr": 0.0, "asr_no_trigger": 0.0}))) == "n/a (KD at chance)"
