@@ -252,9 +252,12 @@ def table(summary: dict) -> str:
             if kd.get("asr"):
                 reduction = 1 - (m["asr"] or 0) / kd["asr"]
                 cut = f"{100 * reduction:.0f} %"
-                target = "yes" if reduction >= 0.9 and kd["ca"] - m["ca"] <= 0.03 else "no"
-                target = "n/a (KD does not carry the backdoor)" if no_transfer else target
-                target = "n/a (KD at chance)" if at_chance else target
+                if at_chance:
+                    target = "n/a (KD at chance)"
+                elif no_transfer:
+                    target = "n/a (KD does not carry the backdoor)"
+                else:
+                    target = "yes" if reduction >= 0.9 and kd["ca"] - m["ca"] <= 0.03 else "no"
         lines.append(f"| {method} | {_pct(m.get('ca'))} | {_pct(m.get('asr'))} | {_pct(m.get('asr_no_trigger'))} | "
                      f"{d_ca} | {cut} | "
                      f"{m.get('defence_seconds') or 0:.0f} | {_distill_s(m):.0f} | {target} |")
