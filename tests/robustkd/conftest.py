@@ -2,6 +2,8 @@
 
 * ``planted``: a hand-built classifier with a *planted* backdoor channel that is dormant on clean
   images and fires on a 2×2 white patch, plus clean and triggered data; deterministic, no training.
+* ``active_planted``: a hand-built classifier whose backdoor rides a channel the clean task also
+  uses (no dormant unit): the case of RobustKD's learned blended trigger.
 * ``bn_pair``: a small teacher/student pair of BN convnets with ``pre_relu`` stage presets.
 * ``backdoored_tinynet``: a BN convnet trained in about a second on blob images with a planted
   3×3 checkerboard backdoor (target 0).
@@ -22,29 +24,29 @@ SIZE = 8
 TRIGGER_CHANNEL = 1
 
 
-class PlantedNet(nn.Module):
+class HandNet(nn.Module):
     """1×8×8 images in [0, 1] → 2 classes: class 0 if the left half is brighter, else class 1.
 
-    ``stage`` (an identity tap point) carries 4 channels of a 1×1 convolution: 0 = x (clean
-    signal), 1 = 10x − 7 (negative for every clean pixel ≤ 0.5: the planted, dormant backdoor
-    channel), 2 = constant −1 (dormant, harmless), 3 = x again. After a ReLU, a linear head
-    reads left − right of channels 0 and 3, and channel 1 adds +5 per active pixel to class 0.
+    ``stage`` (an identity tap point) carries the 4 channels of a 1×1 convolution
+    (``conv_weight``, ``conv_bias``). After a ReLU, a linear head reads left − right of the
+    ``clean`` channels into class 0 (and the opposite into class 1) and adds ``backdoor``
+    (``8×8`` head weights) on channel 1 to class 0. Frozen, no training.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, conv_weight, conv_bias, clean: tuple[int, ...], backdoor: torch.Tensor) -> None:
         super().__init__()
         self.conv = nn.Conv2d(1, 4, 1)
         self.stage = nn.Identity()
         self.fc = nn.Linear(4 * SIZE * SIZE, 2)
         with torch.no_grad():
-            self.conv.weight.copy_(torch.tensor([1.0, 10.0, 0.0, 1.0]).view(4, 1, 1, 1))
-            self.conv.bias.copy_(torch.tensor([0.0, -7.0, -1.0, 0.0]))
+            self.conv.weight.copy_(torch.tensor(conv_weight).view(4, 1, 1, 1))
+            self.conv.bias.copy_(torch.tensor(conv_bias))
             side = torch.ones(SIZE, SIZE)
             side[:, SIZE // 2:] = -1.0  # +1 on the left half, −1 on the right half
             w = torch.zeros(2, 4, SIZE, SIZE)
-            for c in (0, 3):
+            for c in clean:
                 w[0, c], w[1, c] = side, -side
-            w[0, TRIGGER_CHANNEL] = 5.0
+            w[0, TRIGGER_CHANNEL] += backdoor
             self.fc.weight.copy_(w.flatten(1))
             self.fc.bias.zero_()
         for p in self.parameters():
@@ -54,13 +56,33 @@ class PlantedNet(nn.Module):
         return self.fc(F.relu(self.stage(self.conv(x))).flatten(1))
 
 
-def planted_data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 images (all pixels ≤ 0.5·255) with the bright half on the left (class 0) or right."""
+def planted_net() -> HandNet:
+    """Channels 0 = x (clean signal), 1 = 10x − 7 (negative for every clean pixel ≤ 0.5: the
+    planted, dormant backdoor channel, +5 per active pixel to class 0), 2 = constant −1
+    (dormant, harmless), 3 = x again."""
+    return HandNet([1.0, 10.0, 0.0, 1.0], [0.0, -7.0, -1.0, 0.0], clean=(0, 3), backdoor=torch.full((SIZE, SIZE), 5.0))
+
+
+CHECKER = (torch.arange(SIZE).view(-1, 1) + torch.arange(SIZE).view(1, -1)) % 2
+
+
+def active_planted_net() -> HandNet:
+    """A backdoor on an *active* channel: channels 0, 1, 3 = x all carry the clean signal,
+    2 = constant −1. Channel 1 also adds ``20·(2K − 1)`` to class 0 (``K`` the 0/1
+    checkerboard): about zero on clean images, ``+20·0.2·32 = 128`` on images blended with the
+    checkerboard at α = 0.2. No unit is dormant on clean data, so a defence that looks for
+    dormant units has nothing to find (the case of RobustKD's learned blended trigger)."""
+    return HandNet([1.0, 1.0, 0.0, 1.0], [0.0, 0.0, -1.0, 0.0], clean=(0, 1, 3),
+                   backdoor=20.0 * (2 * CHECKER - 1).float())
+
+
+def planted_data(n: int, seed: int, offset: float = 0.2) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 images: noise in [0, 0.3] plus ``offset`` on the left (class 0) or right half."""
     g = torch.Generator().manual_seed(seed)
     labels = torch.arange(n) % 2
     x = torch.rand(n, 1, SIZE, SIZE, generator=g) * 0.3
-    x[labels == 0, :, :, : SIZE // 2] += 0.2
-    x[labels == 1, :, :, SIZE // 2:] += 0.2
+    x[labels == 0, :, :, : SIZE // 2] += offset
+    x[labels == 1, :, :, SIZE // 2:] += offset
     return (x * 255).round().to(torch.uint8), labels.long()
 
 
@@ -79,10 +101,25 @@ def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> fl
 def planted():
     x, y = planted_data(256, seed=0)
     xt, yt = planted_data(200, seed=1)
-    ns = SimpleNamespace(model=PlantedNet().eval(), x=x, y=y, x_test=xt, y_test=yt, trigger=patch_trigger,
+    ns = SimpleNamespace(model=planted_net().eval(), x=x, y=y, x_test=xt, y_test=yt, trigger=patch_trigger,
                          accuracy=accuracy, trigger_channel=TRIGGER_CHANNEL)
     assert accuracy(ns.model, xt, yt) == 1.0
     assert accuracy(ns.model, patch_trigger(xt[yt == 1]), torch.zeros(int((yt == 1).sum()), dtype=torch.long)) == 1.0
+    return ns
+
+
+def checker_blend(images: torch.Tensor, alpha: float = 0.2) -> torch.Tensor:
+    return ((1 - alpha) * images.float() + alpha * 255 * CHECKER.float()).round().to(torch.uint8)
+
+
+@pytest.fixture(scope="session")
+def active_planted():
+    x, y = planted_data(256, seed=0, offset=0.5)
+    xt, yt = planted_data(200, seed=1, offset=0.5)
+    ns = SimpleNamespace(model=active_planted_net().eval(), x=x, y=y, x_test=xt, y_test=yt, trigger=checker_blend,
+                         accuracy=accuracy, trigger_channel=TRIGGER_CHANNEL)
+    assert accuracy(ns.model, xt, yt) == 1.0
+    assert accuracy(ns.model, checker_blend(xt[yt == 1]), torch.zeros(int((yt == 1).sum()), dtype=torch.long)) == 1.0
     return ns
 
 

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from kdguard.checkpoint import load_model, model_spec, read_manifest, save_model
 from kdguard.cli import main
@@ -73,6 +74,15 @@ def test_rerun_reuses_the_detox_and_resumes(robustkd_run, teacher_dir):
     assert (robustkd_run / "metrics.jsonl").read_text().count("\n") == lines
 
 
+def test_adversarial_detox_saves_its_perturbation(teacher_dir, tmp_path):
+    out = tmp_path / "adv"
+    assert main(["robustkd", "--teacher", str(teacher_dir), *FAST, "detox.adversarial_weight=1.0",
+                 "detox.epsilon=0.1", f"out={out}"]) == 0
+    delta = load_file(str(out / "detox_perturbation.safetensors"))["delta"]
+    assert delta.shape == (1, 1, 28, 28) and float(delta.abs().max()) <= 0.1 + 1e-6
+    assert "adversarial" in read_json(out / "detox_history.json")[-1]
+
+
 def test_trigger_command_and_registered_trigger(teacher_dir, tmp_path, capsys):
     out = tmp_path / "trigger"
     assert main(["robustkd-trigger", "--teacher", str(teacher_dir), "epochs=1", "fraction=0.02", "batch_size=32",
@@ -90,6 +100,7 @@ def test_trigger_command_and_registered_trigger(teacher_dir, tmp_path, capsys):
 @pytest.mark.parametrize("args, fragment", [
     (["robustkd", "--teacher", "/nonexistent/teacher"], "does not exist"),
     (["robustkd", "--teacher", "T", "detox.form=magic"], "unknown detox objective form"),
+    (["robustkd", "--teacher", "T", "detox.epsilon=0"], "epsilon=0"),
     (["robustkd", "--teacher", "T", "pair=paper_e"], "does not build"),
     (["robustkd", "--teacher", "T", "detox.epochs=abc"], "invalid configuration"),
     (["robustkd-trigger", "--teacher", "T", "top_fraction=0"], "top_fraction"),

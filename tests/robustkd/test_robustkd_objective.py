@@ -48,8 +48,23 @@ def test_variance_form_terms():
     assert losses["mask_size"].item() == pytest.approx(0.125)
 
 
+def test_adversarial_term_is_kd_on_the_perturbed_logits():
+    obj = DetoxObjective(kd_weight=0.0, sparsity_weight=0.0, variance_weight=0.0, adversarial_weight=0.7,
+                         temperature=2.0)
+    logits, teacher, adv, y = torch.randn(5, 3), torch.randn(5, 3), torch.randn(5, 3), torch.arange(5) % 3
+    losses = obj(logits, teacher, y, {"a": torch.zeros(2, 1, 1)}, {"a": _stats([1.0, 1.0])}, adversarial_logits=adv)
+    assert set(losses) == {"ce", "adversarial"}
+    assert losses["adversarial"].item() == pytest.approx(0.7 * kd_loss(adv, teacher, temperature=2.0).item(), rel=1e-6)
+    assert obj.adversarial and not DetoxObjective().adversarial
+    with pytest.raises(KDGuardError, match="adversarial term needs"):
+        obj(logits, teacher, y, {"a": torch.zeros(2, 1, 1)}, {"a": _stats([1.0, 1.0])})
+
+
 @pytest.mark.parametrize("kwargs, fragment", [
     (dict(form="magic"), "unknown detox objective form"),
+    (dict(epsilon=0.0), "epsilon=0.0 is outside (0, 1]"),
+    (dict(adversarial_step=2.0), "adversarial_step=2.0"),
+    (dict(adversarial_weight=float("nan")), "adversarial_weight"),
     (dict(ce_weight=0.0, kd_weight=0.0), "both detox fidelity weights"),
     (dict(sparsity_weight=-1.0), "sparsity_weight=-1.0"),
     (dict(temperature=0.0), "temperature"),
@@ -141,3 +156,44 @@ def test_objective_reads_the_granularity_from_the_mask_shape():
     explicit = DetoxObjective()(torch.randn(2, 3), torch.randn(2, 3), y, {"a": torch.ones(2, 1, 1)}, stats,
                                 granularity="channel")
     torch.testing.assert_close(channel["variance"], explicit["variance"])
+
+
+def _active_asr(ns, model) -> float:
+    x = ns.x_test[ns.y_test != 0]
+    return ns.accuracy(model, ns.trigger(x), torch.zeros(len(x), dtype=torch.long))
+
+
+def test_dormant_form_misses_a_backdoor_on_an_active_channel(active_planted):
+    """The learned-blend case of docs/robustkd.md in miniature: no unit is dormant on clean data,
+    so the default objective has nothing to cut and the backdoor survives."""
+    ns = active_planted
+    result = detoxify(ns.model, ns.x, ns.y, paths=["stage"], granularity="channel", epochs=15, batch_size=64, lr=0.1)
+    with result.detox.attach(ns.model):
+        assert _active_asr(ns, ns.model) >= 0.5
+
+
+def test_adversarial_term_removes_a_backdoor_on_an_active_channel(active_planted):
+    ns = active_planted
+    obj = DetoxObjective(adversarial_weight=1.0, epsilon=0.2, adversarial_step=0.02)
+    result = detoxify(ns.model, ns.x, ns.y, paths=["stage"], granularity="channel", objective=obj, epochs=15,
+                      batch_size=64, lr=0.1)
+    delta = result.perturbation
+    assert delta.shape == (1, 1, 8, 8) and float(delta.abs().max()) <= 0.2 + 1e-6
+    mask = result.detox.channel_masks()["stage"].flatten()
+    assert mask[ns.trigger_channel] > 3 * max(mask[0], mask[3])  # the hijacked channel, not its clean twins
+    with result.detox.attach(ns.model):
+        assert ns.accuracy(ns.model, ns.x_test, ns.y_test) >= 0.99
+        assert _active_asr(ns, ns.model) <= 0.05
+    assert _active_asr(ns, ns.model) == 1.0  # hooks removed: the backdoor is back
+
+
+def test_adversarial_detox_is_reproducible_and_off_by_default(planted):
+    kw = dict(paths=["stage"], granularity="channel", epochs=2, batch_size=64, lr=0.1)
+    obj = DetoxObjective(adversarial_weight=1.0)
+    a = detoxify(planted.model, planted.x, planted.y, objective=obj, seed=3, **kw)
+    b = detoxify(planted.model, planted.x, planted.y, objective=obj, seed=3, **kw)
+    assert torch.equal(a.perturbation, b.perturbation)
+    assert torch.equal(a.detox.masks()["stage"], b.detox.masks()["stage"])
+    assert "adversarial" in a.history[-1]
+    plain = detoxify(planted.model, planted.x, planted.y, seed=3, **kw)
+    assert plain.perturbation is None and "adversarial" not in plain.history[-1]

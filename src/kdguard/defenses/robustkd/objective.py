@@ -42,6 +42,25 @@ It masks the units that *vary most* on clean data as long as fidelity allows. Be
 units carry almost no clean variance, this form gives them no push at all; kdguard's small
 synthetic experiments (``tests/robustkd``) show it leaves a planted dormant backdoor channel in
 place, which is why "dormant" is the default.
+
+**Adversarial term** (optional, added to either form; ``λ_a > 0`` switches it on). Both forms
+see clean data only, so they miss a trigger that drives units the clean task also uses: the
+paper-style learned blend (:mod:`.trigger_opt`) is exactly that case (``docs/robustkd.md``). The
+term lets the data reveal such a pathway without knowing the trigger: a universal perturbation
+``δ ∈ R^{1×C×H×W}``, ``‖δ‖_∞ ≤ ε``, is learned *against* the detoxified teacher while the masks
+learn to make it harmless,
+
+    min_{M,P} max_{‖δ‖_∞ ≤ ε}  L + λ_a · τ² · KL(σ(T(x)/τ) ‖ σ(T_{M,P}(clip(x + δ))/τ)),
+
+``clip`` to [0, 1]. A backdoored teacher has a small universal perturbation that moves almost
+every input to one class (its trigger, or a blend of it: a blended trigger
+``x' = (1 − m)x + m·p`` with ``m ≤ ε`` lies inside the ball), a clean one mostly does not, so
+``δ`` finds the backdoor and the masks replace the units it drives, while the fidelity terms
+keep them off the rest of the clean task. ``δ`` is updated by one signed-gradient ascent step of
+size ``α`` from the same backward pass as the masks ("free" universal adversarial training,
+Shafahi et al., AAAI 2020; unlearning a universal perturbation is I-BAU's idea, Zeng et al.,
+ICLR 2022). Patch triggers at full intensity lie outside a small ``ε`` ball; the dormant terms
+are what removes those.
 """
 
 from __future__ import annotations
@@ -84,10 +103,14 @@ class DetoxObjective:
             never worth masking on the penalties alone.
         feature_variance_weight: ``λ_f`` (form "variance"; 1).
         mask_size_weight: ``λ_m`` (form "variance"; 0.1).
+        adversarial_weight: ``λ_a`` of the adversarial term (0: off).
+        epsilon: ``ε``, the L∞ radius of ``δ`` in [0, 1] pixel units (0.2: the paper's blend
+            mask bound).
+        adversarial_step: ``α``, the signed-gradient step of ``δ`` per mini-batch (0.02).
 
     Raises:
         KDGuardError: unknown form, a negative/non-finite weight, τ ≤ 0, or both fidelity
-            weights zero.
+            weights zero, or ε / α outside (0, 1].
     """
 
     form: str = "dormant"
@@ -98,28 +121,42 @@ class DetoxObjective:
     variance_weight: float = 0.25
     feature_variance_weight: float = 1.0
     mask_size_weight: float = 0.1
+    adversarial_weight: float = 0.0
+    epsilon: float = 0.2
+    adversarial_step: float = 0.02
 
     def __post_init__(self) -> None:
         if self.form not in FORMS:
             raise KDGuardError(f"unknown detox objective form {self.form!r}", f"use one of: {', '.join(FORMS)}")
         for name in ("ce_weight", "kd_weight", "sparsity_weight", "variance_weight",
-                     "feature_variance_weight", "mask_size_weight"):
+                     "feature_variance_weight", "mask_size_weight", "adversarial_weight"):
             setattr(self, name, _check_weight(name, getattr(self, name)))
         if not self.temperature > 0:
             raise KDGuardError(f"detox temperature {self.temperature!r} must be > 0", "use e.g. 4.0")
         if self.ce_weight == 0 and self.kd_weight == 0:
             raise KDGuardError("both detox fidelity weights (ce_weight, kd_weight) are 0",
                                "keep at least one, or the masks will erase the clean task")
+        for name in ("epsilon", "adversarial_step"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and 0 < v <= 1):
+                raise KDGuardError(f"detox {name}={v!r} is outside (0, 1]",
+                                   "give it in [0, 1] pixel units, e.g. epsilon=0.2, adversarial_step=0.02")
 
     @property
     def needs_features(self) -> bool:
         """Whether :meth:`__call__` reads the detoxified stage features (form "variance")."""
         return self.form == "variance"
 
+    @property
+    def adversarial(self) -> bool:
+        """Whether the adversarial term is on (the loop must then pass ``adversarial_logits``)."""
+        return self.adversarial_weight > 0
+
     def __call__(self, detox_logits: torch.Tensor, teacher_logits: torch.Tensor | None,
                  labels: torch.Tensor | None, masks: Mapping[str, torch.Tensor],
                  stats: Mapping[str, StageStats], *, granularity: str | None = None,
-                 features: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+                 features: Mapping[str, torch.Tensor] | None = None,
+                 adversarial_logits: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """The named, weighted loss terms (their sum is minimised over ``M`` and ``P``).
 
         Args:
@@ -132,10 +169,13 @@ class DetoxObjective:
             granularity: the masks' granularity (selects ``v̂``); None reads it from each
                 mask's shape (``C×1×1`` → "channel", else "element").
             features: ``{path: F̂}`` detoxified features ``N×C×H×W`` (form "variance").
+            adversarial_logits: ``N×K`` logits of the detoxified teacher on ``clip(x + δ)``
+                (with gradient), needed when ``adversarial_weight > 0``.
 
         Returns:
             ``{"ce", "kd", "sparsity", "variance"}`` (form "dormant") or ``{"ce", "kd",
-            "feature_variance", "mask_size"}`` (form "variance"); terms of weight 0 are left out.
+            "feature_variance", "mask_size"}`` (form "variance"), plus ``"adversarial"`` when
+            ``λ_a > 0``; terms of weight 0 are left out.
 
         Raises:
             KDGuardError: a needed input is missing, or the masks and statistics do not match.
@@ -160,6 +200,13 @@ class DetoxObjective:
             self._dormant(losses, masks, stats, granularity)
         else:
             self._variance(losses, masks, stats, features)
+        if self.adversarial:
+            if adversarial_logits is None or teacher_logits is None:
+                raise KDGuardError("the detox objective's adversarial term needs the detoxified teacher's "
+                                   "logits on x + δ and the original teacher's logits",
+                                   "run it through detoxify(), or set adversarial_weight=0")
+            losses["adversarial"] = self.adversarial_weight * kd_loss(
+                adversarial_logits, teacher_logits.detach(), temperature=self.temperature)
         return losses
 
     def _dormant(self, losses, masks, stats, granularity) -> None:

@@ -10,6 +10,12 @@ The released RobustKD code ships only the optimised tensors; this loop is kdguar
    frozen weights throughout (the reference leaves its teacher in train mode, so its BN
    statistics drift: a bug kdguard does not reproduce); gradients reach only ``Z`` and ``P``;
 3. optionally the masks are binarised (``M > threshold`` → 1, else 0).
+
+With the objective's adversarial term on (``adversarial_weight > 0``), each mini-batch also
+runs the detoxified teacher on ``clip(x + δ)``; after the shared backward pass the masks take
+their Adam descent step and the universal perturbation ``δ`` (``1×C×H×W``, started uniform in
+``[−ε, ε]``) one signed ascent step ``δ ← clip_ε(δ + α·sign(∇_δ))``, so δ keeps attacking the
+current detoxified teacher for about twice the cost of a plain epoch.
 """
 
 from __future__ import annotations
@@ -42,12 +48,15 @@ class DetoxResult:
             teacher on the training batches, ``agreement`` with the original teacher's
             predictions, ``masked`` (fraction of units with ``M > 0.5``), ``seconds``.
         seconds: wall time of the whole detoxification (statistics + optimisation).
+        perturbation: the final universal perturbation ``δ`` (``1×C×H×W``, values in
+            ``[−ε, ε]``) when the objective's adversarial term is on, else None.
     """
 
     detox: FeatureDetox
     stats: dict[str, StageStats]
     history: list[dict[str, float]] = field(default_factory=list)
     seconds: float = 0.0
+    perturbation: torch.Tensor | None = None
 
 
 def _positive_int(name: str, value: int) -> int:
@@ -123,6 +132,10 @@ def detoxify(teacher: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, 
     n = len(images)
     bs = min(batch_size, n)
     steps = max(1, n // bs)
+    delta = None
+    if objective.adversarial:
+        eps = objective.epsilon
+        delta = ((torch.rand((1, *images.shape[1:]), generator=generator) * 2 - 1) * eps).to(device)
     try:
         with detox.attach(teacher, record=objective.needs_features) as hooks:
             bar = tqdm(range(epochs), desc="detox", unit="epoch", disable=not progress, dynamic_ncols=True)
@@ -143,13 +156,23 @@ def detoxify(teacher: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, 
                         hooks.enabled = True
                     with autocast(device, bf16):
                         d_logits = teacher(x).float()
+                    features = dict(hooks.outputs) if objective.needs_features else None
+                    a_logits = None
+                    if delta is not None:
+                        delta.requires_grad_(True)
+                        with autocast(device, bf16):
+                            a_logits = teacher((x + delta).clamp(0, 1)).float()
                     masks = {p: s.mask() for p, s in zip(detox.paths, detox.stages)}
                     losses = objective(d_logits, t_logits, y, masks, stats, granularity=granularity,
-                                       features=hooks.outputs if objective.needs_features else None)
+                                       features=features, adversarial_logits=a_logits)
                     loss = sum(losses.values())
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()
+                    if delta is not None:  # ascent on the same loss: δ attacks what the masks defend
+                        with torch.no_grad():
+                            step = delta.grad.sign() if delta.grad is not None else 0.0
+                            delta = (delta + objective.adversarial_step * step).clamp(-eps, eps)
                     hooks.outputs = {}
                     for k, v in losses.items():
                         sums[k] = sums.get(k, 0.0) + float(v.detach())
@@ -175,4 +198,5 @@ def detoxify(teacher: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, 
     if binarize is not None:
         detox.binarize(binarize)
     detox.freeze()
-    return DetoxResult(detox=detox, stats=stats, history=history, seconds=time.perf_counter() - t0)
+    return DetoxResult(detox=detox, stats=stats, history=history, seconds=time.perf_counter() - t0,
+                       perturbation=None if delta is None else delta.detach().cpu())

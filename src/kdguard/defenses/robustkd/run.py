@@ -23,13 +23,14 @@ from typing import Any, Optional
 
 import torch
 from omegaconf import MISSING
+from safetensors.torch import save_file
 from torch import nn
 
 from ...checkpoint import load_model, model_spec, save_model
 from ...config import AttackConfig, DataConfig, TrainConfig, to_dict, to_yaml
 from ...data import ImageDataset
 from ...errors import KDGuardError, check_range
-from ...io import read_json, write_json, write_text
+from ...io import atomic_write, read_json, write_json, write_text
 from ...models import build_model
 from ...models.stages import stage_paths
 from ...pipeline import (RunResult, attack_from_manifest, attack_record, clean_subset, evaluate_model,
@@ -66,6 +67,9 @@ class DetoxConfig:
     variance_weight: float = 0.25          # λ_v (dormant)
     feature_variance_weight: float = 1.0   # λ_f (variance)
     mask_size_weight: float = 0.1          # λ_m (variance)
+    adversarial_weight: float = 0.0        # λ_a: universal perturbation the masks must defuse (0 = off)
+    epsilon: float = 0.2                   # ε: L∞ radius of δ, pixel units
+    adversarial_step: float = 0.02         # α: δ's signed ascent step per mini-batch
     epochs: int = 20
     batch_size: int = 128
     lr: float = 0.1                        # Adam, mask logits
@@ -79,7 +83,9 @@ class DetoxConfig:
                               temperature=self.temperature, sparsity_weight=self.sparsity_weight,
                               variance_weight=self.variance_weight,
                               feature_variance_weight=self.feature_variance_weight,
-                              mask_size_weight=self.mask_size_weight)
+                              mask_size_weight=self.mask_size_weight,
+                              adversarial_weight=self.adversarial_weight, epsilon=self.epsilon,
+                              adversarial_step=self.adversarial_step)
 
 
 @dataclass
@@ -151,6 +157,9 @@ def _detox_stage(job: RobustKDJob, out: Path, teacher: nn.Module, clean: ImageDa
                           progress=job.train.progress)
         detox, stats, seconds = result.detox, result.stats, result.seconds
         write_json(out / "detox_history.json", result.history)
+        if result.perturbation is not None:
+            delta = {"delta": result.perturbation.contiguous()}
+            atomic_write(out / "detox_perturbation.safetensors", lambda tmp: save_file(delta, str(tmp)))
         detox.save(saved, {"teacher": str(job.teacher), "seconds": seconds, "config": to_dict(cfg)})
     plot_masks(out / "detox_masks.png", detox, stats)
     with detox.to(device).attach(teacher):
