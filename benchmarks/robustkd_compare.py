@@ -9,7 +9,8 @@ split (CA, ASR):
 ``ofd``         OFD (Heo et al. 2019) + CE from the teacher as it is (RobustKD without detox)
 ``nad``         teacher repaired by NAD (``kdguard.defenses``, method ``nad``), then KD
 ``fine_pruning`` teacher repaired by fine-pruning (``kdguard.defenses``, method ``fp``), then KD
-``robustkd``    detoxified teacher (kdguard's reconstruction), then OFD + CE
+``robustkd``    detoxified teacher (kdguard's reconstruction, "dormant" objective), then OFD + CE
+``robustkd_adv`` the same with the objective's adversarial term on (λ_a 1, ε 0.2, α 0.02)
 ==============  =========================================================================
 
 Every stage is cached in its own run directory (``metrics.json`` present = done; an unfinished
@@ -59,7 +60,8 @@ from kdguard.io import write_json
 from kdguard.pipeline import train_teacher
 from kdguard.runtime import configure_threads
 
-METHODS = ("kd", "ofd", "nad", "fine_pruning", "robustkd")
+METHODS = ("kd", "ofd", "nad", "fine_pruning", "robustkd", "robustkd_adv")
+DETOXED = ("robustkd", "robustkd_adv")
 
 
 @dataclass(frozen=True)
@@ -173,9 +175,9 @@ def _job(method: str, teacher: Path, out: Path, r: Recipe, root: str | None, sca
          seed: int) -> RobustKDJob:
     manifest = read_manifest(teacher)
     kd = RobustKDDistillConfig(method="kd", ce_weight=0.1, kd_weight=0.9)
-    distill = RobustKDDistillConfig() if method in ("ofd", "robustkd") else kd
-    detox = DetoxConfig(enabled=method == "robustkd", epochs=_scaled(r.detox_epochs, scale),
-                        batch_size=r.batch_size)
+    distill = RobustKDDistillConfig() if method in ("ofd", *DETOXED) else kd
+    detox = DetoxConfig(enabled=method in DETOXED, epochs=_scaled(r.detox_epochs, scale),
+                        batch_size=r.batch_size, adversarial_weight=1.0 if method == "robustkd_adv" else 0.0)
     return RobustKDJob(teacher=str(teacher), pair=r.pair, student=r.student,
                        data=DataConfig(name=manifest["dataset"]["name"], root=root),
                        clean_fraction=r.clean_fraction, detox=detox, distill=distill,
@@ -206,7 +208,7 @@ def compare(teacher_dir: Path, out: Path, root: str | None, scale: float, device
         if method in DEFENCE_OF:
             repair = _cached(base / f"{method}_teacher")
             metrics = {**metrics, "defence_seconds": repair["seconds"], "repaired_teacher": repair}
-        elif method == "robustkd":
+        elif method in DETOXED:
             metrics = {**metrics, "defence_seconds": metrics.get("detox_seconds")}
         else:
             metrics = {**metrics, "defence_seconds": 0.0}
@@ -299,7 +301,8 @@ def main() -> None:
     if args.cmd == "smoke":  # every code path on the embedded digits: teachers, trigger, all methods
         teachers = make_teachers("mnist_embedded", None, out, 1.0, args.device, None)
         summaries = [compare(teachers[0], out, None, 1.0, args.device, args.seed, list(METHODS), None),
-                     compare(teachers[2], out, None, 1.0, args.device, args.seed, ["kd", "robustkd"], None)]
+                     compare(teachers[2], out, None, 1.0, args.device, args.seed, ["kd", "robustkd", "robustkd_adv"],
+                             None)]
     else:
         summaries = [compare(Path(t), out, args.data_root, args.scale, args.device, args.seed, args.methods,
                              args.student) for t in args.teachers]

@@ -74,14 +74,18 @@ def run_variant(teacher_dir: Path, variant: str, out: Path, root: str | None, ep
     return record
 
 
+def _pct(v: float | None) -> str:
+    return "—" if v is None else f"{100 * v:.2f}"  # a clean teacher has no attack, so no ASR
+
+
 def table(rows: list[dict]) -> str:
     lines = ["| teacher | variant | CA % | ASR % | ASR without trigger % | units masked % | detox s |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         m = r["metrics"]
         masked = sum(s["fraction_masked"] for s in r["summary"].values()) / max(1, len(r["summary"]))
-        lines.append(f"| {Path(r['teacher']).name} | {r['variant']} | {100 * m['ca']:.2f} | {100 * m['asr']:.2f} | "
-                     f"{100 * (m.get('asr_no_trigger') or 0):.2f} | {100 * masked:.0f} | {r['seconds']:.0f} |")
+        lines.append(f"| {Path(r['teacher']).name} | {r['variant']} | {_pct(m['ca'])} | {_pct(m.get('asr'))} | "
+                     f"{_pct(m.get('asr_no_trigger'))} | {100 * masked:.0f} | {r['seconds']:.0f} |")
     return "\n".join(lines)
 
 
