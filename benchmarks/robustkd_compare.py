@@ -5,6 +5,8 @@ share of the training split (same seed, same student, same schedule) and evaluat
 split (CA, ASR):
 
 ==============  =========================================================================
+``ce_only``     no teacher: the student on the clean labels alone (what the trigger does to a
+                student that never saw the backdoor: the floor any defence can reach)
 ``kd``          Hinton KD (τ 4, α 0.9) from the teacher as it is
 ``ofd``         OFD (Heo et al. 2019) + CE from the teacher as it is (RobustKD without detox)
 ``nad``         teacher repaired by NAD (``kdguard.defenses``, method ``nad``), then KD
@@ -60,7 +62,7 @@ from kdguard.io import write_json
 from kdguard.pipeline import train_teacher
 from kdguard.runtime import configure_threads
 
-METHODS = ("kd", "ofd", "nad", "fine_pruning", "robustkd", "robustkd_adv")
+METHODS = ("ce_only", "kd", "ofd", "nad", "fine_pruning", "robustkd", "robustkd_adv")
 DETOXED = ("robustkd", "robustkd_adv")
 
 
@@ -176,6 +178,8 @@ def _job(method: str, teacher: Path, out: Path, r: Recipe, root: str | None, sca
     manifest = read_manifest(teacher)
     kd = RobustKDDistillConfig(method="kd", ce_weight=0.1, kd_weight=0.9)
     distill = RobustKDDistillConfig() if method in ("ofd", *DETOXED) else kd
+    if method == "ce_only":
+        distill = RobustKDDistillConfig(method="kd", ce_weight=1.0, kd_weight=0.0)
     detox = DetoxConfig(enabled=method in DETOXED, epochs=_scaled(r.detox_epochs, scale),
                         batch_size=r.batch_size, adversarial_weight=1.0 if method == "robustkd_adv" else 0.0)
     return RobustKDJob(teacher=str(teacher), pair=r.pair, student=r.student,

@@ -88,6 +88,20 @@ def test_kd_method_uses_the_detoxified_logits(bn_pair):
     d.close()
 
 
+def test_ce_only_baseline_never_runs_the_teacher(bn_pair):
+    calls = []
+    handle = bn_pair.teacher.register_forward_hook(lambda *a: calls.append(1))
+    d = RobustKDDistiller(bn_pair.student, bn_pair.teacher, None, input_shape=bn_pair.shape, method="kd",
+                          kd_weight=0.0, ce_weight=1.0)
+    d.train()
+    _, losses = d(torch.rand(4, *bn_pair.shape), torch.zeros(4, dtype=torch.long))
+    assert set(losses) == {"ce"} and not calls
+    with pytest.raises(KDGuardError, match="no loss"):
+        d(torch.rand(4, *bn_pair.shape), None)
+    d.close()
+    handle.remove()
+
+
 def test_margin_auto_falls_back_without_batchnorm():
     teacher = build_model("lenet5", num_classes=10, in_channels=1).eval()
     student = build_model("lenet5", num_classes=10, in_channels=1)

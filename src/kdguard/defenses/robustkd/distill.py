@@ -198,6 +198,8 @@ class RobustKDDistiller(Distiller):
             with torch.no_grad():
                 if self._t_taps is not None:
                     t_logits, t_feats = self._t_taps(x)
+                elif self.method == "kd" and self.kd_weight == 0:  # CE-only baseline: no teacher pass
+                    t_logits, t_feats = None, {}
                 else:
                     t_logits, t_feats = self.teacher(x), {}
             xs = salt_and_pepper(x, self.noise) if self.noise > 0 else x
