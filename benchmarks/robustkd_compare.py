@@ -242,9 +242,12 @@ def table(summary: dict) -> str:
     t = summary.get("teacher_metrics") or {}
     k = summary.get("num_classes")
     at_chance = bool(kd and k and kd["ca"] < 2.0 / k)  # a failed KD baseline makes the target meaningless
-    # nor can a cut be measured where KD's ASR is only its no-trigger rate: the trigger adds nothing to cut
-    no_transfer = bool(kd and kd.get("asr") is not None
-                       and kd["asr"] - (kd.get("asr_no_trigger") or 0.0) < NO_TRANSFER)
+    # nor can a cut be measured where KD's ASR is only its no-trigger rate (the trigger adds nothing
+    # to cut) or no more than a student that never saw the teacher reaches (ce_only: the trigger's
+    # own effect on this student, not a transferred backdoor)
+    scratch = summary["methods"].get("ce_only")
+    floor = max((kd or {}).get("asr_no_trigger") or 0.0, (scratch or {}).get("asr") or 0.0)
+    no_transfer = bool(kd and kd.get("asr") is not None and kd["asr"] - floor < NO_TRANSFER)
     attack = (summary.get("attack") or {}).get("name")
     lines = [f"### {summary['dataset']}, {attack} teacher ({Path(summary['teacher']).name}) → {summary['student']}",
              "", f"Teacher: CA {_pct(t.get('ca'))} %, ASR {_pct(t.get('asr'))} %.", "",
@@ -253,12 +256,14 @@ def table(summary: dict) -> str:
              "|---|---|---|---|---|---|---|---|---|"]
     for method, m in summary["methods"].items():
         d_ca = cut = target = "—"
-        if kd and method != "kd":
+        if kd and method != "kd":  # ce_only gets the same columns, as the floor, but no verdict
             d_ca = f"{100 * (m['ca'] - kd['ca']):+.2f}"
             if kd.get("asr"):
                 reduction = 1 - (m["asr"] or 0) / kd["asr"]
                 cut = f"{100 * reduction:.0f} %"
-                if at_chance:
+                if method == "ce_only":
+                    target = "— (no teacher)"
+                elif at_chance:
                     target = "n/a (KD at chance)"
                 elif no_transfer:
                     target = "n/a (KD does not carry the backdoor)"

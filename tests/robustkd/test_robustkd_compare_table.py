@@ -21,10 +21,11 @@ def compare():
         sys.modules.pop(spec.name, None)
 
 
-def _summary(kd: dict, robustkd: dict) -> dict:
+def _summary(kd: dict, robustkd: dict, ce_only: dict | None = None) -> dict:
+    methods = {"ce_only": {**ce_only, "defence_seconds": 0.0}} if ce_only else {}
+    methods.update(kd={**kd, "defence_seconds": 0.0}, robustkd={**robustkd, "defence_seconds": 5.0})
     return {"teacher": "runs/t", "dataset": "gtsrb", "student": "resnet8", "num_classes": 43,
-            "teacher_metrics": {"ca": 0.98, "asr": 1.0}, "attack": {"name": "badnets"},
-            "methods": {"kd": {**kd, "defence_seconds": 0.0}, "robustkd": {**robustkd, "defence_seconds": 5.0}}}
+            "teacher_metrics": {"ca": 0.98, "asr": 1.0}, "attack": {"name": "badnets"}, "methods": methods}
 
 
 def _target(text: str) -> str:
@@ -48,3 +49,14 @@ def test_no_verdict_when_kd_carries_no_backdoor_or_failed(compare):
     assert _target(compare.table(_summary(kd, {"ca": 0.97, "asr": 0.003, "asr_no_trigger": 0.0}))) == "yes"
     kd = {"ca": 0.02, "asr": 0.9, "asr_no_trigger": 0.1}
     assert _target(compare.table(_summary(kd, {"ca": 0.5, "asr": 0.0, "asr_no_trigger": 0.0}))) == "n/a (KD at chance)"
+
+
+def test_no_verdict_when_a_student_without_teacher_reaches_kds_asr(compare):
+    kd, rkd = {"ca": 0.97, "asr": 0.04, "asr_no_trigger": 0.0}, {"ca": 0.97, "asr": 0.003, "asr_no_trigger": 0.0}
+    text = compare.table(_summary(kd, rkd, ce_only={"ca": 0.95, "asr": 0.035, "asr_no_trigger": 0.0}))
+    assert _target(text) == "n/a (KD does not carry the backdoor)"
+    assert [line for line in text.splitlines() if line.startswith("| ce_only |")][0].split("|")[-2].strip() \
+        == "— (no teacher)"
+    # a floor well below KD's ASR leaves the verdict to the cut
+    text = compare.table(_summary(kd, rkd, ce_only={"ca": 0.95, "asr": 0.004, "asr_no_trigger": 0.0}))
+    assert _target(text) == "yes"
