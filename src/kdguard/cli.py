@@ -101,12 +101,18 @@ def evaluate_cmd(
     attack: Optional[str] = typer.Option(None, help="Attack/trigger (default: the checkpoint's; 'none' for CA only)"),
     target: int = typer.Option(0, help="Target class when --attack is given"),
     poison_seed: int = typer.Option(0, "--attack-seed", help="Trigger seed when --attack is given"),
+    attack_from: Optional[str] = typer.Option(
+        None, help="Use the attack (trigger, target, parameters) of another run, e.g. a clean model "
+                   "tested against a poisoned teacher's trigger"),
     as_json: bool = typer.Option(False, "--json", help="Print the metrics object as JSON"),
 ) -> None:
     """Evaluate a checkpoint: CA, ASR (non-target), ASR-all, RA and counts."""
     from .checkpoint import read_manifest
     from .config import AttackConfig, DataConfig
-    from .pipeline import evaluate_checkpoint
+    from .pipeline import attack_from_manifest, evaluate_checkpoint
+
+    if attack and attack_from:
+        raise KDGuardError("--attack and --attack-from both name an attack", "give only one of them")
 
     data_cfg = None
     if dataset or data_root:
@@ -115,8 +121,12 @@ def evaluate_cmd(
             raise KDGuardError("the checkpoint's manifest names no dataset", "pass --dataset NAME")
         data_cfg = DataConfig(name=name, root=data_root)
     attack_cfg = AttackConfig(name=attack, target=target, seed=poison_seed) if attack else None
+    if attack_from:
+        attack_cfg = attack_from_manifest(read_manifest(attack_from))
+        if attack_cfg is None:
+            raise KDGuardError(f"run {attack_from!r} records no attack", "point --attack-from at a poisoned run")
     metrics = evaluate_checkpoint(checkpoint, data_cfg, attack_cfg,
-                                  use_manifest_attack=attack is None)
+                                  use_manifest_attack=attack is None and not attack_from)
     if as_json:
         sys.stdout.write(json.dumps(metrics, indent=2) + "\n")
     else:

@@ -97,6 +97,21 @@ def test_trigger_command_and_registered_trigger(teacher_dir, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["n_backdoor"] == 900
 
 
+def test_evaluate_a_clean_model_against_another_runs_attack(teacher_dir, tmp_path, capsys):
+    clean = tmp_path / "clean"
+    model, manifest = load_model(teacher_dir)
+    save_model(clean, model, {**{k: v for k, v in manifest.items() if k != "attack"}, "role": "teacher"})
+    capsys.readouterr()
+    assert main(["evaluate", str(clean), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out).get("n_backdoor") in (None, 0)
+    assert main(["evaluate", str(clean), "--json", "--attack-from", str(teacher_dir)]) == 0
+    assert json.loads(capsys.readouterr().out)["n_backdoor"] > 0  # the teacher's BadNets trigger
+    assert main(["evaluate", str(clean), "--attack-from", str(clean)]) == 2
+    assert "records no attack" in capsys.readouterr().err
+    assert main(["evaluate", str(clean), "--attack", "blend", "--attack-from", str(teacher_dir)]) == 2
+    assert "give only one" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("args, fragment", [
     (["robustkd", "--teacher", "/nonexistent/teacher"], "does not exist"),
     (["robustkd", "--teacher", "T", "detox.form=magic"], "unknown detox objective form"),
