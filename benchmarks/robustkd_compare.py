@@ -251,11 +251,16 @@ def table(summary: dict) -> str:
     attack = (summary.get("attack") or {}).get("name")
     lines = [f"### {summary['dataset']}, {attack} teacher ({Path(summary['teacher']).name}) → {summary['student']}",
              "", f"Teacher: CA {_pct(t.get('ca'))} %, ASR {_pct(t.get('asr'))} %.", "",
-             "| method | CA % | ASR % | ASR without trigger % | ΔCA vs KD (pt) | ASR cut vs KD | defence s "
-             "| distillation s | target |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| method | CA % | ASR % | ASR without trigger % | ΔCA vs KD (pt) | ASR cut vs KD | ASR cut vs OFD "
+             "| defence s | distillation s | target |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    ofd = summary["methods"].get("ofd")
     for method, m in summary["methods"].items():
         d_ca = cut = target = "—"
+        # RobustKD's own distillation is OFD: against OFD from the same teacher, the cut is what
+        # the detoxification alone buys
+        cut_ofd = f"{100 * (1 - (m['asr'] or 0) / ofd['asr']):.0f} %" \
+            if ofd and ofd.get("asr") and method in DETOXED else "—"
         if kd and method != "kd":  # ce_only gets the same columns, as the floor, but no verdict
             d_ca = f"{100 * (m['ca'] - kd['ca']):+.2f}"
             if kd.get("asr"):
@@ -270,7 +275,7 @@ def table(summary: dict) -> str:
                 else:
                     target = "yes" if reduction >= 0.9 and kd["ca"] - m["ca"] <= 0.03 else "no"
         lines.append(f"| {method} | {_pct(m.get('ca'))} | {_pct(m.get('asr'))} | {_pct(m.get('asr_no_trigger'))} | "
-                     f"{d_ca} | {cut} | "
+                     f"{d_ca} | {cut} | {cut_ofd} | "
                      f"{m.get('defence_seconds') or 0:.0f} | {_distill_s(m):.0f} | {target} |")
     return "\n".join(lines)
 

@@ -60,3 +60,12 @@ def test_no_verdict_when_a_student_without_teacher_reaches_kds_asr(compare):
     # a floor well below KD's ASR leaves the verdict to the cut
     text = compare.table(_summary(kd, rkd, ce_only={"ca": 0.95, "asr": 0.004, "asr_no_trigger": 0.0}))
     assert _target(text) == "yes"
+
+
+def test_cut_against_ofd_is_given_for_detoxified_students_only(compare):
+    summary = _summary({"ca": 0.97, "asr": 0.04, "asr_no_trigger": 0.0}, {"ca": 0.96, "asr": 0.05})
+    summary["methods"]["ofd"] = {"ca": 0.97, "asr": 0.40, "defence_seconds": 0.0}
+    rows = {line.split("|")[1].strip(): line.split("|") for line in compare.table(summary).splitlines()
+            if line.startswith("| ")}
+    assert rows["robustkd"][7].strip() == "88 %"  # 1 − 5/40
+    assert rows["ofd"][7].strip() == "—" and rows["kd"][7].strip() == "—"

@@ -103,7 +103,9 @@ class DetoxObjective:
             never worth masking on the penalties alone.
         feature_variance_weight: ``λ_f`` (form "variance"; 1).
         mask_size_weight: ``λ_m`` (form "variance"; 0.1).
-        adversarial_weight: ``λ_a`` of the adversarial term (0: off).
+        adversarial_weight: ``λ_a`` of the adversarial term (0: off; off by default because at
+            λ_a 1 it cost the GTSRB teachers 4–10 CA points, a clean one the most, see
+            ``docs/robustkd.md``).
         epsilon: ``ε``, the L∞ radius of ``δ`` in [0, 1] pixel units (0.2: the paper's blend
             mask bound).
         adversarial_step: ``α``, the signed-gradient step of ``δ`` per mini-batch (0.02).
