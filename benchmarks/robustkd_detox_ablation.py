@@ -11,6 +11,8 @@ without trigger). Variants (``--variants``):
 ``variance``        the literal "variance" form
 ``adversarial``     "dormant" + the adversarial term (λ_a 1, ε 0.2, α 0.02)
 ``adversarial_only`` the adversarial term and fidelity only (λ_s = λ_v = 0)
+``adversarial_w0.2`` "adversarial" with λ_a 0.2
+``adversarial_eps0.1`` "adversarial" with ε 0.1, α 0.01
 ==================  ==============================================================================
 
 Each variant is cached in ``<out>/<teacher name>/<variant>/result.json`` (with its masks), so the
