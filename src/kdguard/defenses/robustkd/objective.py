@@ -54,9 +54,10 @@ learn to make it harmless,
 
 ``clip`` to [0, 1]. A backdoored teacher has a small universal perturbation that moves almost
 every input to one class (its trigger, or a blend of it: a blended trigger
-``x' = (1 − m)x + m·p`` with ``m ≤ ε`` lies inside the ball), a clean one mostly does not, so
-``δ`` finds the backdoor and the masks replace the units it drives, while the fidelity terms
-keep them off the rest of the clean task. ``δ`` is updated by one signed-gradient ascent step of
+``x' = (1 − m)x + m·p`` with ``m ≤ ε`` lies inside the ball), so ``δ`` finds the backdoor and
+the masks replace the units it drives, while the fidelity terms keep them off the rest of the
+clean task. A clean model has universal adversarial directions of its own at such ``ε``; the
+term pushes against those too, which is where its clean-accuracy cost comes from. ``δ`` is updated by one signed-gradient ascent step of
 size ``α`` from the same backward pass as the masks ("free" universal adversarial training,
 Shafahi et al., AAAI 2020; unlearning a universal perturbation is I-BAU's idea, Zeng et al.,
 ICLR 2022). Patch triggers at full intensity lie outside a small ``ε`` ball; the dormant terms
