@@ -33,9 +33,7 @@ from pathlib import Path
 from kdguard.checkpoint import load_model
 from kdguard.config import DataConfig, TrainConfig
 from kdguard.defenses.robustkd import DetoxConfig
-from kdguard.defenses.robustkd.optimize import detoxify
 from kdguard.io import write_json
-from kdguard.models.stages import stage_paths
 from kdguard.pipeline import attack_from_manifest, clean_subset, evaluate_model, load_splits, make_attack
 from kdguard.runtime import configure_threads, resolve_device
 
@@ -60,10 +58,7 @@ def run_variant(teacher_dir: Path, variant: str, out: Path, root: str | None, ep
     clean = clean_subset(data, fraction, seed)
     cfg = replace(DetoxConfig(epochs=epochs), **VARIANTS[variant])
     dev = resolve_device(device)
-    result = detoxify(teacher, clean.images, clean.labels, paths=list(stage_paths(teacher, "pre_relu")),
-                      objective=cfg.objective(), granularity=cfg.granularity, combine=cfg.combine,
-                      init_mask=cfg.init_mask, activation=cfg.activation, epochs=cfg.epochs,
-                      batch_size=cfg.batch_size, lr=cfg.lr, device=dev, seed=seed)
+    result = cfg.detoxify(teacher, clean, device=dev, seed=seed)
     train = TrainConfig(device=device)
     with result.detox.to(dev).attach(teacher):
         metrics = evaluate_model(teacher, data.test, attack, train_cfg=train).to_dict()

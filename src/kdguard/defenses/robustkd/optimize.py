@@ -171,8 +171,7 @@ def detoxify(teacher: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, 
                     optimizer.step()
                     if delta is not None:  # ascent on the same loss: δ attacks what the masks defend
                         with torch.no_grad():
-                            step = delta.grad.sign() if delta.grad is not None else 0.0
-                            delta = (delta + objective.adversarial_step * step).clamp(-eps, eps)
+                            delta = (delta + objective.adversarial_step * delta.grad.sign()).clamp(-eps, eps)
                     hooks.outputs = {}
                     for k, v in losses.items():
                         sums[k] = sums.get(k, 0.0) + float(v.detach())

@@ -40,7 +40,7 @@ from ...train import Trainer
 from .detox import DETOX_FILE, FeatureDetox
 from .distill import RobustKDDistiller
 from .objective import DetoxObjective
-from .optimize import detoxify
+from .optimize import DetoxResult, detoxify
 from .plots import plot_masks, plot_trigger
 from .presets import get_pair
 from .trigger_opt import RobustKDBlend, optimize_blend_trigger
@@ -86,6 +86,26 @@ class DetoxConfig:
                               mask_size_weight=self.mask_size_weight,
                               adversarial_weight=self.adversarial_weight, epsilon=self.epsilon,
                               adversarial_step=self.adversarial_step)
+
+    def detoxify(self, teacher: nn.Module, clean: ImageDataset, *, augment=None,
+                 device: torch.device | str = "cpu", bf16: bool = False, seed: int = 0,
+                 progress: bool = False) -> DetoxResult:
+        """Run :func:`~.optimize.detoxify` on ``clean`` with these settings.
+
+        ``paths`` unset means the teacher's ``pre_relu`` stage preset; ``augment`` is the batched
+        augmentation to use when ``self.augment`` is on (ignored otherwise).
+
+        Raises:
+            KDGuardError: as :func:`~.optimize.detoxify`.
+        """
+        paths = list(self.paths) if self.paths else list(stage_paths(teacher, "pre_relu"))
+        return detoxify(teacher, clean.images, clean.labels, paths=paths, objective=self.objective(),
+                        granularity=self.granularity, combine=self.combine, init_mask=self.init_mask,
+                        activation=self.activation, epochs=self.epochs, batch_size=self.batch_size,
+                        lr=self.lr, replacement_lr=self.replacement_lr,
+                        learn_replacement=self.learn_replacement, binarize=self.binarize,
+                        augment=augment if self.augment else None, device=device, bf16=bf16, seed=seed,
+                        progress=progress)
 
 
 @dataclass
@@ -145,16 +165,9 @@ def _detox_stage(job: RobustKDJob, out: Path, teacher: nn.Module, clean: ImageDa
         detox, seconds = FeatureDetox.load(cfg.load), 0.0
         detox.save(saved, {"teacher": str(job.teacher), "seconds": seconds, "loaded_from": cfg.load})
     else:
-        paths = list(cfg.paths) if cfg.paths else list(stage_paths(teacher, "pre_relu"))
-        augment = make_augment(job.data, clean) if cfg.augment else None
-        result = detoxify(teacher, clean.images, clean.labels, paths=paths, objective=cfg.objective(),
-                          granularity=cfg.granularity, combine=cfg.combine, init_mask=cfg.init_mask,
-                          activation=cfg.activation, epochs=cfg.epochs, batch_size=cfg.batch_size,
-                          lr=cfg.lr, replacement_lr=cfg.replacement_lr,
-                          learn_replacement=cfg.learn_replacement, binarize=cfg.binarize,
-                          augment=augment, device=device,
-                          bf16=use_bf16(job.train.amp, device, teacher), seed=job.seed,
-                          progress=job.train.progress)
+        result = cfg.detoxify(teacher, clean, augment=make_augment(job.data, clean) if cfg.augment else None,
+                              device=device, bf16=use_bf16(job.train.amp, device, teacher), seed=job.seed,
+                              progress=job.train.progress)
         detox, stats, seconds = result.detox, result.stats, result.seconds
         write_json(out / "detox_history.json", result.history)
         if result.perturbation is not None:
