@@ -17,6 +17,9 @@ split (CA, ASR):
 
 Every stage is cached in its own run directory (``metrics.json`` present = done; an unfinished
 training resumes from ``train_state.pt``), so the table can be built in parts and re-printed.
+Stages write only their own run directories, so several may run at once:
+``benchmarks/robustkd_parallel.sh`` runs every stage of one dataset as its own process, for a
+GPU that one small network leaves mostly idle.
 The repairs use the same clean share as the distillation and ``repair_epochs`` epochs of SGD
 (lr 0.01, cosine). The cost of each defence (wall time of the detoxification or of the teacher
 repair) and of the distillation is reported beside CA and ASR; the target of the issue (ASR
@@ -41,6 +44,8 @@ import platform
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from kdguard.checkpoint import read_manifest
 from kdguard.config import (
     AttackConfig,
@@ -60,7 +65,7 @@ from kdguard.defenses.robustkd import (
 )
 from kdguard.io import write_json
 from kdguard.pipeline import train_teacher
-from kdguard.runtime import configure_threads
+from kdguard.runtime import configure_threads, resolve_device
 
 METHODS = ("ce_only", "kd", "ofd", "nad", "fine_pruning", "robustkd", "robustkd_adv")
 DETOXED = ("robustkd", "robustkd_adv")
@@ -189,6 +194,12 @@ def _job(method: str, teacher: Path, out: Path, r: Recipe, root: str | None, sca
                        out=str(out / method))
 
 
+def _machine(device: str) -> str:
+    cpu = platform.processor() or platform.machine()
+    resolved = resolve_device(device)
+    return f"{torch.cuda.get_device_name(resolved)} ({cpu} host)" if resolved.type == "cuda" else cpu
+
+
 def compare(teacher_dir: Path, out: Path, root: str | None, scale: float, device: str, seed: int,
             methods: list[str], student: str | None) -> dict:
     manifest = read_manifest(teacher_dir)
@@ -198,7 +209,7 @@ def compare(teacher_dir: Path, out: Path, root: str | None, scale: float, device
     r = RECIPES[dataset]
     if student:
         r = Recipe(**{**r.__dict__, "student": student, "pair": None})
-    base = out / "compare" / teacher_dir.name
+    base = out / "compare" / dataset / teacher_dir.name  # teacher names repeat across datasets
     rows: dict[str, dict] = {}
     for method in methods:
         run = base / method
@@ -220,7 +231,7 @@ def compare(teacher_dir: Path, out: Path, root: str | None, scale: float, device
     summary = {"teacher": str(teacher_dir), "dataset": dataset, "student": r.student,
                "num_classes": len(manifest.get("dataset", {}).get("classes") or []) or None,
                "teacher_metrics": manifest.get("metrics"), "attack": (manifest.get("attack") or {}).get("config"),
-               "machine": platform.processor() or platform.machine(), "methods": rows}
+               "machine": _machine(device), "methods": rows}
     write_json(base / "summary.json", summary)
     return summary
 
