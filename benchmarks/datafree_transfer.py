@@ -15,7 +15,9 @@ scale:
 Every stage is its own run directory; a finished stage (``metrics.json`` present) is skipped
 and an unfinished one resumes from its state file, so the table can be built in parts
 (``--only badnets:zskt badnets:clean_kd`` runs those cells; every cell an earlier call finished
-is reported too, and the ones not run yet are listed). Results: ``<out>/summary_<table>.json`` and a
+is reported too, and the ones not run yet are listed). Cells write only their own run directories,
+so once a teacher exists (``--only badnets:teacher`` trains just that) its cells can run as
+separate processes at once: ``benchmarks/datafree_parallel.sh`` does that on a GPU. Results: ``<out>/summary_<table>.json`` and a
 Markdown table. ``--table abd`` builds the ABD issue's table instead (five triggers; ZSKT,
 ZSKT + ABD, clean KD; CMI ± ABD; the SV-only / SR-only ablation), sharing teachers and cells.
 
@@ -182,8 +184,10 @@ def main() -> None:
     ap.add_argument("--table", choices=sorted(PROTOCOLS), default="transfer",
                     help="transfer: the data-free table; abd: the ABD headline table and ablation")
     ap.add_argument("--only", nargs="*", default=None, metavar="ATTACK:METHOD",
-                    help="run only these cells, e.g. badnets:zskt badnets:zskt+abd")
+                    help="run only these cells, e.g. badnets:zskt badnets:zskt+abd; ATTACK:teacher trains "
+                         "only that teacher")
     ap.add_argument("--report", action="store_true", help="run nothing: print the cells finished so far")
+    ap.add_argument("--list", action="store_true", help="print the table's cells (ATTACK:METHOD), one a line")
     ap.add_argument("--teacher-epochs", type=int, default=30)
     ap.add_argument("--kd-epochs", type=int, default=60)
     ap.add_argument("--threads", type=int, default=None,
@@ -191,21 +195,35 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="tiny sizes on embedded MNIST (checks the script)")
     ap.add_argument("--progress", action="store_true", help="progress bars")
     args = ap.parse_args()
-    if not args.smoke and not args.data_root:
+    if not (args.smoke or args.data_root or args.list):
         ap.error("--data-root is required for the CIFAR-10 protocol (or use --smoke)")
     if args.threads:
         torch.set_num_threads(args.threads)
         for module in (pipeline, datafree_run):  # the run functions would reset it to every core
             module.configure_threads = lambda *a, **k: None
+    protocol = PROTOCOLS[args.table]
+    if args.list:
+        print("\n".join(f"{attack}:{m}" for attack, methods in protocol.items() for m in methods))
+        return
+    known = {(a, m) for a, methods in protocol.items() for m in (*methods, "teacher")}
+    wanted = None
+    if args.report:
+        wanted = set()
+    elif args.only:
+        wanted = {tuple(x.split(":", 1)) for x in args.only}
+        unknown = sorted(":".join(c) for c in wanted - known)
+        if unknown:
+            ap.error(f"--only: {' '.join(unknown)} not in the {args.table!r} table; "
+                     f"--table {args.table} --list prints its cells")
     cfg = settings(args)
     out = Path(args.out) / ("smoke" if args.smoke else "cifar10")
-    wanted = set() if args.report else {tuple(x.split(":", 1)) for x in args.only} if args.only else None
     summary: dict = {"settings": {k: v for k, v in cfg.items()}, "cells": [], "missing": []}
-    for attack, methods in PROTOCOLS[args.table].items():
+    for attack, methods in protocol.items():
         for seed in args.seeds:
             t_job = teacher_job(attack, cfg, out, seed)
             todo = [m for m in methods if wanted is None or (attack, m) in wanted]
-            if not todo and finished(Path(t_job.out)) is None:
+            teacher_wanted = bool(todo) or (wanted is not None and (attack, "teacher") in wanted)
+            if not teacher_wanted and finished(Path(t_job.out)) is None:
                 summary["missing"] += [f"{attack}:{m}" for m in methods]
                 continue
             t0 = time.perf_counter()
@@ -230,6 +248,7 @@ def main() -> None:
                                          "abd_reference": ABD_REFERENCE.get(attack, {}).get(method)})
             print(f"\n## {ATTACK_LABEL[attack]}, seed {seed} ({time.perf_counter() - t0:.0f} s this call)\n")
             print(metrics_table(rows))
+    out.mkdir(parents=True, exist_ok=True)  # --report before any run
     (out / f"summary_{args.table}.json").write_text(json.dumps(summary, indent=2))
     # ASR without the trigger: the student's target bias (runs older than the metric show —).
     # Minutes: training time summed over every call of a resumed run (evaluations excluded).

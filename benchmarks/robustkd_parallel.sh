@@ -32,13 +32,11 @@ export KDGUARD_NUM_THREADS=${KDGUARD_NUM_THREADS:-1}
 "$py" -c "import sys; from kdguard.data import load_dataset
 for split in ('train', 'test'): load_dataset(sys.argv[1], split, root=sys.argv[2])" "$dataset" "$root" || exit 1
 
-report_failure() {  # log name → the end of its log on stdout, where a remote caller sees it
-  echo "FAILED: $1 (log $logs/$1.log)"
-  tail -n 15 "$logs/$1.log"
-}
+# shellcheck source=parallel_stages.sh
+source "$(dirname "$0")/parallel_stages.sh"
 
 chain() {  # one poisoned teacher, then all of its students at once
-  local attack=$1 pids=() names=() i
+  local attack=$1 stage_pids=() stage_names=() m
   if ! "$py" "$script" teachers --dataset "$dataset" --attacks "$attack" --out "$out" --data-root "$root" \
       "${extra[@]}" >"$logs/teacher_$attack.log" 2>&1; then
     report_failure "teacher_$attack"
@@ -46,16 +44,10 @@ chain() {  # one poisoned teacher, then all of its students at once
   fi
   echo "$(date +%T) teacher $attack ready: $(tail -n 1 "$logs/teacher_$attack.log")"
   for m in "${methods[@]}"; do
-    "$py" "$script" compare --teachers "$out/$dataset/teacher_$attack" --methods "$m" --out "$out" \
-      --data-root "$root" "${extra[@]}" >"$logs/${attack}_$m.log" 2>&1 &
-    pids+=($!)
-    names+=("${attack}_$m")
+    start_stage "${attack}_$m" "$py" "$script" compare --teachers "$out/$dataset/teacher_$attack" --methods "$m" \
+      --out "$out" --data-root "$root" "${extra[@]}"
   done
-  local failed=0
-  for i in "${!pids[@]}"; do
-    if wait "${pids[$i]}"; then echo "$(date +%T) ${names[$i]} done"; else report_failure "${names[$i]}"; failed=1; fi
-  done
-  return $failed
+  wait_stages
 }
 
 echo "$(date +%T) start: $dataset, $(nproc) cores"
