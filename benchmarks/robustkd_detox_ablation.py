@@ -13,6 +13,8 @@ without trigger). Variants (``--variants``):
 ``adversarial_only`` the adversarial term and fidelity only (λ_s = λ_v = 0)
 ``adversarial_w0.2`` "adversarial" with λ_a 0.2
 ``adversarial_eps0.1`` "adversarial" with ε 0.1, α 0.01
+``adversarial_fixed`` "dormant" + the adversarial term with ``δ*`` searched on the original teacher
+                    first (2 passes) and then fixed (λ_a 1, ε 0.2, α 0.02)
 ==================  ==============================================================================
 
 Each variant is cached in ``<out>/<teacher name>/<variant>/result.json`` (with its masks), so the
@@ -30,8 +32,11 @@ import platform
 from dataclasses import replace
 from pathlib import Path
 
+import torch
+
 from kdguard.checkpoint import load_model
 from kdguard.config import DataConfig, TrainConfig
+from kdguard.data import to_float
 from kdguard.defenses.robustkd import DetoxConfig
 from kdguard.io import write_json
 from kdguard.pipeline import attack_from_manifest, clean_subset, evaluate_model, load_splits, make_attack
@@ -44,6 +49,7 @@ VARIANTS = {
     "adversarial_only": {"adversarial_weight": 1.0, "sparsity_weight": 0.0, "variance_weight": 0.0},
     "adversarial_w0.2": {"adversarial_weight": 0.2},
     "adversarial_eps0.1": {"adversarial_weight": 1.0, "epsilon": 0.1, "adversarial_step": 0.01},
+    "adversarial_fixed": {"adversarial_weight": 1.0, "adversarial_against": "teacher"},
 }
 
 
@@ -63,12 +69,29 @@ def run_variant(teacher_dir: Path, variant: str, out: Path, root: str | None, ep
     with result.detox.to(dev).attach(teacher):
         metrics = evaluate_model(teacher, data.test, attack, train_cfg=train).to_dict()
     result.detox.save(out / "detox.safetensors", {"teacher": str(teacher_dir), "variant": variant})
+    steer = None if result.perturbation is None else _perturbation_effect(teacher, data.test.images,
+                                                                          result.perturbation, dev)
     record = {"teacher": str(teacher_dir), "variant": variant, "settings": VARIANTS[variant], "epochs": epochs,
               "n_clean": len(clean), "seconds": result.seconds, "metrics": metrics,
               "summary": result.detox.summary(), "history": result.history,
+              "perturbation_history": result.perturbation_history, "perturbation_effect": steer,
               "machine": platform.processor() or platform.machine()}
     write_json(done, record)
     return record
+
+
+@torch.no_grad()
+def _perturbation_effect(teacher, images, delta, device) -> dict:
+    """Where the final δ sends the *original* teacher's test predictions: the class it sends
+    most images to and that share (does δ point at the backdoor's target?)."""
+    teacher.eval()
+    counts = torch.zeros(0, dtype=torch.long)
+    for i in range(0, len(images), 512):
+        x = (to_float(images[i:i + 512], device) + delta.to(device)).clamp(0, 1)
+        pred = teacher(x).argmax(1).cpu()
+        counts = torch.cat([counts, pred])
+    top = torch.bincount(counts).argmax()
+    return {"top_class": int(top), "top_share": float((counts == top).float().mean())}
 
 
 def _pct(v: float | None) -> str:
@@ -76,13 +99,16 @@ def _pct(v: float | None) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| teacher | variant | CA % | ASR % | ASR without trigger % | units masked % | detox s |",
-             "|---|---|---|---|---|---|---|"]
+    # δ → class: where the final δ alone sends the original teacher's test images (class, share %)
+    lines = ["| teacher | variant | CA % | ASR % | ASR without trigger % | units masked % | δ → class | detox s |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         m = r["metrics"]
         masked = sum(s["fraction_masked"] for s in r["summary"].values()) / max(1, len(r["summary"]))
+        effect = r.get("perturbation_effect")
+        steer = "—" if not effect else f"{effect['top_class']} ({100 * effect['top_share']:.0f} %)"
         lines.append(f"| {Path(r['teacher']).name} | {r['variant']} | {_pct(m['ca'])} | {_pct(m.get('asr'))} | "
-                     f"{_pct(m.get('asr_no_trigger'))} | {100 * masked:.0f} | {r['seconds']:.0f} |")
+                     f"{_pct(m.get('asr_no_trigger'))} | {100 * masked:.0f} | {steer} | {r['seconds']:.0f} |")
     return "\n".join(lines)
 
 

@@ -197,3 +197,42 @@ def test_adversarial_detox_is_reproducible_and_off_by_default(planted):
     assert "adversarial" in a.history[-1]
     plain = detoxify(planted.model, planted.x, planted.y, seed=3, **kw)
     assert plain.perturbation is None and "adversarial" not in plain.history[-1]
+
+
+def test_fixed_perturbation_from_the_teacher_removes_a_backdoor_on_an_active_channel(active_planted):
+    """adversarial_against="teacher": δ* is searched on the original teacher, then the masks defuse it."""
+    ns = active_planted
+    # 4 steps a pass here: 10 passes give δ* the ~40 signed steps it needs to converge (with 3 passes
+    # it stops half-way and the masks, fitted to a half-formed δ*, cost 21 CA points)
+    obj = DetoxObjective(adversarial_weight=1.0, adversarial_against="teacher", perturbation_epochs=10)
+    result = detoxify(ns.model, ns.x, ns.y, paths=["stage"], granularity="channel", objective=obj, epochs=15,
+                      batch_size=64, lr=0.1)
+    assert len(result.perturbation_history) == 10
+    assert result.perturbation_history[-1] > result.perturbation_history[0]  # the ascent found a direction
+    assert float(result.perturbation.abs().max()) <= 0.2 + 1e-6
+    with result.detox.attach(ns.model):
+        assert ns.accuracy(ns.model, ns.x_test, ns.y_test) >= 0.99
+        assert _active_asr(ns, ns.model) <= 0.05
+
+
+def test_fixed_perturbation_does_not_move_while_the_masks_learn(planted):
+    kw = dict(paths=["stage"], granularity="channel", batch_size=64, lr=0.1, seed=1)
+    fixed = DetoxObjective(adversarial_weight=1.0, adversarial_against="teacher", perturbation_epochs=1)
+    short = detoxify(planted.model, planted.x, planted.y, objective=fixed, epochs=1, **kw)
+    long = detoxify(planted.model, planted.x, planted.y, objective=fixed, epochs=3, **kw)
+    assert torch.equal(short.perturbation, long.perturbation)
+    assert not torch.equal(short.detox.masks()["stage"], long.detox.masks()["stage"])  # the masks did learn
+    minmax = DetoxObjective(adversarial_weight=1.0)
+    a = detoxify(planted.model, planted.x, planted.y, objective=minmax, epochs=1, **kw)
+    b = detoxify(planted.model, planted.x, planted.y, objective=minmax, epochs=3, **kw)
+    assert not torch.equal(a.perturbation, b.perturbation) and a.perturbation_history == []
+
+
+@pytest.mark.parametrize("kw, words", [
+    ({"adversarial_against": "student"}, "adversarial_against"),
+    ({"perturbation_epochs": 0}, "perturbation_epochs"),
+    ({"perturbation_epochs": 1.5}, "perturbation_epochs"),
+])
+def test_fixed_perturbation_settings_are_checked(kw, words):
+    with pytest.raises(KDGuardError, match=words):
+        DetoxObjective(adversarial_weight=1.0, **kw)

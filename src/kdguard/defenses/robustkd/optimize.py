@@ -15,7 +15,10 @@ With the objective's adversarial term on (``adversarial_weight > 0``), each mini
 runs the detoxified teacher on ``clip(x + δ)``; after the shared backward pass the masks take
 their Adam descent step and the universal perturbation ``δ`` (``1×C×H×W``, started uniform in
 ``[−ε, ε]``) one signed ascent step ``δ ← clip_ε(δ + α·sign(∇_δ))``, so δ keeps attacking the
-current detoxified teacher for about twice the cost of a plain epoch.
+current detoxified teacher for about twice the cost of a plain epoch. With
+``adversarial_against="teacher"``, ``δ`` instead takes ``perturbation_epochs`` passes of the
+same signed ascent on the *original* teacher before step 2 and then stays fixed, so the masks
+defuse one perturbation instead of chasing each new one.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from tqdm.auto import tqdm
 
 from ...data.batches import to_float
 from ...errors import KDGuardError, check_range
+from ...losses.logit import kd_loss
 from ...runtime import autocast
 from .detox import FeatureDetox
 from .objective import DetoxObjective
@@ -50,6 +54,8 @@ class DetoxResult:
         seconds: wall time of the whole detoxification (statistics + optimisation).
         perturbation: the final universal perturbation ``δ`` (``1×C×H×W``, values in
             ``[−ε, ε]``) when the objective's adversarial term is on, else None.
+        perturbation_history: with ``adversarial_against="teacher"``, the mean
+            ``τ²·KL(T(x) ‖ T(x + δ))`` of each search pass on the original teacher; else empty.
     """
 
     detox: FeatureDetox
@@ -57,12 +63,42 @@ class DetoxResult:
     history: list[dict[str, float]] = field(default_factory=list)
     seconds: float = 0.0
     perturbation: torch.Tensor | None = None
+    perturbation_history: list[float] = field(default_factory=list)
 
 
 def _positive_int(name: str, value: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise KDGuardError(f"detox {name} {value!r} is not a positive integer", f"set {name} to e.g. 10")
     return value
+
+
+def _search_perturbation(teacher: nn.Module, images: torch.Tensor, delta: torch.Tensor,
+                         objective: DetoxObjective, *, batch_size: int, augment: Callable | None,
+                         generator: torch.Generator, device: torch.device, bf16: bool) -> list[float]:
+    """Signed ascent of ``δ`` (in place) on ``τ²·KL(T(x) ‖ T(clip(x + δ)))`` of the original
+    teacher, ``objective.perturbation_epochs`` passes; returns each pass's mean KL."""
+    n, eps = len(images), objective.epsilon
+    bs = min(batch_size, n)
+    passes = []
+    for _ in range(objective.perturbation_epochs):
+        order = torch.randperm(n, generator=generator)
+        total = 0.0
+        for b in range(max(1, n // bs)):
+            xb = images[order[b * bs:(b + 1) * bs]]
+            x = to_float(augment(xb, generator=generator) if augment is not None else xb, device)
+            with torch.no_grad(), autocast(device, bf16):
+                t_logits = teacher(x).float()
+            delta.requires_grad_(True)
+            with autocast(device, bf16):
+                a_logits = teacher((x + delta).clamp(0, 1)).float()
+            kl = kd_loss(a_logits, t_logits, temperature=objective.temperature)
+            (grad,) = torch.autograd.grad(kl, delta)
+            with torch.no_grad():
+                delta.add_(objective.adversarial_step * grad.sign()).clamp_(-eps, eps)
+            delta.requires_grad_(False)
+            total += float(kl.detach())
+        passes.append(total / max(1, n // bs))
+    return passes
 
 
 def detoxify(teacher: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, paths: Sequence[str],
@@ -136,7 +172,11 @@ def detoxify(teacher: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, 
     if objective.adversarial:
         eps = objective.epsilon
         delta = ((torch.rand((1, *images.shape[1:]), generator=generator) * 2 - 1) * eps).to(device)
+    searched: list[float] = []
     try:
+        if objective.fixed_perturbation:  # δ* on the original teacher, before any mask exists
+            searched = _search_perturbation(teacher, images, delta, objective, batch_size=bs, augment=augment,
+                                            generator=generator, device=device, bf16=bf16)
         with detox.attach(teacher, record=objective.needs_features) as hooks:
             bar = tqdm(range(epochs), desc="detox", unit="epoch", disable=not progress, dynamic_ncols=True)
             for epoch in bar:
@@ -159,7 +199,7 @@ def detoxify(teacher: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, 
                     features = dict(hooks.outputs) if objective.needs_features else None
                     a_logits = None
                     if delta is not None:
-                        delta.requires_grad_(True)
+                        delta.requires_grad_(not objective.fixed_perturbation)
                         with autocast(device, bf16):
                             a_logits = teacher((x + delta).clamp(0, 1)).float()
                     masks = {p: s.mask() for p, s in zip(detox.paths, detox.stages)}
@@ -169,7 +209,8 @@ def detoxify(teacher: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, 
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()
-                    if delta is not None:  # ascent on the same loss: δ attacks what the masks defend
+                    if delta is not None and not objective.fixed_perturbation:
+                        # ascent on the same loss: δ attacks what the masks defend
                         with torch.no_grad():
                             delta = (delta + objective.adversarial_step * delta.grad.sign()).clamp(-eps, eps)
                     hooks.outputs = {}
@@ -198,4 +239,5 @@ def detoxify(teacher: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, 
         detox.binarize(binarize)
     detox.freeze()
     return DetoxResult(detox=detox, stats=stats, history=history, seconds=time.perf_counter() - t0,
-                       perturbation=None if delta is None else delta.detach().cpu())
+                       perturbation=None if delta is None else delta.detach().cpu(),
+                       perturbation_history=searched)

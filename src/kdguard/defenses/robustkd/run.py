@@ -70,6 +70,8 @@ class DetoxConfig:
     adversarial_weight: float = 0.0        # λ_a: universal perturbation the masks must defuse (0 = off)
     epsilon: float = 0.2                   # ε: L∞ radius of δ, pixel units
     adversarial_step: float = 0.02         # α: δ's signed ascent step per mini-batch
+    adversarial_against: str = "detoxified"  # detoxified: min-max | teacher: δ* on the original teacher, fixed
+    perturbation_epochs: int = 2           # passes that search δ* (adversarial_against=teacher)
     epochs: int = 20
     batch_size: int = 128
     lr: float = 0.1                        # Adam, mask logits
@@ -85,7 +87,9 @@ class DetoxConfig:
                               feature_variance_weight=self.feature_variance_weight,
                               mask_size_weight=self.mask_size_weight,
                               adversarial_weight=self.adversarial_weight, epsilon=self.epsilon,
-                              adversarial_step=self.adversarial_step)
+                              adversarial_step=self.adversarial_step,
+                              adversarial_against=self.adversarial_against,
+                              perturbation_epochs=self.perturbation_epochs)
 
     def detoxify(self, teacher: nn.Module, clean: ImageDataset, *, augment=None,
                  device: torch.device | str = "cpu", bf16: bool = False, seed: int = 0,
