@@ -76,7 +76,10 @@ For a backdoored teacher the strongest small universal perturbation is (a blend 
 trigger, so ``δ*`` points at the backdoor; for a clean one it is a single universal adversarial
 perturbation, which is cheaper to defuse than all of them. The cost is that a backdoor ``δ*``
 does not reach stays in place, and a teacher whose trigger is not its strongest universal
-direction within ``ε`` is not helped.
+direction within ``ε`` is not helped. Measured on GTSRB (``docs/robustkd.md``): a clean teacher
+lost 0.2 CA points instead of 10, but the learned blend kept 75 % ASR (min-max: 0 %), although
+``δ*`` alone sent every test image to its target: defusing one fixed perturbation did not
+generalise to the trigger. So ``"detoxified"`` stays the default.
 """
 
 from __future__ import annotations
