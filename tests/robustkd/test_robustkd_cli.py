@@ -74,13 +74,17 @@ def test_rerun_reuses_the_detox_and_resumes(robustkd_run, teacher_dir):
     assert (robustkd_run / "metrics.jsonl").read_text().count("\n") == lines
 
 
-def test_adversarial_detox_saves_its_perturbation(teacher_dir, tmp_path):
+@pytest.mark.parametrize("against", ["detoxified", "teacher"])
+def test_adversarial_detox_saves_its_perturbation(teacher_dir, tmp_path, against):
     out = tmp_path / "adv"
     assert main(["robustkd", "--teacher", str(teacher_dir), *FAST, "detox.adversarial_weight=1.0",
-                 "detox.epsilon=0.1", f"out={out}"]) == 0
+                 "detox.epsilon=0.1", f"detox.adversarial_against={against}", "detox.perturbation_epochs=1",
+                 f"out={out}"]) == 0
     delta = load_file(str(out / "detox_perturbation.safetensors"))["delta"]
     assert delta.shape == (1, 1, 28, 28) and float(delta.abs().max()) <= 0.1 + 1e-6
     assert "adversarial" in read_json(out / "detox_history.json")[-1]
+    search = out / "detox_perturbation_search.json"
+    assert (len(read_json(search)) == 1) if against == "teacher" else not search.exists()
 
 
 def test_trigger_command_and_registered_trigger(teacher_dir, tmp_path, capsys):

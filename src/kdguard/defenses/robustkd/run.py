@@ -7,6 +7,8 @@
     detox_masks.png       mask value per stage and channel, with the clean variance overlaid
     detox_history.json    per-epoch detox losses, clean accuracy, agreement, masked fraction
     detox_metrics.json    CA/ASR of the detoxified teacher on the test split, and the wall time
+    detox_perturbation.safetensors   the final δ (adversarial term on)
+    detox_perturbation_search.json   mean KL per δ* search pass (adversarial_against=teacher)
     model.safetensors + manifest.json   the student; metrics.json (its CA/ASR and the timings)
     train_state.pt, metrics.jsonl, report.md, curves.png, trigger_preview.png
 
@@ -177,6 +179,8 @@ def _detox_stage(job: RobustKDJob, out: Path, teacher: nn.Module, clean: ImageDa
         if result.perturbation is not None:
             delta = {"delta": result.perturbation.contiguous()}
             atomic_write(out / "detox_perturbation.safetensors", lambda tmp: save_file(delta, str(tmp)))
+        if result.perturbation_history:  # adversarial_against=teacher: the δ* search, KL per pass
+            write_json(out / "detox_perturbation_search.json", result.perturbation_history)
         detox.save(saved, {"teacher": str(job.teacher), "seconds": seconds, "config": to_dict(cfg)})
     plot_masks(out / "detox_masks.png", detox, stats)
     with detox.to(device).attach(teacher):
