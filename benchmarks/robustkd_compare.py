@@ -13,6 +13,8 @@ split (CA, ASR):
 ``fine_pruning`` teacher repaired by fine-pruning (``kdguard.defenses``, method ``fp``), then KD
 ``robustkd``    detoxified teacher (kdguard's reconstruction, "dormant" objective), then OFD + CE
 ``robustkd_adv`` the same with the objective's adversarial term on (λ_a 1, ε 0.2, α 0.02)
+``robustkd_adv_fixed`` the same with δ* searched on the original teacher and held fixed
+                (``adversarial_against=teacher``; not in the default method list)
 ==============  =========================================================================
 
 Every stage is cached in its own run directory (``metrics.json`` present = done; an unfinished
@@ -68,7 +70,8 @@ from kdguard.pipeline import train_teacher
 from kdguard.runtime import configure_threads, resolve_device
 
 METHODS = ("ce_only", "kd", "ofd", "nad", "fine_pruning", "robustkd", "robustkd_adv")
-DETOXED = ("robustkd", "robustkd_adv")
+OPTIONAL_METHODS = ("robustkd_adv_fixed",)  # run only when named in --methods
+DETOXED = ("robustkd", "robustkd_adv", "robustkd_adv_fixed")
 
 
 @dataclass(frozen=True)
@@ -186,7 +189,9 @@ def _job(method: str, teacher: Path, out: Path, r: Recipe, root: str | None, sca
     if method == "ce_only":
         distill = RobustKDDistillConfig(method="kd", ce_weight=1.0, kd_weight=0.0)
     detox = DetoxConfig(enabled=method in DETOXED, epochs=_scaled(r.detox_epochs, scale),
-                        batch_size=r.batch_size, adversarial_weight=1.0 if method == "robustkd_adv" else 0.0)
+                        batch_size=r.batch_size,
+                        adversarial_weight=1.0 if method in ("robustkd_adv", "robustkd_adv_fixed") else 0.0,
+                        adversarial_against="teacher" if method == "robustkd_adv_fixed" else "detoxified")
     return RobustKDJob(teacher=str(teacher), pair=r.pair, student=r.student,
                        data=DataConfig(name=manifest["dataset"]["name"], root=root),
                        clean_fraction=r.clean_fraction, detox=detox, distill=distill,
@@ -312,7 +317,8 @@ def main() -> None:
     sub.choices["teachers"].add_argument("--attacks", nargs="+", default=list(ATTACKS), choices=ATTACKS,
                                          help="poisoned teachers to train (default: all three)")
     sub.choices["compare"].add_argument("--teachers", nargs="+", required=True)
-    sub.choices["compare"].add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    sub.choices["compare"].add_argument("--methods", nargs="+", default=list(METHODS),
+                                        choices=METHODS + OPTIONAL_METHODS)
     sub.choices["compare"].add_argument("--student", default=None, help="student architecture (default: recipe)")
     args = ap.parse_args()
     configure_threads()
@@ -326,8 +332,8 @@ def main() -> None:
     if args.cmd == "smoke":  # every code path on the embedded digits: teachers, trigger, all methods
         teachers = make_teachers("mnist_embedded", None, out, 1.0, args.device, None)
         summaries = [compare(teachers[0], out, None, 1.0, args.device, args.seed, list(METHODS), None),
-                     compare(teachers[2], out, None, 1.0, args.device, args.seed, ["kd", "robustkd", "robustkd_adv"],
-                             None)]
+                     compare(teachers[2], out, None, 1.0, args.device, args.seed,
+                             ["kd", "robustkd", "robustkd_adv", *OPTIONAL_METHODS], None)]
     else:
         summaries = [compare(Path(t), out, args.data_root, args.scale, args.device, args.seed, args.methods,
                              args.student) for t in args.teachers]
