@@ -214,7 +214,9 @@ def compare(teacher_dir: Path, out: Path, root: str | None, scale: float, device
     r = RECIPES[dataset]
     if student:
         r = Recipe(**{**r.__dict__, "student": student, "pair": None})
-    base = out / "compare" / dataset / teacher_dir.name  # teacher names repeat across datasets
+    # teacher names repeat across datasets; a seed other than 0 gets its own folder, so it is
+    # never answered from seed 0's cache
+    base = out / "compare" / dataset / (teacher_dir.name if seed == 0 else f"{teacher_dir.name}_s{seed}")
     rows: dict[str, dict] = {}
     for method in methods:
         run = base / method

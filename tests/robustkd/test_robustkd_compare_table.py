@@ -69,3 +69,23 @@ def test_cut_against_ofd_is_given_for_detoxified_students_only(compare):
             if line.startswith("| ")}
     assert rows["robustkd"][7].strip() == "88 %"  # 1 − 5/40
     assert rows["ofd"][7].strip() == "—" and rows["kd"][7].strip() == "—"
+
+
+def test_each_dataset_and_seed_has_its_own_cache(compare, tmp_path):
+    """Stages are cached per dataset and seed: a GTSRB teacher never reads a CIFAR-10 teacher's
+    students of the same name, and --seed 1 never reads seed 0's."""
+    import json
+
+    teacher = tmp_path / "gtsrb" / "teacher_badnets"
+    teacher.mkdir(parents=True)
+    (teacher / "manifest.json").write_text(json.dumps({"dataset": {"name": "gtsrb", "classes": ["a", "b"]}}))
+    (teacher / "model.safetensors").write_bytes(b"")  # only the manifest is read
+    out = tmp_path / "out"
+    for folder, ca in (("cifar10/teacher_badnets", 0.1), ("gtsrb/teacher_badnets", 0.2),
+                       ("gtsrb/teacher_badnets_s1", 0.3)):
+        run = out / "compare" / folder / "kd"
+        run.mkdir(parents=True)
+        (run / "metrics.json").write_text(json.dumps({"ca": ca, "asr": 0.0}))
+    seed0 = compare.compare(teacher, out, None, 1.0, "cpu", 0, ["kd"], None)
+    seed1 = compare.compare(teacher, out, None, 1.0, "cpu", 1, ["kd"], None)
+    assert seed0["methods"]["kd"]["ca"] == 0.2 and seed1["methods"]["kd"]["ca"] == 0.3
