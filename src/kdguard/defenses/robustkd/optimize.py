@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -72,20 +72,36 @@ def _positive_int(name: str, value: int) -> int:
     return value
 
 
+def _shuffled_batches(images: torch.Tensor, batch_size: int, *, generator: torch.Generator,
+                      augment: Callable | None, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """One pass in a fresh random order: ``(indices, float batch on device)`` per full batch
+    (at least one), augmented when ``augment`` is given. Draws from ``generator`` only."""
+    n = len(images)
+    bs = min(batch_size, n)
+    order = torch.randperm(n, generator=generator)
+    for b in range(max(1, n // bs)):
+        idx = order[b * bs:(b + 1) * bs]
+        xb = images[idx]
+        if augment is not None:
+            xb = augment(xb, generator=generator)
+        yield idx, to_float(xb, device)
+
+
+def _ascend(delta: torch.Tensor, grad: torch.Tensor, objective: DetoxObjective) -> torch.Tensor:
+    """One signed ascent step of ``δ``, projected back into the ε-ball: ``clip_ε(δ + α·sign(g))``."""
+    eps = objective.epsilon
+    return (delta + objective.adversarial_step * grad.sign()).clamp(-eps, eps)
+
+
 def _search_perturbation(teacher: nn.Module, images: torch.Tensor, delta: torch.Tensor,
                          objective: DetoxObjective, *, batch_size: int, augment: Callable | None,
-                         generator: torch.Generator, device: torch.device, bf16: bool) -> list[float]:
-    """Signed ascent of ``δ`` (in place) on ``τ²·KL(T(x) ‖ T(clip(x + δ)))`` of the original
-    teacher, ``objective.perturbation_epochs`` passes; returns each pass's mean KL."""
-    n, eps = len(images), objective.epsilon
-    bs = min(batch_size, n)
+                         generator: torch.Generator, device: torch.device, bf16: bool) -> tuple[torch.Tensor, list[float]]:
+    """Signed ascent of ``δ`` on ``τ²·KL(T(x) ‖ T(clip(x + δ)))`` of the original teacher,
+    ``objective.perturbation_epochs`` passes; returns ``δ*`` and each pass's mean KL."""
     passes = []
     for _ in range(objective.perturbation_epochs):
-        order = torch.randperm(n, generator=generator)
-        total = 0.0
-        for b in range(max(1, n // bs)):
-            xb = images[order[b * bs:(b + 1) * bs]]
-            x = to_float(augment(xb, generator=generator) if augment is not None else xb, device)
+        kls = []
+        for _, x in _shuffled_batches(images, batch_size, generator=generator, augment=augment, device=device):
             with torch.no_grad(), autocast(device, bf16):
                 t_logits = teacher(x).float()
             delta.requires_grad_(True)
@@ -94,11 +110,10 @@ def _search_perturbation(teacher: nn.Module, images: torch.Tensor, delta: torch.
             kl = kd_loss(a_logits, t_logits, temperature=objective.temperature)
             (grad,) = torch.autograd.grad(kl, delta)
             with torch.no_grad():
-                delta.add_(objective.adversarial_step * grad.sign()).clamp_(-eps, eps)
-            delta.requires_grad_(False)
-            total += float(kl.detach())
-        passes.append(total / max(1, n // bs))
-    return passes
+                delta = _ascend(delta, grad, objective)
+            kls.append(float(kl.detach()))
+        passes.append(sum(kls) / len(kls))
+    return delta, passes
 
 
 def detoxify(teacher: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, paths: Sequence[str],
@@ -165,31 +180,24 @@ def detoxify(teacher: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, 
     for p in teacher.parameters():
         p.requires_grad_(False)
     history: list[dict[str, float]] = []
-    n = len(images)
-    bs = min(batch_size, n)
-    steps = max(1, n // bs)
     delta = None
     if objective.adversarial:
-        eps = objective.epsilon
-        delta = ((torch.rand((1, *images.shape[1:]), generator=generator) * 2 - 1) * eps).to(device)
+        delta = ((torch.rand((1, *images.shape[1:]), generator=generator) * 2 - 1) * objective.epsilon).to(device)
     searched: list[float] = []
     try:
         if objective.fixed_perturbation:  # δ* on the original teacher, before any mask exists
-            searched = _search_perturbation(teacher, images, delta, objective, batch_size=bs, augment=augment,
-                                            generator=generator, device=device, bf16=bf16)
+            delta, searched = _search_perturbation(teacher, images, delta, objective, batch_size=batch_size,
+                                                   augment=augment, generator=generator, device=device, bf16=bf16)
         with detox.attach(teacher, record=objective.needs_features) as hooks:
             bar = tqdm(range(epochs), desc="detox", unit="epoch", disable=not progress, dynamic_ncols=True)
             for epoch in bar:
                 e0 = time.perf_counter()
-                order = torch.randperm(n, generator=generator)
                 sums: dict[str, float] = {}
-                correct = agree = seen = 0
-                for b in range(steps):
-                    idx = order[b * bs:(b + 1) * bs]
-                    xb = images[idx]
-                    if augment is not None:
-                        xb = augment(xb, generator=generator)
-                    x, y = to_float(xb, device), labels[idx].to(device)
+                correct = agree = seen = steps = 0
+                for idx, x in _shuffled_batches(images, batch_size, generator=generator, augment=augment,
+                                                device=device):
+                    y = labels[idx].to(device)
+                    steps += 1
                     with torch.no_grad(), autocast(device, bf16):
                         hooks.enabled = False
                         t_logits = teacher(x).float()
@@ -212,7 +220,7 @@ def detoxify(teacher: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, 
                     if delta is not None and not objective.fixed_perturbation:
                         # ascent on the same loss: δ attacks what the masks defend
                         with torch.no_grad():
-                            delta = (delta + objective.adversarial_step * delta.grad.sign()).clamp(-eps, eps)
+                            delta = _ascend(delta, delta.grad, objective)
                     hooks.outputs = {}
                     for k, v in losses.items():
                         sums[k] = sums.get(k, 0.0) + float(v.detach())
