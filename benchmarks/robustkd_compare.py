@@ -42,11 +42,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
 
 from kdguard.checkpoint import read_manifest
 from kdguard.config import (
@@ -67,11 +64,17 @@ from kdguard.defenses.robustkd import (
 )
 from kdguard.io import write_json
 from kdguard.pipeline import train_teacher
-from kdguard.runtime import configure_threads, resolve_device
+from kdguard.runtime import configure_threads, machine_label
 
 METHODS = ("ce_only", "kd", "ofd", "nad", "fine_pruning", "robustkd", "robustkd_adv")
 OPTIONAL_METHODS = ("robustkd_adv_fixed",)  # run only when named in --methods
-DETOXED = ("robustkd", "robustkd_adv", "robustkd_adv_fixed")
+#: detoxified methods → their DetoxConfig settings beyond the recipe's epochs and batch size
+DETOX_SETTINGS = {
+    "robustkd": {},
+    "robustkd_adv": {"adversarial_weight": 1.0},
+    "robustkd_adv_fixed": {"adversarial_weight": 1.0, "adversarial_against": "teacher"},
+}
+DETOXED = tuple(DETOX_SETTINGS)
 
 
 @dataclass(frozen=True)
@@ -189,20 +192,12 @@ def _job(method: str, teacher: Path, out: Path, r: Recipe, root: str | None, sca
     if method == "ce_only":
         distill = RobustKDDistillConfig(method="kd", ce_weight=1.0, kd_weight=0.0)
     detox = DetoxConfig(enabled=method in DETOXED, epochs=_scaled(r.detox_epochs, scale),
-                        batch_size=r.batch_size,
-                        adversarial_weight=1.0 if method in ("robustkd_adv", "robustkd_adv_fixed") else 0.0,
-                        adversarial_against="teacher" if method == "robustkd_adv_fixed" else "detoxified")
+                        batch_size=r.batch_size, **DETOX_SETTINGS.get(method, {}))
     return RobustKDJob(teacher=str(teacher), pair=r.pair, student=r.student,
                        data=DataConfig(name=manifest["dataset"]["name"], root=root),
                        clean_fraction=r.clean_fraction, detox=detox, distill=distill,
                        train=_train(_scaled(r.student_epochs, scale), r.batch_size, device), seed=seed,
                        out=str(out / method))
-
-
-def _machine(device: str) -> str:
-    cpu = platform.processor() or platform.machine()
-    resolved = resolve_device(device)
-    return f"{torch.cuda.get_device_name(resolved)} ({cpu} host)" if resolved.type == "cuda" else cpu
 
 
 def compare(teacher_dir: Path, out: Path, root: str | None, scale: float, device: str, seed: int,
@@ -238,7 +233,7 @@ def compare(teacher_dir: Path, out: Path, root: str | None, scale: float, device
     summary = {"teacher": str(teacher_dir), "dataset": dataset, "student": r.student,
                "num_classes": len(manifest.get("dataset", {}).get("classes") or []) or None,
                "teacher_metrics": manifest.get("metrics"), "attack": (manifest.get("attack") or {}).get("config"),
-               "machine": _machine(device), "methods": rows}
+               "machine": machine_label(device), "methods": rows}
     write_json(base / "summary.json", summary)
     return summary
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 from dataclasses import replace
 from pathlib import Path
 
@@ -40,7 +39,7 @@ from kdguard.data import to_float
 from kdguard.defenses.robustkd import DetoxConfig
 from kdguard.io import write_json
 from kdguard.pipeline import attack_from_manifest, clean_subset, evaluate_model, load_splits, make_attack
-from kdguard.runtime import configure_threads, resolve_device
+from kdguard.runtime import configure_threads, machine_label, resolve_device
 
 VARIANTS = {
     "dormant": {},
@@ -75,7 +74,7 @@ def run_variant(teacher_dir: Path, variant: str, out: Path, root: str | None, ep
               "n_clean": len(clean), "seconds": result.seconds, "metrics": metrics,
               "summary": result.detox.summary(), "history": result.history,
               "perturbation_history": result.perturbation_history, "perturbation_effect": steer,
-              "machine": platform.processor() or platform.machine()}
+              "machine": machine_label(dev)}
     write_json(done, record)
     return record
 
@@ -85,13 +84,11 @@ def _perturbation_effect(teacher, images, delta, device) -> dict:
     """Where the final δ sends the *original* teacher's test predictions: the class it sends
     most images to and that share (does δ point at the backdoor's target?)."""
     teacher.eval()
-    counts = torch.zeros(0, dtype=torch.long)
-    for i in range(0, len(images), 512):
-        x = (to_float(images[i:i + 512], device) + delta.to(device)).clamp(0, 1)
-        pred = teacher(x).argmax(1).cpu()
-        counts = torch.cat([counts, pred])
-    top = torch.bincount(counts).argmax()
-    return {"top_class": int(top), "top_share": float((counts == top).float().mean())}
+    delta = delta.to(device)
+    preds = torch.cat([teacher((to_float(images[i:i + 512], device) + delta).clamp(0, 1)).argmax(1).cpu()
+                       for i in range(0, len(images), 512)])
+    top = torch.bincount(preds).argmax()
+    return {"top_class": int(top), "top_share": float((preds == top).float().mean())}
 
 
 def _pct(v: float | None) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import platform
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,6 +32,18 @@ def resolve_device(name: str = "auto") -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise KDGuardError(f"device {name!r} requested but CUDA is not available", "use --device cpu")
     return device
+
+
+def machine_label(device: torch.device | str = "auto") -> str:
+    """What ran a measurement, for benchmark records: the CPU's name (``platform.processor()``,
+    else the architecture), or ``"<GPU name> (<CPU> host)"`` when ``device`` is CUDA.
+
+    Raises:
+        KDGuardError: as :func:`resolve_device` for a device string it cannot resolve.
+    """
+    cpu = platform.processor() or platform.machine()
+    resolved = resolve_device(device) if isinstance(device, str) else torch.device(device)
+    return f"{torch.cuda.get_device_name(resolved)} ({cpu} host)" if resolved.type == "cuda" else cpu
 
 
 def _switch(name: str, setting: object) -> str:

@@ -92,3 +92,16 @@ def test_amp_auto_on_cpu_follows_native_bf16(monkeypatch):
     monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: True)
     assert runtime.use_bf16("auto", cpu, net) is True
     assert runtime.use_bf16("auto", cpu, lenet) is False
+
+
+def test_machine_label_names_the_cpu_or_the_gpu(monkeypatch):
+    import platform
+
+    import torch
+
+    from kdguard.runtime import machine_label
+
+    cpu = platform.processor() or platform.machine()
+    assert machine_label("cpu") == cpu
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    assert machine_label(torch.device("cuda", 0)) == f"NVIDIA H200 ({cpu} host)"
