@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 
 import torch
 import torch.nn.functional as F
 
 from kdguard.models import build_model
-from kdguard.runtime import autocast, cpu_has_native_bf16, use_bf16
+from kdguard.runtime import autocast, cpu_has_native_bf16, machine_label, use_bf16
 
 VARIANTS = {"fp32": (False, False), "fp32 + channels_last": (False, True), "bf16 + channels_last": (True, True)}
 
@@ -63,7 +62,7 @@ def main() -> None:
             for name, (bf16, cl) in VARIANTS.items()}
     net = build_model(args.model, num_classes=10)
     auto = use_bf16("auto", torch.device("cpu"), net)
-    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+    print(f"machine: {machine_label('cpu')}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
           f"native bf16: {cpu_has_native_bf16()}, amp=auto picks {'bf16' if auto else 'fp32'}")
     print(f"\n| {args.model}, batch {args.batch} | train images/s | vs fp32 |\n|---|---|---|")

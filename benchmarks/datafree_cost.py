@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
@@ -40,7 +39,7 @@ from kdguard.datafree import (
     preset_values,
 )
 from kdguard.models import build_model
-from kdguard.runtime import autocast, configure_threads, resolve_device
+from kdguard.runtime import autocast, configure_threads, machine_label, resolve_device
 
 NCHW_FORWARD = retrospection.nchw_forward
 # name → (bf16, channels_last, reuse teacher outputs across the student steps of a round)
@@ -253,7 +252,7 @@ def main() -> None:
         for cell in cells if repeat % 2 == 0 else cells[::-1]:
             samples[cell].append(measure(cell[0], cell[1], args, device, cell[2]))
     rows = [median_run(samples[cell]) for cell in cells]
-    result = {"machine": platform.processor() or platform.machine(), "device": str(device),
+    result = {"machine": machine_label(device), "device": str(device),
               "threads": torch.get_num_threads(), "teacher": args.teacher, "student": args.student,
               "shape": args.shape, "preset": args.preset, "matmul_peak_gflops": peaks, "rows": rows}
     out = Path(args.out)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -24,6 +23,7 @@ from kdguard.config import (AttackConfig, DataConfig, DistillJob, KDConfig, Opti
                             TrainConfig)
 from kdguard.pipeline import distill, train_teacher
 from kdguard.report import metrics_table
+from kdguard.runtime import machine_label
 
 # (teacher arch, teacher epochs, teacher weight decay, student arch, student epochs, batch size,
 # student lr).
@@ -76,7 +76,7 @@ def main() -> None:
         t_job, s_job = jobs(name, args.data_root, out, args.scale)
         t_metrics = run_stage(train_teacher, t_job)
         s_metrics = run_stage(distill, s_job)
-        summary = {"dataset": name, "machine": platform.processor() or platform.machine(),
+        summary = {"dataset": name, "machine": machine_label(),
                    "teacher": {"arch": t_job.model, "epochs": t_job.train.epochs, **t_metrics},
                    "student_kd": {"arch": s_job.student, "epochs": s_job.train.epochs, **s_metrics},
                    "wall_s_this_invocation": time.perf_counter() - t0}

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -43,6 +42,7 @@ from kdguard.ssl.badencoder import targets_from_manifest
 from kdguard.ssl.encoder import load_ssl_model
 from kdguard.ssl.grid import cached_probe, run_grid
 from kdguard.ssl.jobs import load_downstream, probe_table, run_badencoder_job, run_pretrain
+from kdguard.runtime import machine_label
 
 #: downstream dataset → (target class, trigger position) of its backdoor
 TARGETS = {"cifar10": (9, [21, 21]), "gtsrb": (12, [1, 1]), "mnist": (1, [1, 21])}
@@ -175,7 +175,7 @@ def main() -> None:
                f"{100 * grid.ca_cost_goal:.0f} pts): {', '.join(met) if met else 'none'}")
     print("\n" + verdict)
     out = Path(args.out)
-    header = (f"scale {args.scale}, machine {platform.processor() or platform.machine()}, "
+    header = (f"scale {args.scale}, machine {machine_label()}, "
               f"wall {time.perf_counter() - t0:.0f} s this invocation")
     (out / "summary.md").write_text(f"# SSL track ({header})\n\n## Clean vs BadEncoder encoder\n\n{probe_md}\n\n"
                                     f"## Defence grid\n\n{result.table}\n\n{verdict}\n")
