@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import warnings
 
 import pytest
@@ -39,10 +40,10 @@ def test_each_mode_installs_its_parts(kit):
     assert set(full.summary()) == {"sv", "sr"}
 
 
-def _build(kit, method, run_dir, rounds=4):
+def _build(kit, method, run_dir, rounds=4, mode="full", every=1):
     teacher, student = kit.make_teacher(), kit.make_student()
-    job = kit.tiny_job(method, monitor={"every": 1, "checkpoint_every": 1})
-    job.abd.mode = "full"
+    job = kit.tiny_job(method, monitor={"every": every, "checkpoint_every": 1})
+    job.abd.mode = mode
     job.abd.sv.verify_batches, job.abd.sv.verify_skip = 3, 1  # verification happens mid-run
     job.abd.sr.phase, job.abd.sr.min_count = 0.5, 2
     torch.manual_seed(123)
@@ -54,7 +55,7 @@ def _build(kit, method, run_dir, rounds=4):
     loop = DataFreeLoop(parts.synthesizer, student, teacher, parts.objective, rounds=rounds,
                         student_steps=parts.student_steps, batch_size=job.schedule.batch_size,
                         optim=job.student_optim, device=torch.device("cpu"), run_dir=run_dir,
-                        monitor=job.monitor, progress=False, extensions=abd.extensions)
+                        monitor=job.monitor, progress=False, extensions=abd and abd.extensions)
     return loop, student, abd
 
 
@@ -72,3 +73,35 @@ def test_resume_with_abd_state_reproduces_the_uninterrupted_run(kit, tmp_path, m
     assert abd_resumed.summary() == abd_straight.summary()
     assert abd_resumed.vaccine.status in ("active", "off") and abd_resumed.vaccine.trials
     assert abd_resumed.retrospection.steps > 0
+
+
+@pytest.mark.parametrize("prefix_mode, mode", [("off", "sr"), ("sv", "full")])
+def test_sr_run_forked_at_the_phase_start_equals_the_run_from_scratch(kit, tmp_path, prefix_mode, mode):
+    """SR changes nothing before its phase, so a run without SR stopped at the phase start and
+    continued with SR is the SR run itself: the ABD table's SR cells reuse their prefix
+    (``benchmarks/datafree_transfer.py``)."""
+    straight, s_straight, _ = _build(kit, "zskt", tmp_path / "straight", mode=mode)
+    straight.run()
+    prefix, _, _ = _build(kit, "zskt", tmp_path / "prefix", mode=prefix_mode)
+    prefix.run(stop_after=2)  # phase 0.5 of 4 rounds: SR runs rounds 3 and 4
+    shutil.copytree(tmp_path / "prefix", tmp_path / "forked")
+    forked, s_forked, abd_forked = _build(kit, "zskt", tmp_path / "forked", mode=mode)
+    forked.run()
+    assert abd_forked.retrospection.steps > 0
+    for (k, a), b in zip(s_straight.state_dict().items(), s_forked.state_dict().values()):
+        assert torch.equal(a, b), f"{prefix_mode} → {mode}: student {k} differs from the run from scratch"
+
+
+def test_a_stop_between_log_records_keeps_its_seconds(kit, tmp_path, monkeypatch):
+    """Rounds done before a checkpoint that is not a log record are not redone after resuming,
+    so their time is carried in the checkpoint and counted in the next record."""
+    clock = iter(range(0, 10_000, 10))  # each perf_counter() call advances 10 s
+    monkeypatch.setattr("kdguard.datafree.loop.time.perf_counter", lambda: float(next(clock)))
+    first, _, _ = _build(kit, "zskt", tmp_path / "run", mode="off", every=4)
+    first.run(stop_after=3)  # checkpointed at round 3, no record yet (records every 4 rounds)
+    assert first.history == []
+    second, _, _ = _build(kit, "zskt", tmp_path / "run", mode="off", every=4)
+    second.run()
+    (record,) = second.history
+    assert record.round == 4
+    assert record.seconds > 10  # more than the one round run after resuming

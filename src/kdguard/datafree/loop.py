@@ -136,6 +136,9 @@ class DataFreeLoop:
         self.progress, self.desc = progress, desc
         self.round = 0
         self.history: list[RoundRecord] = []
+        # start of the current log interval (perf_counter); a checkpoint between two log records
+        # carries the seconds since it, so a resumed run's train_seconds covers every round once
+        self._interval_start = time.perf_counter()
         self._student_taps = GuardedTaps(student, objective.student_paths) if objective.uses_features else None
         self._teacher_taps = (GuardedTaps(teacher, objective.teacher_paths, detach=True)
                               if objective.uses_features else None)
@@ -218,6 +221,7 @@ class DataFreeLoop:
                 "student": {k: v.detach().cpu() for k, v in self.student.state_dict().items()},
                 "optimizer": self.optimizer.state_dict(), "synthesizer": self.synth.state_dict(),
                 "rng": rng, "history": [asdict(r) for r in self.history],
+                "pending_seconds": time.perf_counter() - self._interval_start,
                 "extensions": self._extension_states()}
 
     def save_state(self) -> None:
@@ -253,6 +257,7 @@ class DataFreeLoop:
                 fn.load_state_dict(ext_state)
         self.round = int(state["round"])
         self.history = [RoundRecord(**r) for r in state["history"]]
+        self._interval_start = time.perf_counter() - float(state.get("pending_seconds", 0.0))
         self._write_history()  # drop log lines written after the checkpoint
         return True
 
@@ -268,6 +273,7 @@ class DataFreeLoop:
         Raises:
             KDGuardError: a loss became non-finite.
         """
+        self._interval_start = time.perf_counter()
         if resume:
             self.try_resume()
         stop = self.rounds if stop_after is None else min(stop_after, self.rounds)
@@ -275,7 +281,7 @@ class DataFreeLoop:
                    disable=not self.progress, dynamic_ncols=True)
         g_sums: dict[str, torch.Tensor] = {}
         s_sums: dict[str, torch.Tensor] = {}
-        count, t0 = 0, time.perf_counter()
+        count = 0
         try:
             while self.round < stop:
                 progress = self.round / self.rounds
@@ -290,7 +296,7 @@ class DataFreeLoop:
                 bar.update(1)
                 evaluate_now = self._due(self.monitor.every)
                 if evaluate_now:
-                    record = RoundRecord(self.round, time.perf_counter() - t0, lr,
+                    record = RoundRecord(self.round, time.perf_counter() - self._interval_start, lr,
                                          self._floats(g_sums, count), self._floats(s_sums, count))
                     bad = {k: v for k, v in {**record.generator_losses, **record.student_losses}.items()
                            if not math.isfinite(v)}
@@ -301,7 +307,8 @@ class DataFreeLoop:
                         record.eval = dict(self.evaluate(self.student))
                     self.history.append(record)
                     self._write_history()
-                    g_sums, s_sums, count, t0 = {}, {}, 0, time.perf_counter()
+                    g_sums, s_sums, count = {}, {}, 0
+                    self._interval_start = time.perf_counter()
                     shown = {k: f"{100 * v:.1f}" for k, v in record.eval.items()
                              if k in ("ca", "asr") and v is not None}
                     bar.set_postfix(shown or {k: f"{v:.3g}" for k, v in record.student_losses.items()})
