@@ -31,13 +31,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from pathlib import Path
 
 import torch
+from filelock import FileLock
 
 import kdguard.datafree.run as datafree_run
 from kdguard import pipeline
+from kdguard.abd import SelfRetrospection
 from kdguard.config import (
     AttackConfig,
     DataConfig,
@@ -72,6 +75,8 @@ ATTACK_LABEL = {"badnets": "BadNets grid 3×3", "trojan_3x3": "Trojan 3×3", "bl
 #: poison rate per attack (None: the preset's own, i.e. every target-class image for SIG)
 POISON_RATE = {"sig_abd": None}
 ABD_MODES = {"abd": "full", "sv": "sv", "sr": "sr"}
+#: cell → the cell it equals before the SR phase (see ``shared_prefix``)
+SR_PREFIX = {"zskt+sr": "zskt", "zskt+abd": "zskt+sv", "cmi+sr": "cmi", "cmi+abd": "cmi+sv"}
 #: ABD README (WRN-16-2 → WRN-16-1, CIFAR-10): (CA, ASR) in % per attack and method
 ABD_REFERENCE = {
     "badnets": {"zskt": (71.9, 96.9), "zskt+abd": (68.3, 0.7), "clean_kd": (74.6, 4.3)},
@@ -159,10 +164,8 @@ def train_seconds(log: list[dict], metrics: dict) -> float:
     return sum(float(r.get("seconds") or 0.0) for r in log)
 
 
-def student_stage(method: str, teacher: str, cfg: dict, out: Path, seed: int, progress: bool) -> dict:
-    if method == "clean_kd":
-        job = clean_kd_job(teacher, cfg, str(out), seed)
-        return cached(out, lambda: pipeline.distill(job))
+def datafree_overrides(method: str, teacher: str, cfg: dict, out: Path, seed: int, progress: bool) -> list[str]:
+    """Job overrides of a data-free cell (``zskt``, ``zskt+abd``, ``cmi+sr`` …)."""
     method, _, defence = method.partition("+")
     overrides = [f"teacher={teacher}", f"method={method}", "preset=cpu", f"student={cfg['student']}",
                  f"seed={seed}", f"out={out}", f"progress={str(progress).lower()}", *cfg["datafree"]]
@@ -172,8 +175,78 @@ def student_stage(method: str, teacher: str, cfg: dict, out: Path, seed: int, pr
         overrides.append(f"data.root={cfg['root']}")
     if method in ("cmi", "ood"):
         overrides += cfg["cmi_overrides"]
-    job = build_datafree_job(None, overrides)
-    return cached(out, lambda: run_datafree(job))
+    return overrides
+
+
+def cell_dir(out: Path, attack: str, method: str, seed: int) -> Path:
+    return out / attack / f"{method.replace('+', '_')}_s{seed}"
+
+
+def state_round(run_dir: Path) -> int | None:
+    """Round of a data-free run's checkpoint, or None without one."""
+    path = Path(run_dir) / "datafree_state.pt"
+    return int(torch.load(path, map_location="cpu", weights_only=True)["round"]) if path.exists() else None
+
+
+def shared_prefix(method: str, methods: list[str]) -> str | None:
+    """The cell whose rounds before the SR phase ``method`` shares, within one attack's cells.
+
+    Self-Retrospection changes nothing before its phase (tested in
+    ``tests/datafree/test_datafree_abd.py``), so ``zskt+sr`` is ``zskt`` until the phase starts
+    and ``zskt+abd`` is ``zskt+sv``. Those rounds then run once, in a prefix run, and every cell
+    that shares them continues a copy of it: the SV/SR ablation costs two full runs and two SR
+    phases instead of four full runs. Each cell's train minutes still include the prefix, i.e.
+    what the cell costs on its own.
+    """
+    if method in SR_PREFIX.values() and any(SR_PREFIX.get(m) == method for m in methods):
+        return method
+    base = SR_PREFIX.get(method)
+    return base if base in methods else None
+
+
+def start_from_prefix(method: str, base: str, teacher: str, cfg: dict, out: Path, attack: str,
+                      seed: int, progress: bool) -> None:
+    """Seed the cell's run directory with a copy of the shared prefix run (run first if needed).
+
+    A cell that is finished or has a checkpoint of its own is left alone (it resumes as it is),
+    except that a run of the base cell that has not passed the phase start becomes the prefix run
+    when there is none yet, so none of its rounds are lost.
+    """
+    s_out = cell_dir(out, attack, method, seed)
+    if finished(s_out) is not None:
+        return
+    sr_job = build_datafree_job(None, datafree_overrides(f"{base.partition('+')[0]}+sr", teacher, cfg,
+                                                         s_out, seed, progress))
+    start = SelfRetrospection(sr_job.abd.sr).phase_start(sr_job.schedule.rounds)
+    prefix = out / attack / f"prefix_{base.replace('+', '_')}_r{start}_s{seed}"
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    # cells run as parallel processes (datafree_parallel.sh) share the prefix: one runs it, the
+    # others wait for it here
+    with FileLock(f"{prefix}.lock"):
+        base_dir = cell_dir(out, attack, base, seed)
+        base_round = state_round(base_dir)
+        if not prefix.exists() and finished(base_dir) is None and base_round is not None \
+                and base_round <= start:
+            base_dir.rename(prefix)
+        if state_round(s_out) is not None:
+            return
+        if (state_round(prefix) or 0) < start:
+            run_datafree(build_datafree_job(None, datafree_overrides(base, teacher, cfg, prefix, seed, progress)
+                                            + [f"schedule.stop_after={start}"]))
+        shutil.copytree(prefix, s_out, dirs_exist_ok=True)
+
+
+def student_stage(method: str, teacher: str, cfg: dict, out: Path, attack: str, methods: list[str],
+                  seed: int, progress: bool) -> dict:
+    s_out = cell_dir(out, attack, method, seed)
+    if method == "clean_kd":
+        job = clean_kd_job(teacher, cfg, str(s_out), seed)
+        return cached(s_out, lambda: pipeline.distill(job))
+    base = shared_prefix(method, methods)
+    if base is not None:
+        start_from_prefix(method, base, teacher, cfg, out, attack, seed, progress)
+    job = build_datafree_job(None, datafree_overrides(method, teacher, cfg, s_out, seed, progress))
+    return cached(s_out, lambda: run_datafree(job))
 
 
 def main() -> None:
@@ -230,10 +303,10 @@ def main() -> None:
             t_metrics = cached(Path(t_job.out), lambda job=t_job: pipeline.train_teacher(job))
             rows = [(f"teacher ({ATTACK_LABEL[attack]})", cfg["teacher"], t_metrics)]
             for method in methods:
-                s_out = out / attack / f"{method.replace('+', '_')}_s{seed}"
+                s_out = cell_dir(out, attack, method, seed)
                 # cells outside --only are reported when an earlier call finished them, never run
-                m = student_stage(method, t_job.out, cfg, s_out, seed, args.progress) if method in todo \
-                    else finished(s_out)
+                m = student_stage(method, t_job.out, cfg, out, attack, methods, seed, args.progress) \
+                    if method in todo else finished(s_out)
                 if m is None:
                     summary["missing"].append(f"{attack}:{method}")
                     continue

@@ -1,6 +1,7 @@
 """Cell selection of benchmarks/datafree_transfer.py, which benchmarks/datafree_parallel.sh relies on."""
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -52,3 +53,43 @@ def test_teacher_cell_trains_only_the_teacher(transfer, monkeypatch, capsys, tmp
     assert not (root / "teachers" / "blend_s0").exists()
     assert not (root / "badnets").exists()  # no student cell ran
     assert "not run yet: badnets:zskt" in capsys.readouterr().out
+
+
+def test_sr_cells_continue_a_shared_prefix(transfer, monkeypatch, capsys, tmp_path):
+    """zskt and zskt+sr share the rounds before the SR phase: they run once, in a prefix run
+    that both cells continue; an unfinished run of the base cell started earlier becomes it."""
+    root = tmp_path / "smoke" / "trojan_3x3"
+    _main(transfer, monkeypatch, "--smoke", "--table", "abd", "--out", str(tmp_path), "--only",
+          "trojan_3x3:teacher")
+    # an older, unfinished run of the base cell, stopped before the phase start (smoke: round 1 of 2)
+    teacher = str(tmp_path / "smoke" / "teachers" / "trojan_3x3_s0")
+    cfg = transfer.settings(transfer.argparse.Namespace(smoke=True))
+    old = transfer.cell_dir(tmp_path / "smoke", "trojan_3x3", "zskt", 0)
+    transfer.run_datafree(transfer.build_datafree_job(
+        None, transfer.datafree_overrides("zskt", teacher, cfg, old, 0, False) + ["schedule.stop_after=1"]))
+    first_record = (old / "metrics.jsonl").read_text().splitlines()[0]
+
+    _main(transfer, monkeypatch, "--smoke", "--table", "abd", "--out", str(tmp_path), "--only",
+          "trojan_3x3:zskt", "trojan_3x3:zskt+sr")
+    prefix = root / "prefix_zskt_r1_s0"
+    assert transfer.state_round(prefix) == 1
+    for cell in ("zskt_s0", "zskt_sr_s0"):
+        assert (root / cell / "metrics.json").exists()
+        # the prefix's record of round 1 is the older run's, kept rather than recomputed
+        assert (root / cell / "metrics.jsonl").read_text().splitlines()[0] == first_record
+    sr = json.loads((root / "zskt_sr_s0" / "metrics.json").read_text())
+    assert sr["abd"]["mode"] == "sr" and sr["abd"]["sr"]["sr_steps"] > 0
+    assert "abd" not in json.loads((root / "zskt_s0" / "metrics.json").read_text())
+    out = capsys.readouterr().out
+    assert "| Trojan 3×3 | zskt+sr |" in out
+
+
+def test_cells_without_their_base_in_the_table_run_from_scratch(transfer):
+    methods = transfer.PROTOCOLS["abd"]["blend"]  # zskt, zskt+abd, clean_kd: no zskt+sv
+    assert transfer.shared_prefix("zskt+abd", methods) is None
+    assert transfer.shared_prefix("zskt", methods) is None
+    ablation = transfer.PROTOCOLS["abd"]["trojan_3x3"]
+    assert transfer.shared_prefix("zskt+abd", ablation) == "zskt+sv"
+    assert transfer.shared_prefix("zskt+sv", ablation) == "zskt+sv"
+    assert transfer.shared_prefix("zskt+sr", ablation) == "zskt"
+    assert transfer.shared_prefix("cmi+abd", ablation) is None
