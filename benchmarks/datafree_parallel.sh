@@ -7,6 +7,9 @@
 # resumes where it stopped when started again, and `datafree_transfer.py --report` prints the
 # table from whatever has finished. The wall times the table reports are per cell and measured
 # while the other cells share the device (say so when quoting them).
+# The SR cells of the ABD table (zskt+sr, zskt+abd) continue a copy of their base cell's run
+# (zskt, zskt+sv) stopped at the SR phase start: whichever process comes first runs that prefix
+# and the others wait for it on a file lock (datafree_transfer.py, shared_prefix).
 #
 # usage: benchmarks/datafree_parallel.sh TABLE OUT DATA_ROOT [options passed to every call]
 #   e.g. benchmarks/datafree_parallel.sh abd runs/bench_datafree_transfer ../shared/data
