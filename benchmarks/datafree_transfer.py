@@ -204,30 +204,30 @@ def shared_prefix(method: str, methods: list[str]) -> str | None:
     return base if base in methods else None
 
 
-def start_from_prefix(method: str, base: str, teacher: str, cfg: dict, out: Path, attack: str,
-                      seed: int, progress: bool) -> None:
+def start_from_prefix(job, base: str, teacher: str, cfg: dict, out: Path, attack: str, seed: int,
+                      progress: bool) -> None:
     """Seed the cell's run directory with a copy of the shared prefix run (run first if needed).
 
     A cell that is finished or has a checkpoint of its own is left alone (it resumes as it is),
     except that a run of the base cell that has not passed the phase start becomes the prefix run
-    when there is none yet, so none of its rounds are lost.
+    when there is none yet, so none of its rounds are lost. ``job`` is the cell's own job; ``base``
+    the cell whose rounds it shares (``shared_prefix``).
     """
-    s_out = cell_dir(out, attack, method, seed)
+    s_out = Path(job.out)
     if finished(s_out) is not None:
         return
-    sr_job = build_datafree_job(None, datafree_overrides(f"{base.partition('+')[0]}+sr", teacher, cfg,
-                                                         s_out, seed, progress))
-    start = SelfRetrospection(sr_job.abd.sr).phase_start(sr_job.schedule.rounds)
+    # every job carries the SR settings (used or not), so the cell's own job gives the phase start
+    start = SelfRetrospection(job.abd.sr).phase_start(job.schedule.rounds)
     prefix = out / attack / f"prefix_{base.replace('+', '_')}_r{start}_s{seed}"
     prefix.parent.mkdir(parents=True, exist_ok=True)
     # cells run as parallel processes (datafree_parallel.sh) share the prefix: one runs it, the
     # others wait for it here
     with FileLock(f"{prefix}.lock"):
         base_dir = cell_dir(out, attack, base, seed)
-        base_round = state_round(base_dir)
-        if not prefix.exists() and finished(base_dir) is None and base_round is not None \
-                and base_round <= start:
-            base_dir.rename(prefix)
+        if not prefix.exists() and finished(base_dir) is None:
+            base_round = state_round(base_dir)
+            if base_round is not None and base_round <= start:
+                base_dir.rename(prefix)
         if state_round(s_out) is not None:
             return
         if (state_round(prefix) or 0) < start:
@@ -242,10 +242,10 @@ def student_stage(method: str, teacher: str, cfg: dict, out: Path, attack: str, 
     if method == "clean_kd":
         job = clean_kd_job(teacher, cfg, str(s_out), seed)
         return cached(s_out, lambda: pipeline.distill(job))
+    job = build_datafree_job(None, datafree_overrides(method, teacher, cfg, s_out, seed, progress))
     base = shared_prefix(method, methods)
     if base is not None:
-        start_from_prefix(method, base, teacher, cfg, out, attack, seed, progress)
-    job = build_datafree_job(None, datafree_overrides(method, teacher, cfg, s_out, seed, progress))
+        start_from_prefix(job, base, teacher, cfg, out, attack, seed, progress)
     return cached(s_out, lambda: run_datafree(job))
 
 
