@@ -19,7 +19,8 @@ is reported too, and the ones not run yet are listed). Cells write only their ow
 so once a teacher exists (``--only badnets:teacher`` trains just that) its cells can run as
 separate processes at once: ``benchmarks/datafree_parallel.sh`` does that on a GPU. Results: ``<out>/summary_<table>.json`` and a
 Markdown table. ``--table abd`` builds the ABD issue's table instead (five triggers; ZSKT,
-ZSKT + ABD, clean KD; CMI ± ABD; the SV-only / SR-only ablation), sharing teachers and cells.
+ZSKT + ABD, clean KD; CMI ± ABD; the SV-only / SR-only ablation), sharing teachers and cells;
+its report ends with the issue's targets judged on the cells finished so far (``target_check``).
 
     python benchmarks/datafree_transfer.py --data-root ../shared/data              # transfer table
     python benchmarks/datafree_transfer.py --data-root ../shared/data --table abd  # ABD table
@@ -85,6 +86,85 @@ ABD_REFERENCE = {
     "blend": {"zskt": (77.0, 74.4), "zskt+abd": (71.5, 23.1), "clean_kd": (78.0, 4.3)},
     "sig_abd": {"zskt": (77.9, 0.0), "zskt+abd": (72.2, 0.0), "clean_kd": (77.4, 0.0)},
 }
+
+
+#: the ABD issue's targets: where the undefended method transfers > 50 % ASR, its "+abd" cell
+#: brings the mean ASR below 10 % at a mean CA drop of at most 3 points; SV alone costs at most
+#: 10 % more training time than the undefended run
+TARGETS = {"transfer_bar": 0.50, "max_mean_asr": 0.10, "max_ca_drop": 0.03, "max_sv_overhead": 0.10}
+#: target kind → (value format, bar format), both fed percentages
+TARGET_FORMAT = {"mean_asr": ("{:.1f} %", "< {:.0f} %"), "ca_drop": ("{:.1f} points", "≤ {:.0f} points"),
+                 "sv_overhead": ("{:+.1f} %", "≤ +{:.0f} %")}
+
+
+def target_check(cells: list[dict], targets: dict = TARGETS) -> list[dict]:
+    """The ABD issue's targets, judged on the finished cells of ``summary["cells"]``.
+
+    For each undefended data-free method (``zskt``, ``cmi``) one row for the defended cell's mean
+    ASR, one for its mean CA drop, both over the (attack, seed) pairs where the undefended cell's
+    last-round ASR exceeds ``transfer_bar`` and the ``+abd`` cell is finished; one row for the
+    ``+sv`` cell's training-time overhead over the pairs where both ran. A row is
+    ``{"kind", "target", "method", "pairs", "value", "bar", "met", "pending", "collapsed"}`` (values
+    and bars as fractions): ``met`` is
+    None when no pair is finished; ``pending`` names the transferring pairs whose defended cell
+    has not run; ``collapsed`` the transferring pairs whose undefended student also answers the
+    target class without the trigger (ASR without trigger above the bar: a collapse rather than
+    a trigger-specific backdoor; counted, by the letter of the target, but flagged).
+    """
+    by = {(c["attack"], c["seed"], c["method"]): c["student"] for c in cells}
+    undefended = sorted({m for (_, _, m) in by if "+" not in m and m != "clean_kd"})
+    rows = []
+    for base in undefended:
+        finished_pairs, pending, collapsed, asrs, drops = [], [], [], [], []
+        for (attack, seed, method), s in sorted(by.items()):
+            if method != base or s.get("asr") is None or s["asr"] <= targets["transfer_bar"]:
+                continue
+            pair = f"{attack}:s{seed}"
+            if (s.get("asr_no_trigger") or 0.0) > targets["transfer_bar"]:
+                collapsed.append(pair)
+            defended = by.get((attack, seed, f"{base}+abd"))
+            if defended is None or defended.get("asr") is None:
+                pending.append(pair)
+                continue
+            finished_pairs.append(pair)
+            asrs.append(defended["asr"])
+            drops.append(s["ca"] - defended["ca"])
+        mean_asr = sum(asrs) / len(asrs) if asrs else None
+        mean_drop = sum(drops) / len(drops) if drops else None
+        common = {"method": f"{base}+abd", "pairs": finished_pairs, "pending": pending, "collapsed": collapsed}
+        rows.append({"kind": "mean_asr", "target": f"mean ASR where {base} transfers > {100 * targets['transfer_bar']:.0f} %",
+                     "value": mean_asr, "bar": targets["max_mean_asr"],
+                     "met": None if mean_asr is None else mean_asr < targets["max_mean_asr"], **common})
+        rows.append({"kind": "ca_drop", "target": f"mean CA drop against {base} on the same pairs",
+                     "value": mean_drop, "bar": targets["max_ca_drop"],
+                     "met": None if mean_drop is None else mean_drop <= targets["max_ca_drop"], **common})
+        overheads, pairs = [], []
+        for (attack, seed, method), s in sorted(by.items()):
+            sv = by.get((attack, seed, f"{base}+sv"))
+            if method == base and sv is not None and s.get("train_seconds"):
+                overheads.append(sv["train_seconds"] / s["train_seconds"] - 1.0)
+                pairs.append(f"{attack}:s{seed}")
+        if overheads:
+            mean = sum(overheads) / len(overheads)
+            rows.append({"kind": "sv_overhead", "target": f"training-time overhead of SV over {base}", "method": f"{base}+sv",
+                         "pairs": pairs, "value": mean, "bar": targets["max_sv_overhead"],
+                         "met": mean <= targets["max_sv_overhead"], "pending": [], "collapsed": []})
+    return rows
+
+
+def print_targets(rows: list[dict]) -> None:
+    """The rows of ``target_check`` as a Markdown table."""
+    if not rows:
+        return
+    print("\n| target | cell | pairs | value | bar | met | pending (no defended cell yet) | collapsed |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        fmt, bar = TARGET_FORMAT[r["kind"]]
+        value = "—" if r["value"] is None else fmt.format(100 * r["value"])
+        met = "—" if r["met"] is None else ("yes" if r["met"] else "no")
+        print(f"| {r['target']} | {r['method']} | {', '.join(r['pairs']) or '—'} | {value} | "
+              f"{bar.format(100 * r['bar'])} | {met} | {', '.join(r['pending']) or '—'} | "
+              f"{', '.join(r['collapsed']) or '—'} |")
 
 
 def settings(args: argparse.Namespace) -> dict:
@@ -322,6 +402,7 @@ def main() -> None:
             print(f"\n## {ATTACK_LABEL[attack]}, seed {seed} ({time.perf_counter() - t0:.0f} s this call)\n")
             print(metrics_table(rows))
     out.mkdir(parents=True, exist_ok=True)  # --report before any run
+    summary["targets"] = target_check(summary["cells"])
     (out / f"summary_{args.table}.json").write_text(json.dumps(summary, indent=2))
     # ASR without the trigger: the student's target bias (runs older than the metric show —).
     # Minutes: training time summed over every call of a resumed run (evaluations excluded).
@@ -339,6 +420,7 @@ def main() -> None:
               f"{bias} | {peak} | {'—' if ref is None else f'{ref[0]} / {ref[1]}'} | "
               f"{s['train_seconds'] / 60:.1f} |")
     print_means(summary["cells"])
+    print_targets(summary["targets"])
     if summary["missing"]:
         print(f"\nnot run yet: {' '.join(summary['missing'])}")
 

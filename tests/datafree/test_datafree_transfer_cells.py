@@ -93,3 +93,36 @@ def test_cells_without_their_base_in_the_table_run_from_scratch(transfer):
     assert transfer.shared_prefix("zskt+sv", ablation) == "zskt+sv"
     assert transfer.shared_prefix("zskt+sr", ablation) == "zskt"
     assert transfer.shared_prefix("cmi+abd", ablation) is None
+
+
+def _cell(attack, method, ca, asr, no_trigger=0.05, minutes=60.0, seed=0):
+    return {"attack": attack, "method": method, "seed": seed,
+            "student": {"ca": ca, "asr": asr, "asr_no_trigger": no_trigger, "train_seconds": 60 * minutes}}
+
+
+def test_target_check_judges_only_transferring_pairs(transfer):
+    cells = [
+        _cell("trojan_3x3", "zskt", 0.50, 0.72, minutes=70), _cell("trojan_3x3", "zskt+abd", 0.48, 0.06),
+        _cell("trojan_3x3", "zskt+sv", 0.49, 0.70, minutes=77.7),
+        _cell("badnets", "zskt", 0.55, 0.61), _cell("badnets", "zskt+abd", 0.50, 0.12),
+        _cell("trojan_wm", "zskt", 0.60, 0.20), _cell("trojan_wm", "zskt+abd", 0.40, 0.90),  # no transfer
+        _cell("blend", "zskt", 0.10, 1.00, no_trigger=1.00),  # collapse, defended cell not run
+        _cell("badnets", "clean_kd", 0.70, 0.02),
+    ]
+    rows = {r["kind"]: r for r in transfer.target_check(cells)}
+    asr, drop, sv = rows["mean_asr"], rows["ca_drop"], rows["sv_overhead"]
+    assert asr["pairs"] == drop["pairs"] == ["badnets:s0", "trojan_3x3:s0"]  # trojan_wm ≤ 50 %: not counted
+    assert asr["value"] == pytest.approx(0.09) and asr["met"] is True
+    assert drop["value"] == pytest.approx(0.035) and drop["met"] is False
+    assert asr["pending"] == ["blend:s0"] and asr["collapsed"] == ["blend:s0"]
+    assert sv["pairs"] == ["trojan_3x3:s0"] and sv["value"] == pytest.approx(0.11) and sv["met"] is False
+    assert {r["method"] for r in rows.values()} == {"zskt+abd", "zskt+sv"}  # clean KD is no baseline
+
+
+def test_target_check_is_undecided_until_a_defended_cell_finishes(transfer, capsys):
+    rows = transfer.target_check([_cell("trojan_3x3", "zskt", 0.50, 0.72), _cell("blend", "zskt", 0.7, 0.3)])
+    assert [r["met"] for r in rows] == [None, None]
+    assert rows[0]["pending"] == ["trojan_3x3:s0"]
+    transfer.print_targets(rows)
+    out = capsys.readouterr().out
+    assert "| — | < 10 % | — | trojan_3x3:s0 |" in out
