@@ -153,3 +153,30 @@ def test_bad_settings_are_refused(abd_kit):
         _vaccine(abd_kit, coef=-1.0)
     with pytest.raises(KDGuardError, match="verify_batches"):
         _vaccine(abd_kit, verify_batches=3, verify_skip=5)
+
+
+def test_flagged_share_counts_every_active_call_and_survives_a_checkpoint(abd_kit):
+    teacher, a = _vaccine(abd_kit)
+    clean = abd_kit.clean_images(24)
+    x = torch.cat([clean[:16], abd_kit.triggered(clean[16:])])
+    flagged = int(a.suspicion_mask(x).sum())
+    assert 0 < flagged < len(x) and a.summary()["flagged_share"] is None
+    a(x, teacher(x))                                  # generator form
+    a.SUBSET_MAX_SHARE = -1.0
+    a(x, teacher(x))                                  # its whole-batch pass counts the same
+    a.sample_weighting(torch.ones(len(x)), x, teacher(x))  # student form
+    assert a.seen == 3 * len(x) and a.flagged_share == pytest.approx(flagged / len(x))
+    _, b = _vaccine(abd_kit, seed=2)
+    b.load_state_dict(a.state_dict())
+    more = int(b.suspicion_mask(clean[:16]).sum())
+    assert more != flagged
+    b(clean[:16], teacher(clean[:16]))
+    assert b.summary()["flag_samples"] == 3 * len(x) + 16
+    assert b.flagged_share == pytest.approx((3 * flagged + more) / (3 * len(x) + 16))
+
+
+def test_a_pending_vaccine_counts_nothing(abd_kit):
+    teacher, vaccine = _vaccine(abd_kit, verify_batches=5, verify_skip=1)
+    x = abd_kit.clean_images(8)
+    vaccine(x, teacher(x))
+    assert vaccine.seen == 0 and vaccine.flagged_share is None

@@ -23,7 +23,7 @@ per-sample divergence ``D(x) = KL(p_T(x) ‖ p_T̃(x)) / K`` (K classes, the ref
 
 A *call* is one batch the vaccine sees: a generator/pixel step in the generator form, a student
 step in the student form. State (status, call counter, permutations, trial log and the pending
-cache, float32) is checkpointed
+cache, float32, and the flagged-sample counts) is checkpointed
 through :meth:`state_dict` / :meth:`load_state_dict`, so a resumed run continues exactly.
 """
 
@@ -106,6 +106,8 @@ class ShufflingVaccine:
         self.trials: list[float] = []  # tail ratio of each verification trial
         self._cache: list[torch.Tensor] = []
         self._last_share = 0.0  # share flagged at the last generator-form call
+        # samples the active vaccine saw and flagged (a device tensor: no host sync)
+        self.seen, self._flagged = 0, torch.zeros(())
         self.__name__ = "shuffling_vaccine"
 
     # -- the two primitives ----------------------------------------------------------------
@@ -153,6 +155,7 @@ class ShufflingVaccine:
             div = divergence_per_sample(teacher_logits, shuffled)
             if self.shuffle_grad and on_cpu:  # (a host sync, free on CPU)
                 self._last_share = float(mask.float().mean())
+            self._count(mask)
             mean_suspicious = (mask * div).sum() / mask.sum().clamp_min(1)
             return {"sv_maximize_divergence": -self.coef * mean_suspicious}
         # Only suspicious samples carry the term, so only they need T̃'s backward: flag them
@@ -164,11 +167,24 @@ class ShufflingVaccine:
         mask = self.suspicion_mask(x, teacher_logits)
         rows = mask.nonzero().squeeze(1)
         self._last_share = len(rows) / max(len(x), 1)
+        self._count(mask)
         if len(rows) == 0:
             return {"sv_maximize_divergence": torch.zeros((), device=x.device)}
         shuffled = self.shuffled_logits(x[rows], grad=True)
         div = divergence_per_sample(teacher_logits[rows], shuffled)
         return {"sv_maximize_divergence": -self.coef * div.mean()}
+
+    def _count(self, mask: torch.Tensor) -> None:
+        self.seen += len(mask)
+        self._flagged = self._flagged.to(mask.device) + mask.sum()
+
+    @property
+    def flagged_share(self) -> float | None:
+        """Share of the samples the active vaccine flagged as suspicious, over the ``seen``
+        samples of its calls (generator or student form), counted across checkpoints; None
+        before any. A diagnostic of how much of the synthesis SV acts on, and of its cost: the
+        gradient pass through T̃ runs on the flagged rows only (CPU)."""
+        return float(self._flagged) / self.seen if self.seen else None
 
     # -- student form (OOD) --------------------------------------------------------------------
     def sample_weighting(self, per_sample: torch.Tensor, x: torch.Tensor,
@@ -179,7 +195,9 @@ class ShufflingVaccine:
         self._watch(x)
         if not self.active:
             return {"kd": per_sample.mean()}
-        suspicious = self.suspicion_mask(x, teacher_logits).float()
+        mask = self.suspicion_mask(x, teacher_logits)
+        self._count(mask)
+        suspicious = mask.float()
         kept = 1.0 - suspicious
         kd = (kept * per_sample).sum() / kept.sum().clamp_min(1.0)
         push = (suspicious * per_sample).sum() / suspicious.sum().clamp_min(1.0)
@@ -225,13 +243,15 @@ class ShufflingVaccine:
     def summary(self) -> dict[str, Any]:
         """Status and verification log, for the run's metrics."""
         return {"status": self.status, "coef": self.coef, "layers": list(self.shuffled.paths),
-                "ensemble": self.shuffled.ensemble_size, "tail_ratios": list(self.trials)}
+                "ensemble": self.shuffled.ensemble_size, "tail_ratios": list(self.trials),
+                "flagged_share": self.flagged_share, "flag_samples": self.seen}
 
     # -- checkpointing -------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {"status": self.status, "calls": self.calls, "trials": list(self.trials),
                 "perms": self.shuffled.get_perms(), "cache": list(self._cache),
-                "rng": self.generator.get_state(), "last_share": self._last_share}
+                "rng": self.generator.get_state(), "last_share": self._last_share,
+                "seen": self.seen, "flagged": float(self._flagged)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.shuffled.set_perms(state["perms"])
@@ -240,6 +260,8 @@ class ShufflingVaccine:
         self._cache = list(state["cache"])
         self.generator.set_state(state["rng"])
         self._last_share = float(state.get("last_share", 0.0))  # absent in older checkpoints
+        # counts absent in older checkpoints: the share then covers the rounds run since
+        self.seen, self._flagged = int(state.get("seen", 0)), torch.tensor(float(state.get("flagged", 0.0)))
 
 
 class VaccineWeighting:
