@@ -97,6 +97,10 @@ class DistillJob:
     out: str = "runs/student"
 
 
+#: words YAML 1.1 reads as booleans besides true/false (kept as text in ``key=value`` overrides)
+YAML11_BOOL_WORDS = frozenset({"on", "off", "yes", "no", "y", "n"})
+
+
 def user_layer(yaml_path: str | Path | None = None, overrides: list[str] | None = None, *,
                example: str = "train.epochs=30") -> DictConfig:
     """The user's settings: YAML file ← ``key=value`` overrides, untyped (types and key names are
@@ -119,7 +123,15 @@ def user_layer(yaml_path: str | Path | None = None, overrides: list[str] | None 
         bad = [o for o in overrides if "=" not in o]
         if bad:
             raise KDGuardError(f"override {bad[0]!r} is not of the form key=value", f"write e.g. {example}")
-        user = OmegaConf.merge(user, OmegaConf.from_dotlist(list(overrides)))
+        for override in overrides:  # one at a time: a later override of the same key wins
+            key, _, value = override.partition("=")
+            if value.strip().lower() in YAML11_BOOL_WORDS:
+                # YAML 1.1 reads on/off/yes/no as booleans, which would turn a choice such as
+                # abd.mode=off into the text "False"; as text they still set a boolean field
+                # (OmegaConf converts them)
+                OmegaConf.update(user, key, value.strip(), merge=True)
+            else:
+                user = OmegaConf.merge(user, OmegaConf.from_dotlist([override]))
     return user
 
 

@@ -61,3 +61,21 @@ def test_distill_routing_helpers():
     assert datafree_method_requested(["kd.method=kd"], method="CMI") == "cmi"
     assert datafree_method_requested([], None) is None
     assert translate_overrides(["kd.method=ood", "out=x"]) == ["method=ood", "out=x"]
+
+
+def test_yaml_boolean_words_set_choices_and_booleans_from_overrides():
+    """YAML 1.1 reads off/on/yes/no as booleans: abd.mode=off would arrive as "False"."""
+    job = build_datafree_job(None, ["teacher=t", "abd.mode=off", "abd.sr.amp=on", "progress=off", "amp=off"])
+    assert job.abd.mode == "off" and job.amp == "off" and job.abd.sr.amp is True and job.progress is False
+    job = build_datafree_job(None, ["teacher=t", "abd.mode=full", "progress=yes", "abd.mode=off"])
+    assert job.abd.mode == "off" and job.progress is True  # the last override of a key wins
+
+
+def test_an_unquoted_off_in_a_yaml_file_is_refused_with_the_fix(tmp_path):
+    yaml = tmp_path / "job.yaml"
+    yaml.write_text("teacher: t\nabd:\n  mode: off\n")
+    with pytest.raises(KDGuardError, match="abd.mode 'False'") as exc:
+        build_datafree_job(yaml)
+    assert "quote it (mode: 'off')" in exc.value.fix
+    yaml.write_text("teacher: t\nabd:\n  mode: 'off'\n")
+    assert build_datafree_job(yaml).abd.mode == "off"

@@ -326,8 +326,11 @@ def build_datafree_job(yaml_path: str | Path | None = None,
 
 def _choice(label: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        raise KDGuardError(f"{label} {value!r} is not one of {', '.join(choices)}",
-                           f"set {label} to one of: {', '.join(choices)}")
+        fix = f"set {label} to one of: {', '.join(choices)}"
+        if value in ("True", "False") and {"on", "off"} & set(choices):
+            # a YAML file's unquoted on/off/yes/no is read as a boolean (YAML 1.1)
+            fix += f"; in a YAML file quote it ({label.rsplit('.', 1)[-1]}: 'off')"
+        raise KDGuardError(f"{label} {value!r} is not one of {', '.join(choices)}", fix)
 
 
 def _positive(label: str, value: int | float | None, *, allow_zero: bool = False) -> None:
