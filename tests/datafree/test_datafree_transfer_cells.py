@@ -126,3 +126,29 @@ def test_target_check_is_undecided_until_a_defended_cell_finishes(transfer, caps
     transfer.print_targets(rows)
     out = capsys.readouterr().out
     assert "| — | < 10 % | — | trojan_3x3:s0 |" in out
+
+
+def test_sv_resume_cost_continues_a_run_with_and_without_the_vaccine(transfer, monkeypatch, capsys, tmp_path):
+    """benchmarks/abd_sv_resume_cost.py on a smoke run stopped at round 1: each mode continues a
+    copy for one round; SV's passes are timed and its flagged share reported, 'off' has none."""
+    _main(transfer, monkeypatch, "--smoke", "--table", "abd", "--out", str(tmp_path), "--only",
+          "trojan_3x3:teacher")
+    teacher = str(tmp_path / "smoke" / "teachers" / "trojan_3x3_s0")
+    cfg = transfer.settings(transfer.argparse.Namespace(smoke=True))
+    run = tmp_path / "sv_run"
+    partial = transfer.run_datafree(transfer.build_datafree_job(
+        None, transfer.datafree_overrides("zskt+sv", teacher, cfg, run, 0, False) + ["schedule.stop_after=1"]))
+    assert partial.metrics["finished"] is False and partial.metrics["abd"]["sv"]["flag_samples"] == 64  # 2 generator steps of 32
+
+    spec = importlib.util.spec_from_file_location("abd_sv_resume_cost", SCRIPT.parent / "abd_sv_resume_cost.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "bench"
+    monkeypatch.setattr(sys, "argv", ["abd_sv_resume_cost.py", "--run", str(run), "--rounds", "1",
+                                      "--repeats", "1", "--warmup", "0", "--out", str(out)])
+    bench.main()
+    calls = {c["mode"]: c for c in json.loads((out / "abd_sv_resume_cost.json").read_text())["calls"]}
+    assert sum(calls["sv"]["shuffled_pass_calls"].values()) >= 1 and calls["sv"]["flag_samples"] == 128
+    assert calls["off"]["shuffled_pass_calls"] == {"no_grad": 0, "grad": 0} and calls["off"]["flag_samples"] is None
+    assert transfer.state_round(run) == 1  # the run itself is left as it was
+    assert "sv vs off: median wall" in capsys.readouterr().out

@@ -185,6 +185,8 @@ def run_datafree(job: DataFreeJob, *, extensions: DataFreeExtensions | None = No
     if loop.round < job.schedule.rounds:  # stopped early on purpose: the run continues later
         partial = dict(history[-1].eval) if history and history[-1].eval else {}
         partial.update(round=loop.round, rounds=job.schedule.rounds, finished=False)
+        if abd is not None:
+            partial["abd"] = {"mode": job.abd.mode, **abd.summary()}
         return RunResult(out, partial, student, time.perf_counter() - t0)
 
     final = history[-1] if history and history[-1].round == job.schedule.rounds else None

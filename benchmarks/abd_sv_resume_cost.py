@@ -1,0 +1,124 @@
+"""SV's wall-time cost on a real run: continue one data-free checkpoint with and without the vaccine.
+
+``datafree_cost.py`` times rounds of a fresh generator and student, where the vaccine flags
+nothing. This script times the rounds that matter: it copies a run directory of the ABD table
+(e.g. the SV prefix of ``datafree_transfer.py``, stopped at the SR phase start) and continues
+each copy for ``--rounds`` rounds under each ``abd.mode``, with the run's own settings
+(its ``config.yaml``), (order ABAB…, so a slow drift of the
+machine hits both alike), on the same machine at the same time. Per call it reports the wall
+time of the whole call (set-up included) and, for SV, the time spent in the shuffled teacher's
+passes (timed around ``ShufflingVaccine.shuffled_logits``) and the samples flagged.
+
+    python benchmarks/abd_sv_resume_cost.py \\
+        --run runs/bench_datafree_transfer/cifar10/trojan_3x3/prefix_zskt_sv_r1470_s0 \\
+        --data-root ../shared/data --rounds 20 --threads 2
+
+Results go to ``<out>/abd_sv_resume_cost.json`` and a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import kdguard.datafree.run as datafree_run
+from kdguard.abd import vaccine as vaccine_module
+from kdguard.datafree import build_datafree_job, run_datafree
+
+
+class ShuffledPassTimer:
+    """Wraps ``ShufflingVaccine.shuffled_logits`` to time its calls (seconds, with and without
+    gradient) for the duration of a ``with`` block."""
+
+    def __init__(self) -> None:
+        self.seconds = {"no_grad": 0.0, "grad": 0.0}
+        self.calls = {"no_grad": 0, "grad": 0}
+
+    def __enter__(self) -> ShuffledPassTimer:
+        self._original = vaccine_module.ShufflingVaccine.shuffled_logits
+        timer, original = self, self._original
+
+        def timed(vaccine, x, *, grad=False):
+            t0 = time.perf_counter()
+            out = original(vaccine, x, grad=grad)
+            key = "grad" if grad else "no_grad"
+            timer.seconds[key] += time.perf_counter() - t0
+            timer.calls[key] += 1
+            return out
+
+        vaccine_module.ShufflingVaccine.shuffled_logits = timed
+        return self
+
+    def __exit__(self, *exc) -> None:
+        vaccine_module.ShufflingVaccine.shuffled_logits = self._original
+
+
+def continue_run(args: argparse.Namespace, mode: str, repeat: int) -> dict:
+    saved = torch.load(Path(args.run) / "datafree_state.pt", weights_only=True, map_location="cpu")
+    start = int(saved["round"])
+    out = Path(args.out) / f"{mode}_{repeat}"
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.copytree(args.run, out)
+    # the run's own settings (config.yaml), so the checkpoint fits; only the mode and stop change
+    overrides = [f"out={out}", "progress=false", f"abd.mode={mode}",
+                 f"schedule.stop_after={start + args.rounds}", "monitor.every=1000000"]
+    if args.data_root:  # the test set of the final evaluation
+        overrides.append(f"data.root={args.data_root}")
+    with ShuffledPassTimer() as timer:
+        t0 = time.perf_counter()
+        result = run_datafree(build_datafree_job(out / "config.yaml", overrides))
+        wall = time.perf_counter() - t0
+    sv = (result.metrics.get("abd") or {}).get("sv") or {}
+    shutil.rmtree(out, ignore_errors=True)
+    return {"mode": mode, "repeat": repeat, "start_round": start, "rounds": args.rounds, "wall_seconds": wall,
+            "shuffled_pass_seconds": timer.seconds, "shuffled_pass_calls": timer.calls,
+            "flagged_share": sv.get("flagged_share"), "flag_samples": sv.get("flag_samples")}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--run", required=True, help="a data-free run directory with a datafree_state.pt")
+    ap.add_argument("--data-root", default=None, help="folder holding the test set (e.g. ../shared/data)")
+    ap.add_argument("--modes", nargs="+", default=["sv", "off"], help="abd.mode values to compare")
+    ap.add_argument("--rounds", type=int, default=20, help="rounds per call")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--warmup", type=int, default=1, choices=(0, 1), help="one untimed 1-round call first")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--out", default="runs/bench_abd_sv_resume_cost")
+    args = ap.parse_args()
+    if not all((Path(args.run) / f).exists() for f in ("datafree_state.pt", "config.yaml")):
+        ap.error(f"--run {args.run}: no datafree_state.pt and config.yaml there; pass a data-free run directory")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        datafree_run.configure_threads = lambda *a, **k: None  # the run would reset it to every core
+    if args.warmup:  # the first call of a process pays for loading data and warming caches
+        continue_run(argparse.Namespace(**{**vars(args), "rounds": 1}), args.modes[0], -1)
+    calls = [continue_run(args, mode, r) for r in range(args.repeats) for mode in args.modes]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "abd_sv_resume_cost.json").write_text(json.dumps(
+        {"run": args.run, "threads": torch.get_num_threads(), "calls": calls}, indent=2))
+    print(f"\n{args.run}: {args.rounds} rounds from round {calls[0]['start_round']} per call, "
+          f"{torch.get_num_threads()} threads\n")
+    print("| abd.mode | call | wall s | T̃ passes s (no grad / grad) | T̃ calls (no grad / grad) | flagged |")
+    print("|---|---|---|---|---|---|")
+    for c in calls:
+        s, n = c["shuffled_pass_seconds"], c["shuffled_pass_calls"]
+        flagged = "—" if c["flagged_share"] is None else f"{100 * c['flagged_share']:.2f} %"
+        print(f"| {c['mode']} | {c['repeat'] + 1} | {c['wall_seconds']:.1f} | {s['no_grad']:.2f} / {s['grad']:.2f} | "
+              f"{n['no_grad']} / {n['grad']} | {flagged} |")
+    base = args.modes[-1]
+    median = {m: statistics.median(c["wall_seconds"] for c in calls if c["mode"] == m) for m in args.modes}
+    for m in args.modes[:-1]:
+        print(f"\n{m} vs {base}: median wall {median[m]:.1f} / {median[base]:.1f} s "
+              f"({100 * (median[m] / median[base] - 1):+.1f} %, set-up included)")
+
+
+if __name__ == "__main__":
+    main()
