@@ -146,7 +146,10 @@ def target_check(cells: list[dict], targets: dict = TARGETS) -> list[dict]:
                 pairs.append(f"{attack}:s{seed}")
         if overheads:
             mean = sum(overheads) / len(overheads)
-            rows.append({"kind": "sv_overhead", "target": f"training-time overhead of SV over {base} (logged minutes of runs made at different times; abd_sv_resume_cost.py compares at one time)", "method": f"{base}+sv",
+            rows.append({"kind": "sv_overhead",
+                         "target": f"training-time overhead of SV over {base} (logged minutes of runs made "
+                                   "at different times; abd_sv_resume_cost.py compares at one time)",
+                         "method": f"{base}+sv",
                          "pairs": pairs, "value": mean, "bar": targets["max_sv_overhead"],
                          "met": mean <= targets["max_sv_overhead"], "pending": [], "collapsed": []})
     return rows
