@@ -3,9 +3,9 @@
 ``datafree_cost.py`` times rounds of a fresh generator and student, where the vaccine flags
 nothing. This script times the rounds that matter: it copies a run directory of the ABD table
 (e.g. the SV prefix of ``datafree_transfer.py``, stopped at the SR phase start) and continues
-each copy for ``--rounds`` rounds under each ``abd.mode``, with the run's own settings
-(its ``config.yaml``), (order ABAB…, so a slow drift of the
-machine hits both alike), on the same machine at the same time. Per call it reports the wall
+each copy for ``--rounds`` rounds under each ``abd.mode`` with the run's own settings (its
+``config.yaml``), on the same machine at the same time, in the order ABAB… so that a slow drift
+of the machine's speed hits every mode alike. Per call it reports the wall
 time of the whole call (set-up included) and, for SV, the time spent in the shuffled teacher's
 passes (timed around ``ShufflingVaccine.shuffled_logits``) and the samples flagged.
 
@@ -59,15 +59,14 @@ class ShuffledPassTimer:
         vaccine_module.ShufflingVaccine.shuffled_logits = self._original
 
 
-def continue_run(args: argparse.Namespace, mode: str, repeat: int) -> dict:
-    saved = torch.load(Path(args.run) / "datafree_state.pt", weights_only=True, map_location="cpu")
-    start = int(saved["round"])
+def continue_run(args: argparse.Namespace, mode: str, repeat: int, start: int, rounds: int) -> dict:
+    """Continue a copy of ``args.run`` (at round ``start``) for ``rounds`` rounds with ``abd.mode=mode``."""
     out = Path(args.out) / f"{mode}_{repeat}"
     shutil.rmtree(out, ignore_errors=True)
     shutil.copytree(args.run, out)
     # the run's own settings (config.yaml), so the checkpoint fits; only the mode and stop change
     overrides = [f"out={out}", "progress=false", f"abd.mode={mode}",
-                 f"schedule.stop_after={start + args.rounds}", "monitor.every=1000000"]
+                 f"schedule.stop_after={start + rounds}", "monitor.every=1000000"]
     if args.data_root:  # the test set of the final evaluation
         overrides.append(f"data.root={args.data_root}")
     with ShuffledPassTimer() as timer:
@@ -76,14 +75,15 @@ def continue_run(args: argparse.Namespace, mode: str, repeat: int) -> dict:
         wall = time.perf_counter() - t0
     sv = (result.metrics.get("abd") or {}).get("sv") or {}
     shutil.rmtree(out, ignore_errors=True)
-    return {"mode": mode, "repeat": repeat, "start_round": start, "rounds": args.rounds, "wall_seconds": wall,
+    return {"mode": mode, "repeat": repeat, "start_round": start, "rounds": rounds, "wall_seconds": wall,
             "shuffled_pass_seconds": timer.seconds, "shuffled_pass_calls": timer.calls,
             "flagged_share": sv.get("flagged_share"), "flag_samples": sv.get("flag_samples")}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--run", required=True, help="a data-free run directory with a datafree_state.pt")
+    ap.add_argument("--run", required=True,
+                    help="a data-free run directory (datafree_state.pt and config.yaml)")
     ap.add_argument("--data-root", default=None, help="folder holding the test set (e.g. ../shared/data)")
     ap.add_argument("--modes", nargs="+", default=["sv", "off"], help="abd.mode values to compare")
     ap.add_argument("--rounds", type=int, default=20, help="rounds per call")
@@ -97,14 +97,15 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
         datafree_run.configure_threads = lambda *a, **k: None  # the run would reset it to every core
+    start = int(torch.load(Path(args.run) / "datafree_state.pt", weights_only=True, map_location="cpu")["round"])
     if args.warmup:  # the first call of a process pays for loading data and warming caches
-        continue_run(argparse.Namespace(**{**vars(args), "rounds": 1}), args.modes[0], -1)
-    calls = [continue_run(args, mode, r) for r in range(args.repeats) for mode in args.modes]
+        continue_run(args, args.modes[0], -1, start, 1)
+    calls = [continue_run(args, mode, r, start, args.rounds) for r in range(args.repeats) for mode in args.modes]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "abd_sv_resume_cost.json").write_text(json.dumps(
         {"run": args.run, "threads": torch.get_num_threads(), "calls": calls}, indent=2))
-    print(f"\n{args.run}: {args.rounds} rounds from round {calls[0]['start_round']} per call, "
+    print(f"\n{args.run}: {args.rounds} rounds from round {start} per call, "
           f"{torch.get_num_threads()} threads\n")
     print("| abd.mode | call | wall s | T̃ passes s (no grad / grad) | T̃ calls (no grad / grad) | flagged |")
     print("|---|---|---|---|---|---|")

@@ -182,11 +182,10 @@ def run_datafree(job: DataFreeJob, *, extensions: DataFreeExtensions | None = No
         history = loop.run(stop_after=job.schedule.stop_after)
     finally:
         loop.close()
+    abd_metrics = {} if abd is None else {"abd": {"mode": job.abd.mode, **abd.summary()}}
     if loop.round < job.schedule.rounds:  # stopped early on purpose: the run continues later
         partial = dict(history[-1].eval) if history and history[-1].eval else {}
-        partial.update(round=loop.round, rounds=job.schedule.rounds, finished=False)
-        if abd is not None:
-            partial["abd"] = {"mode": job.abd.mode, **abd.summary()}
+        partial.update(round=loop.round, rounds=job.schedule.rounds, finished=False, **abd_metrics)
         return RunResult(out, partial, student, time.perf_counter() - t0)
 
     final = history[-1] if history and history[-1].round == job.schedule.rounds else None
@@ -196,8 +195,7 @@ def run_datafree(job: DataFreeJob, *, extensions: DataFreeExtensions | None = No
     metrics.update(seconds=time.perf_counter() - t0, method=job.method, rounds=job.schedule.rounds,
                    student_updates=job.schedule.rounds * parts.student_steps,
                    train_seconds=sum(r.seconds for r in history))
-    if abd is not None:
-        metrics["abd"] = {"mode": job.abd.mode, **abd.summary()}
+    metrics.update(abd_metrics)
     t_metrics = t_manifest.get("metrics") or evaluate_model(teacher, test, attack,
                                                             train_cfg=eval_cfg).to_dict()
     manifest = {
