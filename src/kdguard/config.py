@@ -98,7 +98,7 @@ class DistillJob:
 
 
 #: words YAML 1.1 reads as booleans besides true/false (kept as text in ``key=value`` overrides)
-YAML11_BOOL_WORDS = frozenset({"on", "off", "yes", "no", "y", "n"})
+YAML11_BOOL_WORDS = frozenset({"on", "off", "yes", "no"})
 
 
 def user_layer(yaml_path: str | Path | None = None, overrides: list[str] | None = None, *,

@@ -77,5 +77,9 @@ def test_an_unquoted_off_in_a_yaml_file_is_refused_with_the_fix(tmp_path):
     with pytest.raises(KDGuardError, match="abd.mode 'False'") as exc:
         build_datafree_job(yaml)
     assert "quote it (mode: 'off')" in exc.value.fix
+    yaml.write_text("teacher: t\nabd:\n  mode: yes\n")
+    with pytest.raises(KDGuardError, match="abd.mode 'True'") as exc:
+        build_datafree_job(yaml)
+    assert "quote it (mode: 'off')" in exc.value.fix  # 'on' is no mode: the example is a valid one
     yaml.write_text("teacher: t\nabd:\n  mode: 'off'\n")
     assert build_datafree_job(yaml).abd.mode == "off"

@@ -329,7 +329,8 @@ def _choice(label: str, value: str, choices: tuple[str, ...]) -> None:
         fix = f"set {label} to one of: {', '.join(choices)}"
         if value in ("True", "False") and {"on", "off"} & set(choices):
             # a YAML file's unquoted on/off/yes/no is read as a boolean (YAML 1.1)
-            fix += f"; in a YAML file quote it ({label.rsplit('.', 1)[-1]}: 'off')"
+            word = "on" if value == "True" and "on" in choices else "off"  # a valid word to quote
+            fix += f"; in a YAML file quote it ({label.rsplit('.', 1)[-1]}: '{word}')"
         raise KDGuardError(f"{label} {value!r} is not one of {', '.join(choices)}", fix)
 
 
