@@ -34,14 +34,31 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
+@functools.cache
+def cpu_name(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The CPU's model name, e.g. ``"AMD EPYC 7B13"``.
+
+    The first ``model name`` line of ``cpuinfo`` (Linux, where ``platform.processor()`` is
+    empty), else ``platform.processor()``, else the architecture (``platform.machine()``).
+    """
+    try:
+        for line in Path(cpuinfo).read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and value.strip():
+                return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine_label(device: torch.device | str = "auto") -> str:
-    """What ran a measurement, for benchmark records: the CPU's name (``platform.processor()``,
-    else the architecture), or ``"<GPU name> (<CPU> host)"`` when ``device`` is CUDA.
+    """What ran a measurement, for benchmark records: the CPU's name (:func:`cpu_name`), or
+    ``"<GPU name> (<CPU> host)"`` when ``device`` is CUDA.
 
     Raises:
         KDGuardError: as :func:`resolve_device` for a device string it cannot resolve.
     """
-    cpu = platform.processor() or platform.machine()
+    cpu = cpu_name()
     resolved = resolve_device(device) if isinstance(device, str) else torch.device(device)
     return f"{torch.cuda.get_device_name(resolved)} ({cpu} host)" if resolved.type == "cuda" else cpu
 

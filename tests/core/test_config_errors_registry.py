@@ -95,13 +95,25 @@ def test_amp_auto_on_cpu_follows_native_bf16(monkeypatch):
 
 
 def test_machine_label_names_the_cpu_or_the_gpu(monkeypatch):
-    import platform
-
     import torch
 
-    from kdguard.runtime import machine_label
+    from kdguard.runtime import cpu_name, machine_label
 
-    cpu = platform.processor() or platform.machine()
-    assert machine_label("cpu") == cpu
+    cpu = cpu_name()
+    assert cpu and machine_label("cpu") == cpu
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
     assert machine_label(torch.device("cuda", 0)) == f"NVIDIA H200 ({cpu} host)"
+
+
+def test_cpu_name_reads_the_model_name_of_cpuinfo(tmp_path):
+    import platform
+
+    from kdguard.runtime import cpu_name
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 7B13\nflags\t: avx2\n")
+    assert cpu_name(str(info)) == "AMD EPYC 7B13"
+    bare = tmp_path / "cpuinfo-bare"  # cpu_name caches per path
+    bare.write_text("processor\t: 0\nflags\t: avx2\n")  # no model name (some ARM kernels)
+    assert cpu_name(str(bare)) == (platform.processor() or platform.machine())
+    assert cpu_name(str(tmp_path / "missing")) == (platform.processor() or platform.machine())
