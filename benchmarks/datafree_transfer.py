@@ -21,6 +21,8 @@ separate processes at once: ``benchmarks/datafree_parallel.sh`` does that on a G
 Markdown table. ``--table abd`` builds the ABD issue's table instead (five triggers; ZSKT,
 ZSKT + ABD, clean KD; CMI ± ABD; the SV-only / SR-only ablation), sharing teachers and cells;
 its report ends with the issue's targets judged on the cells finished so far (``target_check``).
+Finished cells and their teachers are also recorded in the committed ledger (``LEDGER``), so the
+report and later cells carry over to a new machine whose ``runs/`` is empty (``--ledger``).
 
     python benchmarks/datafree_transfer.py --data-root ../shared/data              # transfer table
     python benchmarks/datafree_transfer.py --data-root ../shared/data --table abd  # ABD table
@@ -31,6 +33,7 @@ its report ends with the issue's targets judged on the cells finished so far (``
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shutil
 import time
@@ -51,8 +54,12 @@ from kdguard.config import (
     TeacherJob,
     TrainConfig,
 )
+from kdguard.checkpoint import environment_info
 from kdguard.datafree import build_datafree_job, run_datafree
+from kdguard.errors import KDGuardError
+from kdguard.io import write_json
 from kdguard.report import metrics_table
+from kdguard.runtime import cpu_name
 
 #: table → attack → student methods. "transfer": the data-free issue's table; "abd": the ABD
 #: issue's headline table (undefended ZSKT, ZSKT + ABD and clean KD for five triggers, CMI ± ABD
@@ -107,11 +114,14 @@ def target_check(cells: list[dict], targets: dict = TARGETS) -> list[dict]:
     ``{"kind", "target", "method", "pairs", "value", "bar", "met", "pending", "collapsed"}`` (values
     and bars as fractions): ``met`` is
     None when no pair is finished; ``pending`` names the transferring pairs whose defended cell
-    has not run; ``collapsed`` the transferring pairs whose undefended student also answers the
+    has not run, or was distilled from another teacher (the cells' ``teacher["sha256"]`` differ,
+    e.g. a teacher trained again after its first one was lost: ``attack:s0 (other teacher)``);
+    ``collapsed`` the transferring pairs whose undefended student also answers the
     target class without the trigger (ASR without trigger above the bar: a collapse rather than
     a trigger-specific backdoor; counted, by the letter of the target, but flagged).
     """
     by = {(c["attack"], c["seed"], c["method"]): c["student"] for c in cells}
+    weights = {(c["attack"], c["seed"], c["method"]): (c.get("teacher") or {}).get("sha256") for c in cells}
     undefended = sorted({m for (_, _, m) in by if "+" not in m and m != "clean_kd"})
     rows = []
     for base in undefended:
@@ -125,6 +135,9 @@ def target_check(cells: list[dict], targets: dict = TARGETS) -> list[dict]:
             defended = by.get((attack, seed, f"{base}+abd"))
             if defended is None or defended.get("asr") is None:
                 pending.append(pair)
+                continue
+            if weights[(attack, seed, f"{base}+abd")] != weights[(attack, seed, method)]:
+                pending.append(f"{pair} (other teacher)")
                 continue
             finished_pairs.append(pair)
             asrs.append(defended["asr"])
@@ -141,7 +154,8 @@ def target_check(cells: list[dict], targets: dict = TARGETS) -> list[dict]:
         overheads, pairs = [], []
         for (attack, seed, method), s in sorted(by.items()):
             sv = by.get((attack, seed, f"{base}+sv"))
-            if method == base and sv is not None and s.get("train_seconds"):
+            if method == base and sv is not None and s.get("train_seconds") \
+                    and weights[(attack, seed, f"{base}+sv")] == weights[(attack, seed, method)]:
                 overheads.append(sv["train_seconds"] / s["train_seconds"] - 1.0)
                 pairs.append(f"{attack}:s{seed}")
         if overheads:
@@ -265,6 +279,94 @@ def cell_dir(out: Path, attack: str, method: str, seed: int) -> Path:
     return out / attack / f"{method.replace('+', '_')}_s{seed}"
 
 
+#: committed record of the table (``--ledger``): every finished cell's numbers and the teachers
+#: they were distilled from. Run directories under ``runs/`` stay on the machine that made them;
+#: this folder is in git, so a table built in parts survives the machines its parts ran on.
+LEDGER = Path(__file__).resolve().parent / "results" / "datafree_transfer"
+#: files of a finished teacher run that the ledger keeps (weights ≈ 1 MB for a ResNet-20); the
+#: training state and the poison indices stay behind
+TEACHER_FILES = ("model.safetensors", "manifest.json", "config.yaml", "metrics.jsonl", "metrics.json")
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def teacher_sha256(run_dir: Path) -> str | None:
+    weights = Path(run_dir) / "model.safetensors"
+    return file_sha256(weights) if weights.exists() else None
+
+
+def record_teacher(ledger: Path, run_dir: Path) -> None:
+    """Copy a finished teacher run's files into ``ledger/teachers/<name>`` unless it holds one.
+
+    ``sha256.txt`` holds the weights' digest, checked when another machine restores them.
+    """
+    dest = ledger / "teachers" / Path(run_dir).name
+    if (dest / "metrics.json").exists():
+        return
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in TEACHER_FILES:  # metrics.json last: its presence marks a complete copy
+        if (Path(run_dir) / name).exists():
+            shutil.copy2(Path(run_dir) / name, dest / name)
+        if name == "model.safetensors":
+            (dest / "sha256.txt").write_text(file_sha256(dest / name) + "\n")
+
+
+def restore_teacher(ledger: Path, run_dir: Path) -> bool:
+    """Seed an unfinished teacher run directory with the ledger's teacher of the same name.
+
+    The ledger's teacher wins over a local run that has not finished: every recorded cell was
+    distilled from it. Returns whether a teacher was restored.
+
+    Raises:
+        KDGuardError: the ledger's weights do not match their recorded digest (a Git LFS
+            pointer, a truncated checkout or an edited file).
+    """
+    src = ledger / "teachers" / Path(run_dir).name
+    if finished(run_dir) is not None or not (src / "metrics.json").exists():
+        return False
+    expected = (src / "sha256.txt").read_text().strip()
+    if file_sha256(src / "model.safetensors") != expected:
+        raise KDGuardError(f"teacher weights {src / 'model.safetensors'} do not match {src / 'sha256.txt'}",
+                           "restore the file from git (git checkout -- <path>), or delete the folder "
+                           "to train the teacher again (its recorded cells then no longer apply)")
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    for name in TEACHER_FILES:
+        if (src / name).exists():
+            shutil.copy2(src / name, Path(run_dir) / name)
+    return True
+
+
+def record_path(ledger: Path, attack: str, method: str, seed: int) -> Path:
+    return ledger / attack / f"{method.replace('+', '_')}_s{seed}.json"
+
+
+def record_cell(ledger: Path, cell: dict, threads: int) -> None:
+    """Write a finished cell's record (its summary entry and who made it) into the ledger.
+
+    An existing record with the same numbers is left as it is, so reports do not churn files.
+    """
+    path = record_path(ledger, cell["attack"], cell["method"], cell["seed"])
+    if path.exists() and {k: v for k, v in json.loads(path.read_text()).items() if k != "recorded"} == cell:
+        return
+    env = environment_info()
+    write_json(path, {**cell, "recorded": {"machine": cpu_name(), "threads": threads,
+                                           **{k: env[k] for k in ("torch", "git_commit", "created")}}})
+
+
+def ledger_cell(ledger: Path | None, attack: str, method: str, seed: int) -> dict | None:
+    """A cell's ledger record as a summary entry (``source`` from the record, else ``"ledger"``)."""
+    if ledger is None:
+        return None
+    path = record_path(ledger, attack, method, seed)
+    if not path.exists():
+        return None
+    record = json.loads(path.read_text())
+    record["source"] = "ledger"
+    return record
+
+
 def state_round(run_dir: Path) -> int | None:
     """Round of a data-free run's checkpoint, or None without one."""
     path = Path(run_dir) / "datafree_state.pt"
@@ -343,6 +445,10 @@ def main() -> None:
                     help="run only these cells, e.g. badnets:zskt badnets:zskt+abd; ATTACK:teacher trains "
                          "only that teacher")
     ap.add_argument("--report", action="store_true", help="run nothing: print the cells finished so far")
+    ap.add_argument("--ledger", default=None,
+                    help="committed record of finished cells and their teachers (default "
+                         "benchmarks/results/datafree_transfer for the CIFAR-10 protocol, none for --smoke; "
+                         "'none' turns it off)")
     ap.add_argument("--list", action="store_true", help="print the table's cells (ATTACK:METHOD), one a line")
     ap.add_argument("--teacher-epochs", type=int, default=30)
     ap.add_argument("--kd-epochs", type=int, default=60)
@@ -373,17 +479,29 @@ def main() -> None:
                      f"--table {args.table} --list prints its cells")
     cfg = settings(args)
     out = Path(args.out) / ("smoke" if args.smoke else "cifar10")
+    ledger = None if (args.ledger or "").lower() == "none" or (args.smoke and args.ledger is None) \
+        else Path(args.ledger or LEDGER) / out.name
     summary: dict = {"settings": {k: v for k, v in cfg.items()}, "cells": [], "missing": []}
     for attack, methods in protocol.items():
         for seed in args.seeds:
             t_job = teacher_job(attack, cfg, out, seed)
             todo = [m for m in methods if wanted is None or (attack, m) in wanted]
             teacher_wanted = bool(todo) or (wanted is not None and (attack, "teacher") in wanted)
+            if ledger is not None:
+                restore_teacher(ledger, Path(t_job.out))
             if not teacher_wanted and finished(Path(t_job.out)) is None:
-                summary["missing"] += [f"{attack}:{m}" for m in methods]
+                for method in methods:  # the teacher is not here: its recorded cells still count
+                    record = ledger_cell(ledger, attack, method, seed)
+                    if record is None:
+                        summary["missing"].append(f"{attack}:{method}")
+                    else:
+                        summary["cells"].append(record)
                 continue
             t0 = time.perf_counter()
             t_metrics = cached(Path(t_job.out), lambda job=t_job: pipeline.train_teacher(job))
+            if ledger is not None:
+                record_teacher(ledger, Path(t_job.out))
+            teacher = {**{k: t_metrics.get(k) for k in ("ca", "asr")}, "sha256": teacher_sha256(Path(t_job.out))}
             rows = [(f"teacher ({ATTACK_LABEL[attack]})", cfg["teacher"], t_metrics)]
             for method in methods:
                 s_out = cell_dir(out, attack, method, seed)
@@ -391,17 +509,22 @@ def main() -> None:
                 m = student_stage(method, t_job.out, cfg, out, attack, methods, seed, args.progress) \
                     if method in todo else finished(s_out)
                 if m is None:
-                    summary["missing"].append(f"{attack}:{method}")
+                    record = ledger_cell(ledger, attack, method, seed)
+                    if record is None:
+                        summary["missing"].append(f"{attack}:{method}")
+                    else:
+                        summary["cells"].append(record)
                     continue
                 rows.append((f"student: {method}", cfg["student"], m))
                 student = {k: m.get(k) for k in ("ca", "asr", "asr_no_trigger", "ra", "seconds")}
                 log = run_log(s_out)
                 student["train_seconds"] = train_seconds(log, m)
                 student["peak_asr"] = peak_asr(log)
-                summary["cells"].append({"attack": attack, "method": method, "seed": seed,
-                                         "teacher": {k: t_metrics.get(k) for k in ("ca", "asr")},
-                                         "student": student,
-                                         "abd_reference": ABD_REFERENCE.get(attack, {}).get(method)})
+                cell = {"attack": attack, "method": method, "seed": seed, "teacher": teacher, "student": student,
+                        "abd_reference": ABD_REFERENCE.get(attack, {}).get(method)}
+                if ledger is not None:
+                    record_cell(ledger, cell, torch.get_num_threads())
+                summary["cells"].append({**cell, "source": "run"})
             print(f"\n## {ATTACK_LABEL[attack]}, seed {seed} ({time.perf_counter() - t0:.0f} s this call)\n")
             print(metrics_table(rows))
     out.mkdir(parents=True, exist_ok=True)  # --report before any run
@@ -410,9 +533,11 @@ def main() -> None:
     # ASR without the trigger: the student's target bias (runs older than the metric show —).
     # Minutes: training time summed over every call of a resumed run (evaluations excluded).
     # Peak ASR: the highest logged test ASR of a data-free run, a diagnostic; the ASR column is the last.
+    # Source: "run" (this machine's run directory) or "ledger" (a committed record; "ledger*":
+    # transcribed from the docs after its runs were lost, see the record's "provenance").
     print("\n| attack | method | seed | student CA % | student ASR % | ASR without trigger % | "
-          "peak ASR % (round) | ABD (WRN) CA / ASR % | train minutes |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "peak ASR % (round) | ABD (WRN) CA / ASR % | train minutes | source |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for c in summary["cells"]:
         ref = c["abd_reference"]
         s = c["student"]
@@ -421,7 +546,7 @@ def main() -> None:
         peak = "—" if not s.get("peak_asr") else f"{100 * s['peak_asr'][0]:.1f} ({s['peak_asr'][1]})"
         print(f"| {ATTACK_LABEL[c['attack']]} | {c['method']} | {c['seed']} | {100 * s['ca']:.1f} | {asr} | "
               f"{bias} | {peak} | {'—' if ref is None else f'{ref[0]} / {ref[1]}'} | "
-              f"{s['train_seconds'] / 60:.1f} |")
+              f"{s['train_seconds'] / 60:.1f} | {c['source']}{'*' if c.get('provenance') else ''} |")
     print_means(summary["cells"])
     print_targets(summary["targets"])
     if summary["missing"]:

@@ -152,3 +152,65 @@ def test_sv_resume_cost_continues_a_run_with_and_without_the_vaccine(transfer, m
     assert calls["off"]["shuffled_pass_calls"] == {"no_grad": 0, "grad": 0} and calls["off"]["flag_samples"] is None
     assert transfer.state_round(run) == 1  # the run itself is left as it was
     assert "sv vs off: median wall" in capsys.readouterr().out
+
+
+def test_ledger_carries_cells_and_their_teacher_to_another_machine(transfer, monkeypatch, capsys, tmp_path):
+    """A finished cell and its teacher are recorded in the ledger; a fresh run folder (another
+    machine) reports the cell from it and restores the very same teacher weights."""
+    ledger, here, there = tmp_path / "ledger", tmp_path / "here", tmp_path / "there"
+    _main(transfer, monkeypatch, "--smoke", "--table", "abd", "--out", str(here), "--ledger", str(ledger),
+          "--only", "trojan_3x3:clean_kd")
+    record_file = ledger / "smoke" / "trojan_3x3" / "clean_kd_s0.json"
+    record = json.loads(record_file.read_text())
+    teacher_dir = here / "smoke" / "teachers" / "trojan_3x3_s0"
+    sha = transfer.teacher_sha256(teacher_dir)
+    assert record["teacher"]["sha256"] == sha and record["student"]["ca"] is not None
+    assert record["recorded"]["machine"] and record["recorded"]["threads"] >= 1
+    kept = ledger / "smoke" / "teachers" / "trojan_3x3_s0"
+    assert (kept / "sha256.txt").read_text().strip() == sha
+    assert not (kept / "train_state.pt").exists() and (kept / "metrics.json").exists()
+    capsys.readouterr()
+
+    _main(transfer, monkeypatch, "--smoke", "--table", "abd", "--out", str(there), "--ledger", str(ledger),
+          "--report")
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("| Trojan 3×3 | clean_kd |"))
+    assert row.endswith("| ledger |")
+    assert transfer.teacher_sha256(there / "smoke" / "teachers" / "trojan_3x3_s0") == sha
+    summary = json.loads((there / "smoke" / "summary_abd.json").read_text())
+    assert [c["source"] for c in summary["cells"]] == ["ledger"]
+    assert "trojan_3x3:zskt" in summary["missing"]
+    assert record_file.read_text() == json.dumps(record, indent=2) + "\n"  # a report rewrites nothing
+
+
+def test_ledger_cells_count_without_their_teacher(transfer, monkeypatch, capsys, tmp_path):
+    """Cells transcribed from the docs after their runs were lost have no teacher in the ledger:
+    they are reported, and a ledger whose weights do not match their digest is refused."""
+    ledger = tmp_path / "ledger" / "smoke"
+    cell = {**_cell("blend", "zskt", 0.5, 0.7), "teacher": {"ca": 0.9, "asr": 0.99, "sha256": None},
+            "abd_reference": None, "provenance": "transcribed from docs/abd.md"}
+    cell["student"]["peak_asr"] = None
+    transfer.write_json(transfer.record_path(ledger, "blend", "zskt", 0), cell)
+    _main(transfer, monkeypatch, "--smoke", "--table", "abd", "--out", str(tmp_path / "run"),
+          "--ledger", str(tmp_path / "ledger"), "--report")
+    out = capsys.readouterr().out
+    assert "| Blend | zskt | 0 | 50.0 | 70.0 |" in out and "| ledger* |" in out
+    assert "blend:zskt+abd" in out.split("not run yet:")[1]
+
+    kept = ledger / "teachers" / "blend_s0"
+    kept.mkdir(parents=True)
+    (kept / "model.safetensors").write_bytes(b"version https://git-lfs.github.com/spec/v1\n")
+    (kept / "sha256.txt").write_text("0" * 64 + "\n")
+    (kept / "metrics.json").write_text("{}")
+    with pytest.raises(transfer.KDGuardError, match="do not match"):
+        transfer.restore_teacher(ledger, tmp_path / "run" / "smoke" / "teachers" / "blend_s0")
+
+
+def test_target_check_pairs_only_cells_of_the_same_teacher(transfer):
+    def cell(method, ca, asr, sha):
+        return {**_cell("trojan_3x3", method, ca, asr), "teacher": {"sha256": sha}}
+
+    rows = {r["kind"]: r for r in transfer.target_check(
+        [cell("zskt", 0.50, 0.72, None), cell("zskt+abd", 0.48, 0.05, "abc"), cell("zskt+sv", 0.5, 0.05, "abc")])}
+    assert rows["mean_asr"]["met"] is None and rows["mean_asr"]["pending"] == ["trojan_3x3:s0 (other teacher)"]
+    assert "sv_overhead" not in rows
