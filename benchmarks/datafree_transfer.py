@@ -57,7 +57,7 @@ from kdguard.config import (
 from kdguard.checkpoint import environment_info
 from kdguard.datafree import build_datafree_job, run_datafree
 from kdguard.errors import KDGuardError
-from kdguard.io import write_json
+from kdguard.io import atomic_write, write_json, write_text
 from kdguard.report import metrics_table
 from kdguard.runtime import cpu_name
 
@@ -305,12 +305,11 @@ def record_teacher(ledger: Path, run_dir: Path) -> None:
     dest = ledger / "teachers" / Path(run_dir).name
     if (dest / "metrics.json").exists():
         return
-    dest.mkdir(parents=True, exist_ok=True)
     for name in TEACHER_FILES:  # metrics.json last: its presence marks a complete copy
         if (Path(run_dir) / name).exists():
-            shutil.copy2(Path(run_dir) / name, dest / name)
+            copy_atomic(Path(run_dir) / name, dest / name)
         if name == "model.safetensors":
-            (dest / "sha256.txt").write_text(file_sha256(dest / name) + "\n")
+            write_text(dest / "sha256.txt", file_sha256(dest / name) + "\n")
 
 
 def restore_teacher(ledger: Path, run_dir: Path) -> bool:
@@ -331,11 +330,15 @@ def restore_teacher(ledger: Path, run_dir: Path) -> bool:
         raise KDGuardError(f"teacher weights {src / 'model.safetensors'} do not match {src / 'sha256.txt'}",
                            "restore the file from git (git checkout -- <path>), or delete the folder "
                            "to train the teacher again (its recorded cells then no longer apply)")
-    Path(run_dir).mkdir(parents=True, exist_ok=True)
-    for name in TEACHER_FILES:
+    for name in TEACHER_FILES:  # metrics.json last, as in record_teacher
         if (src / name).exists():
-            shutil.copy2(src / name, Path(run_dir) / name)
+            copy_atomic(src / name, Path(run_dir) / name)
     return True
+
+
+def copy_atomic(src: Path, dest: Path) -> None:
+    """Copy a file so that readers (parallel cells) see the old file or the whole new one."""
+    atomic_write(dest, lambda tmp: shutil.copyfile(src, tmp))
 
 
 def record_path(ledger: Path, attack: str, method: str, seed: int) -> Path:
