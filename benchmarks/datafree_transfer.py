@@ -64,6 +64,9 @@ from kdguard.runtime import cpu_name
 #: table → attack → student methods. "transfer": the data-free issue's table; "abd": the ABD
 #: issue's headline table (undefended ZSKT, ZSKT + ABD and clean KD for five triggers, CMI ± ABD
 #: for two, and the SV-only / SR-only ablation). "+abd" = abd.mode=full, "+sv", "+sr" = one part.
+#: Trojan watermark also has SV only: it continues the SV prefix that ZSKT + ABD runs anyway, so it
+#: costs only the last 2 % of the rounds and says whether SR's CA cost on top of SV (Trojan 3×3)
+#: recurs on a second trigger.
 PROTOCOLS = {
     "transfer": {
         "badnets": ["zskt", "cmi", "ood", "clean_kd"],
@@ -73,7 +76,7 @@ PROTOCOLS = {
     "abd": {
         "badnets": ["zskt", "zskt+abd", "zskt+sv", "zskt+sr", "cmi", "cmi+abd", "clean_kd"],
         "trojan_3x3": ["zskt", "zskt+abd", "zskt+sv", "zskt+sr", "cmi", "cmi+abd", "clean_kd"],
-        "trojan_wm": ["zskt", "zskt+abd", "clean_kd"],
+        "trojan_wm": ["zskt", "zskt+abd", "zskt+sv", "clean_kd"],
         "blend": ["zskt", "zskt+abd", "clean_kd"],
         "sig_abd": ["zskt", "zskt+abd", "clean_kd"],
     },
