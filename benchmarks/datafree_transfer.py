@@ -354,6 +354,7 @@ def record_cell(ledger: Path, cell: dict, threads: int) -> None:
     An existing record with the same numbers is left as it is, so reports do not churn files.
     """
     path = record_path(ledger, cell["attack"], cell["method"], cell["seed"])
+    cell = json.loads(json.dumps(cell))  # as it reads back: tuples become lists
     if path.exists() and {k: v for k, v in json.loads(path.read_text()).items() if k != "recorded"} == cell:
         return
     env = environment_info()

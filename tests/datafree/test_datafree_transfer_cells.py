@@ -169,6 +169,10 @@ def test_ledger_carries_cells_and_their_teacher_to_another_machine(transfer, mon
     kept = ledger / "smoke" / "teachers" / "trojan_3x3_s0"
     assert (kept / "sha256.txt").read_text().strip() == sha
     assert not (kept / "train_state.pt").exists() and (kept / "metrics.json").exists()
+    written = record_file.stat().st_ino
+    _main(transfer, monkeypatch, "--smoke", "--table", "abd", "--out", str(here), "--ledger", str(ledger),
+          "--report")
+    assert record_file.stat().st_ino == written  # same numbers: the record is not rewritten
     capsys.readouterr()
 
     _main(transfer, monkeypatch, "--smoke", "--table", "abd", "--out", str(there), "--ledger", str(ledger),
