@@ -10,7 +10,7 @@ scale:
   Trojan 3×3 and Blend, each next to clean-data KD (20 % of the training split, τ = 6,
   α = 0.95, as ABD's ``kd_distill.py``);
 * data-free budgets: the ``cpu`` preset of each method (see ``kdguard.datafree.presets``);
-  each distillation takes at most about 40 minutes on 2 CPU cores.
+  a ZSKT run takes 36–82 minutes on 2 CPU cores (two AMD EPYC machines, docs/abd.md §3.4).
 
 Every stage is its own run directory; a finished stage (``metrics.json`` present) is skipped
 and an unfinished one resumes from its state file, so the table can be built in parts
