@@ -322,14 +322,15 @@ def restore_teacher(ledger: Path, run_dir: Path) -> bool:
     distilled from it. Returns whether a teacher was restored.
 
     Raises:
-        KDGuardError: the ledger's weights do not match their recorded digest (a Git LFS
-            pointer, a truncated checkout or an edited file).
+        KDGuardError: the ledger's weights are missing or do not match their recorded digest
+            (a Git LFS pointer, a truncated checkout, an edited file, no ``sha256.txt``).
     """
     src = ledger / "teachers" / Path(run_dir).name
     if finished(run_dir) is not None or not (src / "metrics.json").exists():
         return False
-    expected = (src / "sha256.txt").read_text().strip()
-    if file_sha256(src / "model.safetensors") != expected:
+    digest = src / "sha256.txt"
+    expected = digest.read_text().strip() if digest.exists() else None
+    if not (src / "model.safetensors").exists() or file_sha256(src / "model.safetensors") != expected:
         raise KDGuardError(f"teacher weights {src / 'model.safetensors'} do not match {src / 'sha256.txt'}",
                            "restore the file from git (git checkout -- <path>), or delete the folder "
                            "to train the teacher again (its recorded cells then no longer apply)")
@@ -363,7 +364,7 @@ def record_cell(ledger: Path, cell: dict, threads: int) -> None:
 
 
 def ledger_cell(ledger: Path | None, attack: str, method: str, seed: int) -> dict | None:
-    """A cell's ledger record as a summary entry (``source`` from the record, else ``"ledger"``)."""
+    """A cell's ledger record as a summary entry, ``source`` set to ``"ledger"``; None without one."""
     if ledger is None:
         return None
     path = record_path(ledger, attack, method, seed)

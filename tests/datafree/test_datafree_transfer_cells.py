@@ -208,6 +208,9 @@ def test_ledger_cells_count_without_their_teacher(transfer, monkeypatch, capsys,
     (kept / "metrics.json").write_text("{}")
     with pytest.raises(transfer.KDGuardError, match="do not match"):
         transfer.restore_teacher(ledger, tmp_path / "run" / "smoke" / "teachers" / "blend_s0")
+    (kept / "sha256.txt").unlink()
+    with pytest.raises(transfer.KDGuardError, match="do not match"):
+        transfer.restore_teacher(ledger, tmp_path / "run" / "smoke" / "teachers" / "blend_s0")
 
 
 def test_target_check_pairs_only_cells_of_the_same_teacher(transfer):
