@@ -30,6 +30,7 @@ import torch
 import kdguard.datafree.run as datafree_run
 from kdguard.abd import vaccine as vaccine_module
 from kdguard.datafree import build_datafree_job, run_datafree
+from kdguard.datafree.loop import saved_round
 
 
 class ShuffledPassTimer:
@@ -97,7 +98,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
         datafree_run.configure_threads = lambda *a, **k: None  # the run would reset it to every core
-    start = int(torch.load(Path(args.run) / "datafree_state.pt", weights_only=True, map_location="cpu")["round"])
+    start = saved_round(args.run)
     if args.warmup:  # the first call of a process pays for loading data and warming caches
         continue_run(args, args.modes[0], -1, start, 1)
     calls = [continue_run(args, mode, r, start, args.rounds) for r in range(args.repeats) for mode in args.modes]

@@ -56,6 +56,7 @@ from kdguard.config import (
 )
 from kdguard.checkpoint import environment_info
 from kdguard.datafree import build_datafree_job, run_datafree
+from kdguard.datafree.loop import saved_round
 from kdguard.errors import KDGuardError
 from kdguard.io import atomic_write, write_json, write_text
 from kdguard.report import metrics_table
@@ -363,22 +364,14 @@ def record_cell(ledger: Path, cell: dict, threads: int) -> None:
                                            **{k: env[k] for k in ("torch", "git_commit", "created")}}})
 
 
-def ledger_cell(ledger: Path | None, attack: str, method: str, seed: int) -> dict | None:
-    """A cell's ledger record as a summary entry, ``source`` set to ``"ledger"``; None without one."""
-    if ledger is None:
-        return None
-    path = record_path(ledger, attack, method, seed)
-    if not path.exists():
-        return None
-    record = json.loads(path.read_text())
-    record["source"] = "ledger"
-    return record
-
-
-def state_round(run_dir: Path) -> int | None:
-    """Round of a data-free run's checkpoint, or None without one."""
-    path = Path(run_dir) / "datafree_state.pt"
-    return int(torch.load(path, map_location="cpu", weights_only=True)["round"]) if path.exists() else None
+def add_from_ledger(summary: dict, ledger: Path | None, attack: str, method: str, seed: int) -> None:
+    """Add a cell this machine has not run to ``summary["cells"]`` from its ledger record
+    (``source`` set to ``"ledger"``), or to ``summary["missing"]`` when there is none."""
+    path = None if ledger is None else record_path(ledger, attack, method, seed)
+    if path is None or not path.exists():
+        summary["missing"].append(f"{attack}:{method}")
+        return
+    summary["cells"].append({**json.loads(path.read_text()), "source": "ledger"})
 
 
 def shared_prefix(method: str, methods: list[str]) -> str | None:
@@ -418,12 +411,12 @@ def start_from_prefix(job, base: str, teacher: str, cfg: dict, out: Path, attack
     with FileLock(f"{prefix}.lock"):
         base_dir = cell_dir(out, attack, base, seed)
         if not prefix.exists() and finished(base_dir) is None:
-            base_round = state_round(base_dir)
+            base_round = saved_round(base_dir)
             if base_round is not None and base_round <= start:
                 base_dir.rename(prefix)
-        if state_round(s_out) is not None:
+        if saved_round(s_out) is not None:
             return
-        if (state_round(prefix) or 0) < start:
+        if (saved_round(prefix) or 0) < start:
             run_datafree(build_datafree_job(None, datafree_overrides(base, teacher, cfg, prefix, seed, progress)
                                             + [f"schedule.stop_after={start}"]))
         shutil.copytree(prefix, s_out, dirs_exist_ok=True)
@@ -499,11 +492,7 @@ def main() -> None:
                 restore_teacher(ledger, Path(t_job.out))
             if not teacher_wanted and finished(Path(t_job.out)) is None:
                 for method in methods:  # the teacher is not here: its recorded cells still count
-                    record = ledger_cell(ledger, attack, method, seed)
-                    if record is None:
-                        summary["missing"].append(f"{attack}:{method}")
-                    else:
-                        summary["cells"].append(record)
+                    add_from_ledger(summary, ledger, attack, method, seed)
                 continue
             t0 = time.perf_counter()
             t_metrics = cached(Path(t_job.out), lambda job=t_job: pipeline.train_teacher(job))
@@ -517,11 +506,7 @@ def main() -> None:
                 m = student_stage(method, t_job.out, cfg, out, attack, methods, seed, args.progress) \
                     if method in todo else finished(s_out)
                 if m is None:
-                    record = ledger_cell(ledger, attack, method, seed)
-                    if record is None:
-                        summary["missing"].append(f"{attack}:{method}")
-                    else:
-                        summary["cells"].append(record)
+                    add_from_ledger(summary, ledger, attack, method, seed)
                     continue
                 rows.append((f"student: {method}", cfg["student"], m))
                 student = {k: m.get(k) for k in ("ca", "asr", "asr_no_trigger", "ra", "seconds")}

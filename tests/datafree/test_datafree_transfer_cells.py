@@ -72,7 +72,7 @@ def test_sr_cells_continue_a_shared_prefix(transfer, monkeypatch, capsys, tmp_pa
     _main(transfer, monkeypatch, "--smoke", "--table", "abd", "--out", str(tmp_path), "--only",
           "trojan_3x3:zskt", "trojan_3x3:zskt+sr")
     prefix = root / "prefix_zskt_r1_s0"
-    assert transfer.state_round(prefix) == 1
+    assert transfer.saved_round(prefix) == 1
     for cell in ("zskt_s0", "zskt_sr_s0"):
         assert (root / cell / "metrics.json").exists()
         # the prefix's record of round 1 is the older run's, kept rather than recomputed
@@ -150,7 +150,7 @@ def test_sv_resume_cost_continues_a_run_with_and_without_the_vaccine(transfer, m
     calls = {c["mode"]: c for c in json.loads((out / "abd_sv_resume_cost.json").read_text())["calls"]}
     assert sum(calls["sv"]["shuffled_pass_calls"].values()) >= 1 and calls["sv"]["flag_samples"] == 128
     assert calls["off"]["shuffled_pass_calls"] == {"no_grad": 0, "grad": 0} and calls["off"]["flag_samples"] is None
-    assert transfer.state_round(run) == 1  # the run itself is left as it was
+    assert transfer.saved_round(run) == 1  # the run itself is left as it was
     assert "sv vs off: median wall" in capsys.readouterr().out
 
 

@@ -52,6 +52,13 @@ STATE_FILE = "datafree_state.pt"
 HISTORY_FILE = "metrics.jsonl"
 
 
+def saved_round(run_dir: str | Path) -> int | None:
+    """The round at which ``run_dir``'s checkpoint (``datafree_state.pt``) was written, or None
+    without one; loaded as data (``weights_only=True``)."""
+    path = Path(run_dir) / STATE_FILE
+    return int(torch.load(path, map_location="cpu", weights_only=True)["round"]) if path.exists() else None
+
+
 @dataclass
 class DataFreeExtensions:
     """The hooks a defence (ABD) plugs into a run; see ``docs/datafree.md``.
