@@ -108,13 +108,49 @@ TARGET_FORMAT = {"mean_asr": ("{:.1f} %", "< {:.0f} %"), "ca_drop": ("{:.1f} poi
                  "sv_overhead": ("{:+.1f} %", "≤ +{:.0f} %")}
 
 
+#: the defended cells judged by the ASR and CA targets, the issue's "+abd" first
+DEFENDED_VARIANTS = ("abd", "sv", "sr")
+
+
+def _defended_rows(by: dict, weights: dict, base: str, defended_method: str, targets: dict) -> list[dict]:
+    """The mean-ASR and CA-drop rows of ``target_check`` for one defended cell against ``base``."""
+    finished_pairs, pending, collapsed, asrs, drops = [], [], [], [], []
+    for (attack, seed, method), s in sorted(by.items()):
+        if method != base or s.get("asr") is None or s["asr"] <= targets["transfer_bar"]:
+            continue
+        pair = f"{attack}:s{seed}"
+        if (s.get("asr_no_trigger") or 0.0) > targets["transfer_bar"]:
+            collapsed.append(pair)
+        defended = by.get((attack, seed, defended_method))
+        if defended is None or defended.get("asr") is None:
+            pending.append(pair)
+            continue
+        if weights[(attack, seed, defended_method)] != weights[(attack, seed, method)]:
+            pending.append(f"{pair} (other teacher)")
+            continue
+        finished_pairs.append(pair)
+        asrs.append(defended["asr"])
+        drops.append(s["ca"] - defended["ca"])
+    mean_asr = sum(asrs) / len(asrs) if asrs else None
+    mean_drop = sum(drops) / len(drops) if drops else None
+    common = {"method": defended_method, "pairs": finished_pairs, "pending": pending, "collapsed": collapsed}
+    return [{"kind": "mean_asr", "target": f"mean ASR where {base} transfers > {100 * targets['transfer_bar']:.0f} %",
+             "value": mean_asr, "bar": targets["max_mean_asr"],
+             "met": None if mean_asr is None else mean_asr < targets["max_mean_asr"], **common},
+            {"kind": "ca_drop", "target": f"mean CA drop against {base} on the same pairs",
+             "value": mean_drop, "bar": targets["max_ca_drop"],
+             "met": None if mean_drop is None else mean_drop <= targets["max_ca_drop"], **common}]
+
+
 def target_check(cells: list[dict], targets: dict = TARGETS) -> list[dict]:
     """The ABD issue's targets, judged on the finished cells of ``summary["cells"]``.
 
-    For each undefended data-free method (``zskt``, ``cmi``) one row for the defended cell's mean
-    ASR, one for its mean CA drop, both over the (attack, seed) pairs where the undefended cell's
-    last-round ASR exceeds ``transfer_bar`` and the ``+abd`` cell is finished; one row for the
-    ``+sv`` cell's training-time overhead over the pairs where both ran. A row is
+    For each undefended data-free method (``zskt``, ``cmi``) and each defended cell of it (always
+    ``+abd``, the issue's; ``+sv`` and ``+sr``, the ablation's, when any ran) one row for the
+    defended cell's mean ASR, one for its mean CA drop, both over the (attack, seed) pairs where
+    the undefended cell's last-round ASR exceeds ``transfer_bar`` and the defended cell is
+    finished; one row for the ``+sv`` cell's training-time overhead over the pairs where both
+    ran. A row is
     ``{"kind", "target", "method", "pairs", "value", "bar", "met", "pending", "collapsed"}`` (values
     and bars as fractions): ``met`` is
     None when no pair is finished; ``pending`` names the transferring pairs whose defended cell
@@ -129,32 +165,12 @@ def target_check(cells: list[dict], targets: dict = TARGETS) -> list[dict]:
     undefended = sorted({m for (_, _, m) in by if "+" not in m and m != "clean_kd"})
     rows = []
     for base in undefended:
-        finished_pairs, pending, collapsed, asrs, drops = [], [], [], [], []
-        for (attack, seed, method), s in sorted(by.items()):
-            if method != base or s.get("asr") is None or s["asr"] <= targets["transfer_bar"]:
-                continue
-            pair = f"{attack}:s{seed}"
-            if (s.get("asr_no_trigger") or 0.0) > targets["transfer_bar"]:
-                collapsed.append(pair)
-            defended = by.get((attack, seed, f"{base}+abd"))
-            if defended is None or defended.get("asr") is None:
-                pending.append(pair)
-                continue
-            if weights[(attack, seed, f"{base}+abd")] != weights[(attack, seed, method)]:
-                pending.append(f"{pair} (other teacher)")
-                continue
-            finished_pairs.append(pair)
-            asrs.append(defended["asr"])
-            drops.append(s["ca"] - defended["ca"])
-        mean_asr = sum(asrs) / len(asrs) if asrs else None
-        mean_drop = sum(drops) / len(drops) if drops else None
-        common = {"method": f"{base}+abd", "pairs": finished_pairs, "pending": pending, "collapsed": collapsed}
-        rows.append({"kind": "mean_asr", "target": f"mean ASR where {base} transfers > {100 * targets['transfer_bar']:.0f} %",
-                     "value": mean_asr, "bar": targets["max_mean_asr"],
-                     "met": None if mean_asr is None else mean_asr < targets["max_mean_asr"], **common})
-        rows.append({"kind": "ca_drop", "target": f"mean CA drop against {base} on the same pairs",
-                     "value": mean_drop, "bar": targets["max_ca_drop"],
-                     "met": None if mean_drop is None else mean_drop <= targets["max_ca_drop"], **common})
+        # the issue's target is on "+abd"; the ablation's SV-only and SR-only cells, where run,
+        # are judged by the same bars (abd.mode=sv / sr are ABD's own options)
+        for variant in DEFENDED_VARIANTS:
+            defended_method = f"{base}+{variant}"
+            if variant == "abd" or any(m == defended_method for (_, _, m) in by):
+                rows.extend(_defended_rows(by, weights, base, defended_method, targets))
         overheads, pairs = [], []
         for (attack, seed, method), s in sorted(by.items()):
             sv = by.get((attack, seed, f"{base}+sv"))

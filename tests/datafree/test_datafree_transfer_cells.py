@@ -109,14 +109,21 @@ def test_target_check_judges_only_transferring_pairs(transfer):
         _cell("blend", "zskt", 0.10, 1.00, no_trigger=1.00),  # collapse, defended cell not run
         _cell("badnets", "clean_kd", 0.70, 0.02),
     ]
-    rows = {r["kind"]: r for r in transfer.target_check(cells)}
-    asr, drop, sv = rows["mean_asr"], rows["ca_drop"], rows["sv_overhead"]
+    rows = {(r["kind"], r["method"]): r for r in transfer.target_check(cells)}
+    asr, drop = rows["mean_asr", "zskt+abd"], rows["ca_drop", "zskt+abd"]
     assert asr["pairs"] == drop["pairs"] == ["badnets:s0", "trojan_3x3:s0"]  # trojan_wm ≤ 50 %: not counted
     assert asr["value"] == pytest.approx(0.09) and asr["met"] is True
     assert drop["value"] == pytest.approx(0.035) and drop["met"] is False
     assert asr["pending"] == ["blend:s0"] and asr["collapsed"] == ["blend:s0"]
+    # the SV-only cell is judged by the same bars on its own pairs; badnets has none yet
+    sv_asr, sv_drop = rows["mean_asr", "zskt+sv"], rows["ca_drop", "zskt+sv"]
+    assert sv_asr["pairs"] == ["trojan_3x3:s0"] and sv_asr["pending"] == ["badnets:s0", "blend:s0"]
+    assert sv_asr["value"] == pytest.approx(0.70) and sv_asr["met"] is False
+    assert sv_drop["value"] == pytest.approx(0.01) and sv_drop["met"] is True
+    sv = rows["sv_overhead", "zskt+sv"]
     assert sv["pairs"] == ["trojan_3x3:s0"] and sv["value"] == pytest.approx(0.11) and sv["met"] is False
-    assert {r["method"] for r in rows.values()} == {"zskt+abd", "zskt+sv"}  # clean KD is no baseline
+    assert ("mean_asr", "zskt+sr") not in rows  # no SR-only cell ran: no row for it
+    assert {m for (_, m) in rows} == {"zskt+abd", "zskt+sv"}  # clean KD is no baseline
 
 
 def test_target_check_is_undecided_until_a_defended_cell_finishes(transfer, capsys):
@@ -217,7 +224,9 @@ def test_target_check_pairs_only_cells_of_the_same_teacher(transfer):
     def cell(method, ca, asr, sha):
         return {**_cell("trojan_3x3", method, ca, asr), "teacher": {"sha256": sha}}
 
-    rows = {r["kind"]: r for r in transfer.target_check(
+    rows = {(r["kind"], r["method"]): r for r in transfer.target_check(
         [cell("zskt", 0.50, 0.72, None), cell("zskt+abd", 0.48, 0.05, "abc"), cell("zskt+sv", 0.5, 0.05, "abc")])}
-    assert rows["mean_asr"]["met"] is None and rows["mean_asr"]["pending"] == ["trojan_3x3:s0 (other teacher)"]
-    assert "sv_overhead" not in rows
+    for method in ("zskt+abd", "zskt+sv"):
+        assert rows["mean_asr", method]["met"] is None
+        assert rows["mean_asr", method]["pending"] == ["trojan_3x3:s0 (other teacher)"]
+    assert ("sv_overhead", "zskt+sv") not in rows
