@@ -8,7 +8,15 @@ and differ only in what SR does. With several ``--seeds`` (generator and student
 initialisation, latent draws), each seed has its own shared run. CA/ASR of the last round are
 printed as a Markdown table, per seed and as the mean (docs/abd.md §3.2).
 
+With ``--prefix RUN ...`` the shared runs are given instead: run directories stopped where
+their SR phase starts, e.g. the CIFAR-10 table's ``prefix_zskt_r1470_s0`` (continued with
+``abd.mode=sr``) or ``prefix_zskt_sv_r1470_s0`` (continued with ``abd.mode=full``, i.e. SV
+stays on). Each variant continues a copy with the run's own ``config.yaml``, so the table's
+columns are those runs instead of seeds (docs/abd.md §3.4).
+
     python benchmarks/abd_sr_sweep.py --out runs/abd_sr_sweep          # ~30 min on 2 busy cores
+    python benchmarks/abd_sr_sweep.py --out runs/abd_sr_cifar --data-root ../shared/data \
+        --prefix runs/bench_datafree_transfer/cifar10/badnets/prefix_zskt_sv_r1470_s0 --only "weight 0"
 """
 
 from __future__ import annotations
@@ -19,7 +27,10 @@ import shutil
 import time
 from pathlib import Path
 
+import yaml
+
 from kdguard.datafree import build_datafree_job, run_datafree
+from kdguard.errors import KDGuardError
 from kdguard.demo import demo_jobs
 from kdguard.pipeline import train_teacher
 from seed_table import seed_table, selected
@@ -52,8 +63,14 @@ def main() -> None:
     ap.add_argument("--phase", type=float, default=0.05, help="SR share of the rounds")
     ap.add_argument("--only", nargs="*", default=None, help="variant names (substrings) to run")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--prefix", nargs="+", default=None, metavar="RUN",
+                    help="continue these runs (stopped at their SR phase start) instead of the demo's")
+    ap.add_argument("--data-root", default=None, help="with --prefix: the test set's folder (e.g. ../shared/data)")
     args = ap.parse_args()
     out = Path(args.out)
+    if args.prefix:
+        sweep_prefixes(args, out)
+        return
     t_job, _ = demo_jobs(out, progress=False)
     if not (out / "teacher" / "metrics.json").exists():
         train_teacher(t_job)
@@ -82,6 +99,42 @@ def main() -> None:
     seeds = ", ".join(map(str, args.seeds))
     print(f"\nZSKT {args.rounds} rounds; SR over rounds {start + 1}-{args.rounds}; seeds {seeds}\n")
     print(seed_table(rows, "SR variant"))
+
+
+def prefix_mode(run: Path) -> str:
+    """``abd.mode`` that continues ``run`` into its SR phase: ``full`` after an SV prefix, else ``sr``."""
+    config = run / "config.yaml"
+    if not (run / "datafree_state.pt").exists() or not config.exists():
+        raise KDGuardError(f"--prefix {run}: no datafree_state.pt and config.yaml there; give a run "
+                           "directory stopped at its SR phase start (e.g. prefix_zskt_r1470_s0)")
+    mode = ((yaml.safe_load(config.read_text()) or {}).get("abd") or {}).get("mode", "off")
+    return "full" if mode in ("sv", "full") else "sr"
+
+
+def sweep_prefixes(args: argparse.Namespace, out: Path) -> None:
+    """The variants on given prefix runs (``--prefix``), one table column per run."""
+    prefixes = [Path(p) for p in args.prefix]
+    modes = [prefix_mode(p) for p in prefixes]
+    rows = []
+    for v, name, extra in selected(VARIANTS, args.only):
+        per_run = []
+        for prefix, mode in zip(prefixes, modes):
+            run_dir = out / prefix.parent.name / f"{prefix.name}_sr_{v}"
+            if not (run_dir / "metrics.json").exists():
+                shutil.rmtree(run_dir, ignore_errors=True)
+                shutil.copytree(prefix, run_dir)
+                # the prefix stopped itself at the phase start; the copy runs to the end
+                overrides = [f"out={run_dir}", "progress=false", f"abd.mode={mode}", "schedule.stop_after=null",
+                             *extra]
+                if args.data_root:
+                    overrides.append(f"data.root={args.data_root}")
+                t0 = time.perf_counter()
+                run_datafree(build_datafree_job(run_dir / "config.yaml", overrides))
+                (run_dir / "sweep_seconds.txt").write_text(f"{time.perf_counter() - t0:.1f}\n")
+            per_run.append(json.loads((run_dir / "metrics.json").read_text()))
+        rows.append((name, " ".join(extra) or "(defaults)", per_run))
+    print("\nruns: " + ", ".join(f"{p} (abd.mode={m})" for p, m in zip(prefixes, modes)) + "\n")
+    print(seed_table(rows, "SR variant", per="run"))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ def selected(variants: dict[str, list[str]], only: Sequence[str] | None) -> Iter
 
 
 def seed_table(rows: Sequence[tuple[str, str, Sequence[dict]]], first: str,
-               extra_cols: Sequence[tuple[str, Sequence[float]]] = ()) -> str:
+               extra_cols: Sequence[tuple[str, Sequence[float]]] = (), per: str = "seed") -> str:
     """A Markdown table: one row per variant with last-round CA / ASR % per seed and their means.
 
     Args:
@@ -23,8 +23,9 @@ def seed_table(rows: Sequence[tuple[str, str, Sequence[dict]]], first: str,
             fractions).
         first: header of the first column.
         extra_cols: (header, one value per row) columns appended at the right, printed as is.
+        per: what the metrics dicts of a row stand for, in the headers ("seed", or "run").
     """
-    head = f"| {first} | overrides | CA / ASR % per seed | mean CA % | mean ASR % |"
+    head = f"| {first} | overrides | CA / ASR % per {per} | mean CA % | mean ASR % |"
     head += "".join(f" {h} |" for h, _ in extra_cols)
     lines = [head, "|---" * (5 + len(extra_cols)) + "|"]
     for r, (name, extra, per_seed) in enumerate(rows):

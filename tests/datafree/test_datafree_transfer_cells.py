@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "datafree_transfer.py"
 
@@ -230,3 +231,40 @@ def test_target_check_pairs_only_cells_of_the_same_teacher(transfer):
         assert rows["mean_asr", method]["met"] is None
         assert rows["mean_asr", method]["pending"] == ["trojan_3x3:s0 (other teacher)"]
     assert ("sv_overhead", "zskt+sv") not in rows
+
+
+def test_sr_sweep_continues_given_prefix_runs_into_their_sr_phase(transfer, monkeypatch, capsys, tmp_path):
+    """benchmarks/abd_sr_sweep.py --prefix: an SV prefix stopped at its SR phase start is
+    continued, in a copy, with abd.mode=full (SV stays on) and the variant's overrides, to the
+    run's last round; the prefix itself is left as it was; a folder that is no run is an error."""
+    _main(transfer, monkeypatch, "--smoke", "--table", "abd", "--out", str(tmp_path), "--only",
+          "trojan_3x3:teacher")
+    teacher = str(tmp_path / "smoke" / "teachers" / "trojan_3x3_s0")
+    cfg = transfer.settings(transfer.argparse.Namespace(smoke=True))
+    prefix = tmp_path / "trojan_3x3" / "prefix_zskt_sv_r1_s0"
+    transfer.run_datafree(transfer.build_datafree_job(
+        None, transfer.datafree_overrides("zskt+sv", teacher, cfg, prefix, 0, False) + ["schedule.stop_after=1"]))
+
+    sys.path.insert(0, str(SCRIPT.parent))  # the sweep imports its sibling seed_table
+    try:
+        spec = importlib.util.spec_from_file_location("abd_sr_sweep", SCRIPT.parent / "abd_sr_sweep.py")
+        sweep = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sweep)
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    assert sweep.prefix_mode(prefix) == "full"
+    out = tmp_path / "sweep"
+    monkeypatch.setattr(sys, "argv", ["abd_sr_sweep.py", "--out", str(out), "--prefix", str(prefix),
+                                      "--only", "weight 0"])
+    sweep.main()
+    (run_dir,) = (out / "trojan_3x3").iterdir()
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["rounds"] == 2 and metrics["abd"]["mode"] == "full"
+    assert metrics["abd"]["sv"]["status"] == "active" and metrics["abd"]["sr"]["sr_steps"] > 0
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["abd"]["sr"]["weight"] == 0
+    assert transfer.saved_round(prefix) == 1  # the prefix is untouched
+    table = capsys.readouterr().out
+    assert "per run" in table and "abd.sr.weight=0" in table and "(abd.mode=full)" in table
+
+    with pytest.raises(sweep.KDGuardError, match="no datafree_state.pt"):
+        sweep.prefix_mode(tmp_path / "sweep")
