@@ -29,8 +29,7 @@ from pathlib import Path
 
 import yaml
 
-from kdguard.datafree import build_datafree_job, run_datafree
-from kdguard.errors import KDGuardError
+from kdguard.datafree import build_datafree_job, fork_datafree_run, run_datafree, stopped_run_config
 from kdguard.demo import demo_jobs
 from kdguard.pipeline import train_teacher
 from seed_table import seed_table, selected
@@ -102,11 +101,12 @@ def main() -> None:
 
 
 def prefix_mode(run: Path) -> str:
-    """``abd.mode`` that continues ``run`` into its SR phase: ``full`` after an SV prefix, else ``sr``."""
-    config = run / "config.yaml"
-    if not (run / "datafree_state.pt").exists() or not config.exists():
-        raise KDGuardError(f"--prefix {run}: no datafree_state.pt and config.yaml there; give a run "
-                           "directory stopped at its SR phase start (e.g. prefix_zskt_r1470_s0)")
+    """``abd.mode`` that continues ``run`` into its SR phase: ``full`` after an SV prefix, else ``sr``.
+
+    Raises:
+        KDGuardError: ``run`` is not a checkpointed data-free run (checked before any variant runs).
+    """
+    config = stopped_run_config(run)
     mode = ((yaml.safe_load(config.read_text()) or {}).get("abd") or {}).get("mode", "off")
     return "full" if mode in ("sv", "full") else "sr"
 
@@ -121,15 +121,13 @@ def sweep_prefixes(args: argparse.Namespace, out: Path) -> None:
         for prefix, mode in zip(prefixes, modes):
             run_dir = out / prefix.parent.name / f"{prefix.name}_sr_{v}"
             if not (run_dir / "metrics.json").exists():
-                shutil.rmtree(run_dir, ignore_errors=True)
-                shutil.copytree(prefix, run_dir)
                 # the prefix stopped itself at the phase start; the copy runs to the end
-                overrides = [f"out={run_dir}", "progress=false", f"abd.mode={mode}", "schedule.stop_after=null",
-                             *extra]
+                overrides = ["progress=false", f"abd.mode={mode}", "schedule.stop_after=null", *extra]
                 if args.data_root:
                     overrides.append(f"data.root={args.data_root}")
+                job = fork_datafree_run(prefix, run_dir, overrides)
                 t0 = time.perf_counter()
-                run_datafree(build_datafree_job(run_dir / "config.yaml", overrides))
+                run_datafree(job)
                 (run_dir / "sweep_seconds.txt").write_text(f"{time.perf_counter() - t0:.1f}\n")
             per_run.append(json.loads((run_dir / "metrics.json").read_text()))
         rows.append((name, " ".join(extra) or "(defaults)", per_run))

@@ -29,7 +29,7 @@ import torch
 
 import kdguard.datafree.run as datafree_run
 from kdguard.abd import vaccine as vaccine_module
-from kdguard.datafree import build_datafree_job, run_datafree
+from kdguard.datafree import fork_datafree_run, run_datafree
 from kdguard.datafree.loop import saved_round
 
 
@@ -63,16 +63,15 @@ class ShuffledPassTimer:
 def continue_run(args: argparse.Namespace, mode: str, repeat: int, start: int, rounds: int) -> dict:
     """Continue a copy of ``args.run`` (at round ``start``) for ``rounds`` rounds with ``abd.mode=mode``."""
     out = Path(args.out) / f"{mode}_{repeat}"
-    shutil.rmtree(out, ignore_errors=True)
-    shutil.copytree(args.run, out)
     # the run's own settings (config.yaml), so the checkpoint fits; only the mode and stop change
-    overrides = [f"out={out}", "progress=false", f"abd.mode={mode}",
-                 f"schedule.stop_after={start + rounds}", "monitor.every=1000000"]
+    overrides = ["progress=false", f"abd.mode={mode}", f"schedule.stop_after={start + rounds}",
+                 "monitor.every=1000000"]
     if args.data_root:  # the test set of the final evaluation
         overrides.append(f"data.root={args.data_root}")
+    job = fork_datafree_run(args.run, out, overrides)
     with ShuffledPassTimer() as timer:
         t0 = time.perf_counter()
-        result = run_datafree(build_datafree_job(out / "config.yaml", overrides))
+        result = run_datafree(job)
         wall = time.perf_counter() - t0
     sv = (result.metrics.get("abd") or {}).get("sv") or {}
     shutil.rmtree(out, ignore_errors=True)

@@ -266,5 +266,5 @@ def test_sr_sweep_continues_given_prefix_runs_into_their_sr_phase(transfer, monk
     table = capsys.readouterr().out
     assert "per run" in table and "abd.sr.weight=0" in table and "(abd.mode=full)" in table
 
-    with pytest.raises(sweep.KDGuardError, match="no datafree_state.pt"):
+    with pytest.raises(transfer.KDGuardError, match="no datafree_state.pt"):
         sweep.prefix_mode(tmp_path / "sweep")

@@ -12,7 +12,8 @@ defences plug into.
 * :mod:`.student`: the student's loss and the replaceable update step.
 * :mod:`.loop`: :class:`DataFreeLoop` (schedule, monitoring, resumable checkpoints) and
   :class:`DataFreeExtensions` (the hooks for defences).
-* :mod:`.methods`: :data:`DATAFREE_METHODS`; :mod:`.run`: :func:`run_datafree`, :func:`prepare_datafree`.
+* :mod:`.methods`: :data:`DATAFREE_METHODS`; :mod:`.run`: :func:`run_datafree`, :func:`prepare_datafree`,
+  :func:`fork_datafree_run` (continue a copy of a checkpointed run with other settings).
 
 See ``docs/datafree.md``.
 """
@@ -23,7 +24,7 @@ from .hooks import BNStatistics
 from .loop import DataFreeExtensions, DataFreeLoop, RoundRecord
 from .methods import DATAFREE_METHODS, MethodContext, MethodParts, build_method
 from .presets import PRESET_SCALES, preset_values
-from .run import DataFreeSetup, prepare_datafree, run_datafree
+from .run import DataFreeSetup, fork_datafree_run, prepare_datafree, run_datafree, stopped_run_config
 from .student import (DistillObjective, StudentStepContext, TeacherOutputs, default_student_step,
                       mean_weighting)
 from .synthesizers import (CMISynthesizer, DeepInversionSynthesizer, GeneratorRegularizer,
@@ -35,5 +36,6 @@ __all__ = [
     "GeneratorRegularizer", "GeneratorSynthesizer", "METHOD_NAMES", "MethodContext", "MethodParts",
     "PRESET_SCALES", "ProxySynthesizer", "RoundRecord", "StudentStepContext", "Synthesizer",
     "TeacherOutputs", "build_datafree_job", "build_generator", "build_method", "default_student_step",
-    "mean_weighting", "prepare_datafree", "preset_values", "reinitialize", "run_datafree", "validate_job",
+    "fork_datafree_run", "mean_weighting", "prepare_datafree", "preset_values", "reinitialize", "run_datafree",
+    "stopped_run_config", "validate_job",
 ]

@@ -14,6 +14,7 @@ reported metrics are those of the last round (never the best over the test curve
 
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,9 +33,45 @@ from ..models import build_model
 from ..pipeline import RunResult, attack_from_manifest, evaluate_model, make_attack, prepare_run
 from ..report import save_figure
 from ..runtime import autocast, resolve_device, use_bf16, use_channels_last
-from .config import DataFreeJob, validate_job
-from .loop import DataFreeExtensions, DataFreeLoop, RoundRecord
+from .config import DataFreeJob, build_datafree_job, validate_job
+from .loop import STATE_FILE, DataFreeExtensions, DataFreeLoop, RoundRecord
 from .methods import MethodContext, build_method, input_statistics
+
+def stopped_run_config(run_dir: str | Path) -> Path:
+    """The ``config.yaml`` of a checkpointed data-free run (one stopped by ``schedule.stop_after``
+    or interrupted), checked to have its ``datafree_state.pt`` beside it.
+
+    Raises:
+        KDGuardError: ``run_dir`` lacks the checkpoint or the config.
+    """
+    run_dir = Path(run_dir)
+    config = run_dir / "config.yaml"
+    if not (run_dir / STATE_FILE).exists() or not config.exists():
+        raise KDGuardError(f"{run_dir}: no {STATE_FILE} and config.yaml there",
+                           "give a data-free run directory with a checkpoint, e.g. one stopped at its "
+                           "SR phase start (prefix_zskt_r1470_s0)")
+    return config
+
+
+def fork_datafree_run(run_dir: str | Path, out: str | Path, overrides: list[str]) -> DataFreeJob:
+    """Copy a checkpointed run to ``out`` (replacing what is there) and return the job that
+    continues the copy: the run's own ``config.yaml`` with ``out`` and ``overrides`` on top.
+
+    Variants that must share a run's first rounds exactly (an SR phase, SV on or off) each
+    continue their own fork; ``run_dir`` itself is left as it was. Run the job with
+    :func:`run_datafree`, which resumes from the copied checkpoint. ``overrides`` that change
+    what the checkpoint holds (models, method) make that resume fail with its own error.
+
+    Raises:
+        KDGuardError: ``run_dir`` has no checkpoint (:func:`stopped_run_config`), or an override
+            is malformed or unknown (:func:`build_datafree_job`).
+    """
+    stopped_run_config(run_dir)
+    out = Path(out)
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.copytree(run_dir, out)
+    return build_datafree_job(out / "config.yaml", [f"out={out}", *overrides])
+
 
 def _attack_record(cfg: Any, attack: AttackSpec | None) -> dict[str, Any] | None:
     if attack is None or cfg is None:
