@@ -67,6 +67,9 @@ def test_short_cli_run_per_method(setup, tmp_path, method, capsys):
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in lines] == [1, 2] and "ca" in lines[-1]["eval"]
     assert lines[-1]["eval"]["ca"] == metrics["ca"]  # the last round is what is reported
+    assert lines[-1]["synthesis"]["images"] > 0
+    assert metrics["synthesis"]["intervals"] == 2 and 0 < metrics["synthesis"]["top_share"] <= 1
+    assert "Teacher's answers on the last interval's synthetic images" in (out / "report.md").read_text()
     assert (out / "synthetic_r000002.png").exists() and (out / "model.safetensors").exists()
     assert (out / "datafree_state.pt").exists() and "datafree" in (out / "report.md").read_text().lower()
     manifest = json.loads((out / "manifest.json").read_text())

@@ -64,6 +64,7 @@ def test_resume_after_interruption_reproduces_the_uninterrupted_run(kit, tmp_pat
     assert [r["round"] for r in lines] == [1, 2, 3, 4]
     straight_lines = (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["eval"] for x in straight_lines] == [r["eval"] for r in lines]
+    assert [json.loads(x)["synthesis"] for x in straight_lines] == [r["synthesis"] for r in lines]
 
 
 def test_resume_refuses_a_foreign_checkpoint(kit, tmp_path):

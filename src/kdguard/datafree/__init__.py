@@ -11,31 +11,34 @@ defences plug into.
   :mod:`.pool` are their parts.
 * :mod:`.student`: the student's loss and the replaceable update step.
 * :mod:`.loop`: :class:`DataFreeLoop` (schedule, monitoring, resumable checkpoints) and
-  :class:`DataFreeExtensions` (the hooks for defences).
+  :class:`DataFreeExtensions` (the hooks for defences); :mod:`.collapse`:
+  :class:`ClassShareMonitor`, the label-free check that synthesis has not collapsed onto one class.
 * :mod:`.methods`: :data:`DATAFREE_METHODS`; :mod:`.run`: :func:`run_datafree`, :func:`prepare_datafree`,
   :func:`fork_datafree_run` (continue a copy of a checkpointed run with other settings).
 
 See ``docs/datafree.md``.
 """
 
+from .collapse import ClassShareMonitor, SynthesisCollapseWarning
 from .config import METHOD_NAMES, DataFreeJob, build_datafree_job, validate_job
 from .generators import ConvGenerator, build_generator, reinitialize
 from .hooks import BNStatistics
 from .loop import DataFreeExtensions, DataFreeLoop, RoundRecord
 from .methods import DATAFREE_METHODS, MethodContext, MethodParts, build_method
 from .presets import PRESET_SCALES, preset_values
-from .run import DataFreeSetup, fork_datafree_run, prepare_datafree, run_datafree, stopped_run_config
+from .run import (DataFreeSetup, fork_datafree_run, prepare_datafree, run_datafree, stopped_run_config,
+                  synthesis_summary)
 from .student import (DistillObjective, StudentStepContext, TeacherOutputs, default_student_step,
                       mean_weighting)
 from .synthesizers import (CMISynthesizer, DeepInversionSynthesizer, GeneratorRegularizer,
                            GeneratorSynthesizer, ProxySynthesizer, Synthesizer)
 
 __all__ = [
-    "BNStatistics", "CMISynthesizer", "ConvGenerator", "DATAFREE_METHODS", "DataFreeExtensions", "DataFreeSetup",
+    "BNStatistics", "ClassShareMonitor", "CMISynthesizer", "ConvGenerator", "DATAFREE_METHODS", "DataFreeExtensions", "DataFreeSetup",
     "DataFreeJob", "DataFreeLoop", "DeepInversionSynthesizer", "DistillObjective",
     "GeneratorRegularizer", "GeneratorSynthesizer", "METHOD_NAMES", "MethodContext", "MethodParts",
     "PRESET_SCALES", "ProxySynthesizer", "RoundRecord", "StudentStepContext", "Synthesizer",
     "TeacherOutputs", "build_datafree_job", "build_generator", "build_method", "default_student_step",
     "fork_datafree_run", "mean_weighting", "prepare_datafree", "preset_values", "reinitialize", "run_datafree",
-    "stopped_run_config", "validate_job",
+    "stopped_run_config", "SynthesisCollapseWarning", "synthesis_summary", "validate_job",
 ]

@@ -246,6 +246,8 @@ class MonitorConfig:
     checkpoint_every: int = 50             # datafree_state.pt (also written at every evaluation)
     grid_size: int = 64                    # images per grid
     eval_batch_size: int = 512
+    collapse_share: float = 0.9            # warn when one class takes more of the teacher's answers
+                                           # on an interval's synthetic images; 1 = never
 
 
 @dataclass
@@ -390,6 +392,9 @@ def validate_job(job: DataFreeJob) -> None:
         _positive(label, value, allow_zero=True)
     _positive("monitor.grid_size", m.grid_size)
     _positive("monitor.eval_batch_size", m.eval_batch_size)
+    if not 0.0 < m.collapse_share <= 1.0:
+        raise KDGuardError(f"monitor.collapse_share={m.collapse_share} is outside (0, 1]",
+                           "give a share such as 0.9 (1 disables the collapse warning)")
 
 
 def validate_abd(cfg: ABDConfig) -> None:

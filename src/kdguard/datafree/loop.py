@@ -9,7 +9,8 @@ Schedule (documented in ``docs/datafree.md``)::
             x ← synthesizer.sample(batch_size)
             teacher outputs of x (inference mode; computed once when x is the round's batch)
             student_step(ctx)                            (default: KD loss, backward, clip, step)
-        every monitor.every rounds: CA/ASR/RA on the test split → metrics.jsonl
+        every monitor.every rounds: CA/ASR/RA on the test split, and the teacher's class shares
+                                    on the synthetic images (collapse check) → metrics.jsonl
         every monitor.grid_every rounds: PNG grid of synthetic images
         every monitor.checkpoint_every rounds (and at every evaluation): datafree_state.pt
 
@@ -41,6 +42,7 @@ from ..distill.probe import GuardedTaps
 from ..errors import KDGuardError
 from ..io import atomic_write, write_text
 from ..runtime import autocast
+from .collapse import ClassShareMonitor
 from .config import MonitorConfig, OptimSettings
 from .grid import save_image_grid
 from .optim import build_optimizer, set_lr
@@ -81,7 +83,9 @@ class DataFreeExtensions:
 
 @dataclass
 class RoundRecord:
-    """One log line: losses averaged since the previous record, test metrics, timing."""
+    """One log line: losses averaged since the previous record, test metrics, timing, and
+    ``synthesis``: the teacher's class shares on the interval's synthetic images
+    (:meth:`~kdguard.datafree.collapse.ClassShareMonitor.summary`)."""
 
     round: int
     seconds: float
@@ -89,6 +93,7 @@ class RoundRecord:
     generator_losses: dict[str, float]
     student_losses: dict[str, float]
     eval: dict[str, Any] = field(default_factory=dict)
+    synthesis: dict[str, Any] = field(default_factory=dict)
 
 
 class DataFreeLoop:
@@ -150,6 +155,7 @@ class DataFreeLoop:
         self._teacher_taps = (GuardedTaps(teacher, objective.teacher_paths, detach=True)
                               if objective.uses_features else None)
         self._cache: tuple[torch.Tensor, TeacherOutputs] | None = None
+        self.class_shares = ClassShareMonitor(self.monitor.collapse_share)
 
     # -- one round ------------------------------------------------------------------------------
     def _autocast(self) -> contextlib.AbstractContextManager:
@@ -176,9 +182,11 @@ class DataFreeLoop:
         self.teacher.eval()
         for _ in range(self.student_steps):
             x = self.synth.sample(self.batch_size)
+            t_out = self.teacher_outputs(x)
+            self.class_shares.update(t_out.logits)
             ctx = StudentStepContext(
                 student=self.student, teacher=self.teacher, optimizer=self.optimizer, x=x,
-                teacher_outputs=self.teacher_outputs(x), objective=self.objective,
+                teacher_outputs=t_out, objective=self.objective,
                 sample_weighting=self.sample_weighting, student_taps=self._student_taps,
                 grad_clip=self.optim_settings.grad_clip, autocast=self._autocast,
                 round_index=self.round, total_rounds=self.rounds)
@@ -229,7 +237,7 @@ class DataFreeLoop:
                 "optimizer": self.optimizer.state_dict(), "synthesizer": self.synth.state_dict(),
                 "rng": rng, "history": [asdict(r) for r in self.history],
                 "pending_seconds": time.perf_counter() - self._interval_start,
-                "extensions": self._extension_states()}
+                "extensions": self._extension_states(), "class_shares": self.class_shares.state_dict()}
 
     def save_state(self) -> None:
         if self.run_dir is None:
@@ -262,6 +270,7 @@ class DataFreeLoop:
             fn = getattr(self.ext, name, None)
             if fn is not None and hasattr(fn, "load_state_dict"):
                 fn.load_state_dict(ext_state)
+        self.class_shares.load_state_dict(state.get("class_shares", {}))
         self.round = int(state["round"])
         self.history = [RoundRecord(**r) for r in state["history"]]
         self._interval_start = time.perf_counter() - float(state.get("pending_seconds", 0.0))
@@ -304,7 +313,10 @@ class DataFreeLoop:
                 evaluate_now = self._due(self.monitor.every)
                 if evaluate_now:
                     record = RoundRecord(self.round, time.perf_counter() - self._interval_start, lr,
-                                         self._floats(g_sums, count), self._floats(s_sums, count))
+                                         self._floats(g_sums, count), self._floats(s_sums, count),
+                                         synthesis=self.class_shares.summary())
+                    first = self.history[-1].round + 1 if self.history else 1
+                    self.class_shares.warn_once(record.synthesis, first, self.round)
                     bad = {k: v for k, v in {**record.generator_losses, **record.student_losses}.items()
                            if not math.isfinite(v)}
                     if bad:

@@ -81,6 +81,18 @@ def _attack_record(cfg: Any, attack: AttackSpec | None) -> dict[str, Any] | None
             "poison_rate": attack.poison_rate}
 
 
+def synthesis_summary(history: list[RoundRecord]) -> dict[str, Any]:
+    """The last log interval's class-share statistics (:class:`RoundRecord` ``synthesis``) plus
+    ``intervals`` (log intervals with statistics), ``collapsed_intervals`` and
+    ``first_collapse_round`` (the round closing the first collapsed interval, or None)."""
+    logged = [r for r in history if r.synthesis]
+    if not logged:
+        return {}
+    collapsed = [r.round for r in logged if r.synthesis.get("collapsed")]
+    return {**logged[-1].synthesis, "intervals": len(logged), "collapsed_intervals": len(collapsed),
+            "first_collapse_round": collapsed[0] if collapsed else None}
+
+
 def plot_datafree_curves(path: Path, history: list[RoundRecord]) -> Path | None:
     """CA/ASR (%) on the test split and the student loss over rounds, as one PNG."""
     from ..report import plt  # headless matplotlib, configured by kdguard.report
@@ -233,6 +245,8 @@ def run_datafree(job: DataFreeJob, *, extensions: DataFreeExtensions | None = No
                    student_updates=job.schedule.rounds * parts.student_steps,
                    train_seconds=sum(r.seconds for r in history))
     metrics.update(abd_metrics)
+    if final is not None and final.synthesis:
+        metrics["synthesis"] = synthesis_summary(history)
     t_metrics = t_manifest.get("metrics") or evaluate_model(teacher, test, attack,
                                                             train_cfg=eval_cfg).to_dict()
     manifest = {
@@ -267,6 +281,16 @@ def _write_report(out: Path, job: DataFreeJob, t_manifest: dict[str, Any], t_met
             parts.append(f"Self-Retrospection over the last {100 * abd['sr']['phase']:g} % of the rounds "
                          f"({abd['sr']['sr_steps']} unlearning steps, δ from the {abd['sr']['perturb_model']}).")
         notes += ["", " ".join(parts)]
+    synth = metrics.get("synthesis")
+    if synth:
+        line = (f"Teacher's answers on the last interval's synthetic images: class {synth['top_class']} "
+                f"on {100 * synth['top_share']:.1f} %, class entropy {synth['class_entropy']:.2f} (1 = uniform).")
+        if synth["collapsed_intervals"]:
+            line += (f" **Synthesis collapsed onto one class in {synth['collapsed_intervals']} of "
+                     f"{synth['intervals']} log intervals** (first at round {synth['first_collapse_round']}): "
+                     "the student learns little beyond that class, and a class the teacher answers on "
+                     "noise-like images is a likely backdoor target (docs/datafree.md §5).")
+        notes += ["", line]
     if plot_datafree_curves(out / "datafree_curves.png", history):
         notes += ["", "![CA/ASR over rounds](datafree_curves.png)"]
     grids = sorted(out.glob("synthetic_r*.png"))
