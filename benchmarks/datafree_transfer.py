@@ -68,6 +68,9 @@ from kdguard.runtime import cpu_name
 #: Trojan watermark also has SV only: it continues the SV prefix that ZSKT + ABD runs anyway, so it
 #: costs only the last 2 % of the rounds and says whether SR's CA cost on top of SV (Trojan 3×3)
 #: recurs on a second trigger.
+#: Blend runs twice: with kdguard's default uniform-noise pattern (its teacher answers the target on
+#: any noise-like image and ZSKT collapses, docs/datafree.md §7.1) and with a seeded flat-colour
+#: cartoon (``blend_cartoon``), the stand-in for the paper's cartoon ``blend.png``.
 PROTOCOLS = {
     "transfer": {
         "badnets": ["zskt", "cmi", "ood", "clean_kd"],
@@ -79,10 +82,12 @@ PROTOCOLS = {
         "trojan_3x3": ["zskt", "zskt+abd", "zskt+sv", "zskt+sr", "cmi", "cmi+abd", "clean_kd"],
         "trojan_wm": ["zskt", "zskt+abd", "zskt+sv", "clean_kd"],
         "blend": ["zskt", "zskt+abd", "clean_kd"],
+        "blend_cartoon": ["zskt", "zskt+abd", "clean_kd"],
         "sig_abd": ["zskt", "zskt+abd", "clean_kd"],
     },
 }
 ATTACK_LABEL = {"badnets": "BadNets grid 3×3", "trojan_3x3": "Trojan 3×3", "blend": "Blend",
+                "blend_cartoon": "Blend (cartoon pattern)",
                 "trojan_wm": "Trojan watermark", "sig_abd": "SIG (clean-label)"}
 #: poison rate per attack (None: the preset's own, i.e. every target-class image for SIG)
 POISON_RATE = {"sig_abd": None}
@@ -95,6 +100,8 @@ ABD_REFERENCE = {
     "trojan_3x3": {"zskt": (80.9, 96.8), "zskt+abd": (71.7, 33.3), "clean_kd": (72.9, 1.7)},
     "trojan_wm": {"zskt": (82.7, 93.9), "zskt+abd": (78.2, 22.5), "clean_kd": (77.5, 11.1)},
     "blend": {"zskt": (77.0, 74.4), "zskt+abd": (71.5, 23.1), "clean_kd": (78.0, 4.3)},
+    # the paper's blend.png is a cartoon: the cartoon-pattern row is the one to compare with
+    "blend_cartoon": {"zskt": (77.0, 74.4), "zskt+abd": (71.5, 23.1), "clean_kd": (78.0, 4.3)},
     "sig_abd": {"zskt": (77.9, 0.0), "zskt+abd": (72.2, 0.0), "clean_kd": (77.4, 0.0)},
 }
 

@@ -157,7 +157,7 @@ def test_badnets_grid_geometry_errors(kwargs, message):
 @pytest.mark.parametrize("name, kwargs", [
     ("trojan_3x3", dict(position=(31, 0))), ("trojan_8x8", dict(size=33)),
     ("trojan_wm", dict(density=0.0)), ("l0_inv", dict(size=(1, 40))),
-    ("blend", dict(alpha=1.5)), ("sig", dict(mode="cosine")), ("wanet", dict(k=1)),
+    ("blend", dict(alpha=1.5)), ("blend", dict(style="kitty")), ("sig", dict(mode="cosine")), ("wanet", dict(k=1)),
     ("l2_inv", dict(amplitude=300)), ("badnets_square", dict(color=(255, 0))),
 ])
 def test_bad_parameters_raise_kdguard_error(name, kwargs):
@@ -286,6 +286,29 @@ def test_blend_with_given_tensor_and_image_file(tmp_path):
         build_trigger("blend", SHAPE, pattern=torch.full(SHAPE, 2.0))
     with pytest.raises(KDGuardError, match="shape"):
         build_trigger("blend", SHAPE, pattern=torch.zeros(2, 32, 32))
+
+
+def _total_variation(p: torch.Tensor) -> float:
+    return float((p[:, 1:] - p[:, :-1]).abs().mean() + (p[:, :, 1:] - p[:, :, :-1]).abs().mean())
+
+
+def test_blend_cartoon_style_is_a_seeded_smooth_drawing():
+    cartoon = build_trigger("blend", SHAPE, style="cartoon", seed=3)
+    p = cartoon.pattern
+    assert p.shape == SHAPE and 0 <= float(p.min()) and float(p.max()) <= 1
+    assert torch.equal(build_trigger("blend", SHAPE, style="cartoon", seed=3).pattern, p)
+    assert not torch.equal(build_trigger("blend", SHAPE, style="cartoon", seed=4).pattern, p)
+    rebuilt = build_trigger(**json.loads(json.dumps(cartoon.params())))
+    assert rebuilt.params()["style"] == "cartoon" and torch.equal(rebuilt.pattern, p)
+    # flat regions and contours: far less pixel-to-pixel change than the noise pattern, and
+    # dark contour pixels present
+    noise = build_trigger("blend", SHAPE, seed=3).pattern
+    assert _total_variation(p) < 0.3 * _total_variation(noise)
+    assert float(p.min()) < 0.2
+    # the noise default is unchanged by the style option (teachers trained before it still rebuild)
+    assert torch.equal(noise, torch.rand(SHAPE, generator=torch.Generator().manual_seed(3)))
+    gray = build_trigger("blend", (1, 32, 32), style="cartoon").pattern
+    assert gray.shape == (1, 32, 32)
 
 
 def test_sig_additive_is_barni_sinusoid():

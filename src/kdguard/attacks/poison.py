@@ -391,6 +391,9 @@ ATTACK_PRESETS: dict[str, AttackPreset] = {
     "badnets_square": AttackPreset("badnets_square", source="ABD badnet_sq: 4×4 white, 10 %"),
     "blend": AttackPreset("blend", trigger_params={"alpha": 0.2},
                           source="ABD blend: alpha 0.2, 10 % (random pattern replaces blend.png)"),
+    "blend_cartoon": AttackPreset("blend", trigger_params={"alpha": 0.2, "style": "cartoon"},
+                                  source="ABD blend: alpha 0.2, 10 % (a seeded flat-colour cartoon "
+                                         "replaces blend.png, a cartoon image)"),
     "trojan_3x3": AttackPreset("trojan_3x3", source="ABD trojan_3x3, 10 %"),
     "trojan_8x8": AttackPreset("trojan_8x8", source="ABD trojan_8x8 (9×9 patch), 10 %"),
     "trojan_wm": AttackPreset("trojan_wm", source="ABD trojan_wm, 10 %"),

@@ -14,35 +14,89 @@ from .base import Trigger, register_trigger
 from .validate import as_float
 
 
+#: the seeded patterns of :class:`Blend` (used when no ``pattern`` is given)
+BLEND_STYLES = ("noise", "cartoon")
+
+
+def cartoon_pattern(image_shape: tuple[int, int, int], generator: torch.Generator, *, shapes: int = 7,
+                    supersample: int = 4) -> torch.Tensor:
+    """A seeded flat-colour "cartoon": filled ellipses with dark outlines on a flat background.
+
+    Stands in for ABD's ``blend.png`` (a cartoon character: flat colour regions and black
+    contours), which kdguard does not ship. Drawn at ``supersample`` times the size, then
+    downsampled with antialiasing, so edges are smooth as in a resized drawing.
+
+    Args:
+        image_shape: ``(C, H, W)``, C = 1 (luminance of the colours) or 3.
+        generator: a CPU ``torch.Generator``: the same seed gives the same image.
+        shapes: ellipses drawn, later ones over earlier ones.
+        supersample: drawing resolution factor (≥ 1).
+
+    Returns:
+        ``float32`` ``C×H×W`` in [0, 1].
+    """
+    c, h, w = image_shape
+    big_h, big_w = h * supersample, w * supersample
+    ys = torch.linspace(0.0, 1.0, big_h).view(-1, 1)
+    xs = torch.linspace(0.0, 1.0, big_w).view(1, -1)
+
+    def uniform(lo: float, hi: float, n: int = 1) -> torch.Tensor:
+        return lo + (hi - lo) * torch.rand(n, generator=generator)
+
+    image = uniform(0.55, 1.0, 3).view(3, 1, 1).expand(3, big_h, big_w).clone()  # light background
+    outline = 0.06  # contour width, as a fraction of each ellipse's radius
+    for _ in range(shapes):
+        cy, cx = uniform(0.1, 0.9), uniform(0.1, 0.9)
+        ry, rx = uniform(0.12, 0.4), uniform(0.12, 0.4)
+        d = ((ys - cy) / ry) ** 2 + ((xs - cx) / rx) ** 2
+        inside = d <= 1.0
+        image[:, inside] = uniform(0.0, 1.0, 3).view(3, 1)
+        image[:, inside & (d > (1.0 - outline) ** 2)] = 0.05
+    image = F.interpolate(image.unsqueeze(0), size=(h, w), mode="bilinear", align_corners=False,
+                          antialias=True).squeeze(0).clamp(0, 1)
+    if c == 1:
+        image = (0.299 * image[0] + 0.587 * image[1] + 0.114 * image[2]).unsqueeze(0)
+    return image.contiguous()
+
+
 @register_trigger("blend", aliases=("blended",))
 class Blend(Trigger):
     """Blend a full-image pattern into every image: ``x' = (1 − alpha)·x + alpha·P``.
 
     ABD blends ``0.8·x + 0.2·resize(blend.png)`` (a 540×540 cartoon image, not shipped with
-    kdguard). kdguard's default ``P`` is a seeded uniform random image (Chen et al.'s random-pattern
-    blend); pass ``pattern`` to use your own image instead.
+    kdguard). kdguard's default ``P`` is a seeded uniform random image (``style="noise"``, Chen
+    et al.'s random-pattern blend). ``style="cartoon"`` draws a seeded flat-colour cartoon instead
+    (:func:`cartoon_pattern`), the closest stand-in for ABD's image: a noise pattern makes the
+    teacher answer the target class on any noise-like image, which data-free synthesis starts
+    from (``docs/abd.md`` §3.4). Pass ``pattern`` to use your own image.
 
     Args:
         image_shape: ``(C, H, W)``.
         seed: seeds the random pattern (unused when ``pattern`` is given).
         alpha: blend weight in (0, 1], default 0.2 (ABD).
-        pattern: None (seeded random), a path to an image file (loaded with Pillow, converted to
+        style: the seeded pattern when ``pattern`` is None: ``"noise"`` (uniform, the default) or
+            ``"cartoon"``.
+        pattern: None (a seeded pattern of ``style``), a path to an image file (loaded with Pillow, converted to
             RGB or grayscale to match ``C`` and resized to ``H×W`` with Pillow's antialiased
             bilinear filter), or a tensor / nested list ``C×H×W``, ``1×H×W`` or ``H×W`` with float
             values in [0, 1] or integer values in 0–255 (resized bilinearly if ``H×W`` differs).
 
     Raises:
-        KDGuardError: alpha out of range; unreadable image file; pattern with a wrong shape,
-            channel count or value range.
+        KDGuardError: alpha out of range; unknown style; unreadable image file; pattern with a
+            wrong shape, channel count or value range.
     """
 
     def __init__(self, image_shape: tuple[int, int, int], seed: int = 0, *, alpha: float = 0.2,
-                 pattern: str | Path | torch.Tensor | list | None = None) -> None:
+                 style: str = "noise", pattern: str | Path | torch.Tensor | list | None = None) -> None:
         super().__init__(image_shape, seed)
         self.alpha = as_float(self.name, "alpha", alpha, 0.0, 1.0, low_open=True)
+        if style not in BLEND_STYLES:
+            raise KDGuardError(f"blend style {style!r} is unknown", f"use one of {', '.join(BLEND_STYLES)}")
+        self.style = style
         if pattern is None:
             self._source: Any = None
-            self._blend = torch.rand(self.image_shape, generator=self._generator())
+            self._blend = (cartoon_pattern(self.image_shape, self._generator()) if style == "cartoon"
+                           else torch.rand(self.image_shape, generator=self._generator()))
         elif isinstance(pattern, (str, Path)):
             self._source = str(pattern)
             self._blend = self._load_image(Path(pattern))
@@ -56,7 +110,7 @@ class Blend(Trigger):
         return self._blend.clone()
 
     def _param_values(self) -> dict[str, Any]:
-        return {"alpha": self.alpha, "pattern": self._source}
+        return {"alpha": self.alpha, "style": self.style, "pattern": self._source}
 
     def _apply(self, x: torch.Tensor) -> torch.Tensor:
         return (1.0 - self.alpha) * x + self.alpha * self._on("blend", self._blend, x)
