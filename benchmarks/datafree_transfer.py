@@ -122,11 +122,13 @@ DEFENDED_VARIANTS = ("abd", "sv", "sr")
 def _defended_rows(by: dict, weights: dict, base: str, defended_method: str, targets: dict) -> list[dict]:
     """The mean-ASR and CA-drop rows of ``target_check`` for one defended cell against ``base``."""
     finished_pairs, pending, collapsed, asrs, drops = [], [], [], [], []
+    kept_asrs, kept_drops = [], []  # the same, without the collapsed pairs
     for (attack, seed, method), s in sorted(by.items()):
         if method != base or s.get("asr") is None or s["asr"] <= targets["transfer_bar"]:
             continue
         pair = f"{attack}:s{seed}"
-        if (s.get("asr_no_trigger") or 0.0) > targets["transfer_bar"]:
+        is_collapse = (s.get("asr_no_trigger") or 0.0) > targets["transfer_bar"]
+        if is_collapse:
             collapsed.append(pair)
         defended = by.get((attack, seed, defended_method))
         if defended is None or defended.get("asr") is None:
@@ -138,14 +140,20 @@ def _defended_rows(by: dict, weights: dict, base: str, defended_method: str, tar
         finished_pairs.append(pair)
         asrs.append(defended["asr"])
         drops.append(s["ca"] - defended["ca"])
-    mean_asr = sum(asrs) / len(asrs) if asrs else None
-    mean_drop = sum(drops) / len(drops) if drops else None
+        if not is_collapse:
+            kept_asrs.append(asrs[-1])
+            kept_drops.append(drops[-1])
+
+    def mean(values: list[float]) -> float | None:
+        return sum(values) / len(values) if values else None
+
+    mean_asr, mean_drop = mean(asrs), mean(drops)
     common = {"method": defended_method, "pairs": finished_pairs, "pending": pending, "collapsed": collapsed}
     return [{"kind": "mean_asr", "target": f"mean ASR where {base} transfers > {100 * targets['transfer_bar']:.0f} %",
-             "value": mean_asr, "bar": targets["max_mean_asr"],
+             "value": mean_asr, "value_without_collapsed": mean(kept_asrs), "bar": targets["max_mean_asr"],
              "met": None if mean_asr is None else mean_asr < targets["max_mean_asr"], **common},
             {"kind": "ca_drop", "target": f"mean CA drop against {base} on the same pairs",
-             "value": mean_drop, "bar": targets["max_ca_drop"],
+             "value": mean_drop, "value_without_collapsed": mean(kept_drops), "bar": targets["max_ca_drop"],
              "met": None if mean_drop is None else mean_drop <= targets["max_ca_drop"], **common}]
 
 
@@ -165,7 +173,10 @@ def target_check(cells: list[dict], targets: dict = TARGETS) -> list[dict]:
     e.g. a teacher trained again after its first one was lost: ``attack:s0 (other teacher)``);
     ``collapsed`` the transferring pairs whose undefended student also answers the
     target class without the trigger (ASR without trigger above the bar: a collapse rather than
-    a trigger-specific backdoor; counted, by the letter of the target, but flagged).
+    a trigger-specific backdoor; counted, by the letter of the target, but flagged). The ASR and
+    CA-drop rows also carry ``value_without_collapsed``, their mean over the finished pairs that
+    did not collapse (None when none is left): a collapsed student sits at chance CA, so a
+    defended cell that escapes the collapse gains CA and would flatter the mean drop.
     """
     by = {(c["attack"], c["seed"], c["method"]): c["student"] for c in cells}
     weights = {(c["attack"], c["seed"], c["method"]): (c.get("teacher") or {}).get("sha256") for c in cells}
@@ -192,7 +203,8 @@ def target_check(cells: list[dict], targets: dict = TARGETS) -> list[dict]:
                                    "at different times; abd_sv_resume_cost.py compares at one time)",
                          "method": f"{base}+sv",
                          "pairs": pairs, "value": mean, "bar": targets["max_sv_overhead"],
-                         "met": mean <= targets["max_sv_overhead"], "pending": [], "collapsed": []})
+                         "met": mean <= targets["max_sv_overhead"], "pending": [], "collapsed": [],
+                         "value_without_collapsed": mean})
     return rows
 
 
@@ -200,15 +212,18 @@ def print_targets(rows: list[dict]) -> None:
     """The rows of ``target_check`` as a Markdown table."""
     if not rows:
         return
-    print("\n| target | cell | pairs | value | bar | met | pending (no defended cell yet) | collapsed |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\n| target | cell | pairs | value | bar | met | pending (no defended cell yet) | collapsed "
+          "| value without collapsed pairs |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         fmt, bar = TARGET_FORMAT[r["kind"]]
         value = "—" if r["value"] is None else fmt.format(100 * r["value"])
+        kept = r.get("value_without_collapsed")
+        kept = "—" if kept is None else fmt.format(100 * kept)
         met = "—" if r["met"] is None else ("yes" if r["met"] else "no")
         print(f"| {r['target']} | {r['method']} | {', '.join(r['pairs']) or '—'} | {value} | "
               f"{bar.format(100 * r['bar'])} | {met} | {', '.join(r['pending']) or '—'} | "
-              f"{', '.join(r['collapsed']) or '—'} |")
+              f"{', '.join(r['collapsed']) or '—'} | {kept} |")
 
 
 def settings(args: argparse.Namespace) -> dict:

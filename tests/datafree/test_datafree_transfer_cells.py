@@ -136,6 +136,20 @@ def test_target_check_is_undecided_until_a_defended_cell_finishes(transfer, caps
     assert "| — | < 10 % | — | trojan_3x3:s0 |" in out
 
 
+def test_target_check_gives_means_without_the_collapsed_pairs(transfer, capsys):
+    cells = [_cell("trojan_3x3", "zskt", 0.50, 0.72), _cell("trojan_3x3", "zskt+abd", 0.45, 0.06),
+             _cell("blend", "zskt", 0.10, 1.00, no_trigger=1.00), _cell("blend", "zskt+abd", 0.40, 0.10)]
+    rows = {r["kind"]: r for r in transfer.target_check(cells) if r["method"] == "zskt+abd"}
+    asr, drop = rows["mean_asr"], rows["ca_drop"]
+    assert asr["pairs"] == ["blend:s0", "trojan_3x3:s0"] and asr["collapsed"] == ["blend:s0"]
+    assert asr["value"] == pytest.approx(0.08) and asr["value_without_collapsed"] == pytest.approx(0.06)
+    # escaping the collapse gains 30 points and would hide the 5-point drop on Trojan 3×3
+    assert drop["value"] == pytest.approx(-0.125) and drop["met"] is True
+    assert drop["value_without_collapsed"] == pytest.approx(0.05)
+    transfer.print_targets(list(rows.values()))
+    assert "| blend:s0 | 5.0 points |" in capsys.readouterr().out
+
+
 def test_sv_resume_cost_continues_a_run_with_and_without_the_vaccine(transfer, monkeypatch, capsys, tmp_path):
     """benchmarks/abd_sv_resume_cost.py on a smoke run stopped at round 1: each mode continues a
     copy for one round; SV's passes are timed and its flagged share reported, 'off' has none."""
