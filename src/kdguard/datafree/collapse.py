@@ -22,13 +22,16 @@ from typing import Any
 
 import torch
 
+from ..errors import KDGuardError
+
 
 class SynthesisCollapseWarning(UserWarning):
     """The teacher answered one class on nearly all synthetic images of a log interval."""
 
 
 class ClassShareMonitor:
-    """Counts the teacher's top-1 classes on the images the student trains on, per log interval.
+    """Counts the teacher's top-1 classes on the synthetic batches the student trains on (each
+    distinct batch once, however many student steps reuse it), per log interval.
 
     Counting stays on the device (no synchronisation per step). :meth:`summary` reads and resets
     the counts.
@@ -38,13 +41,13 @@ class ClassShareMonitor:
             share of the answers is a collapse. 1 never counts as one.
 
     Raises:
-        ValueError: ``collapse_share`` outside (0, 1].
+        KDGuardError: ``collapse_share`` outside (0, 1] (a ``ValueError``).
     """
 
     def __init__(self, collapse_share: float = 0.9) -> None:
         if not 0.0 < float(collapse_share) <= 1.0:
-            raise ValueError(f"collapse_share={collapse_share} is outside (0, 1]; give a share such as 0.9 "
-                             "(1 disables the check)")
+            raise KDGuardError(f"collapse_share={collapse_share} is outside (0, 1]",
+                               "give a share such as 0.9 (1 disables the check)")
         self.collapse_share = float(collapse_share)
         self._counts: torch.Tensor | None = None
         self.warned = False

@@ -163,7 +163,8 @@ class DataFreeLoop:
 
     def teacher_outputs(self, x: torch.Tensor) -> TeacherOutputs:
         """The teacher's logits (and features) for ``x``, without gradient; reused when ``x`` is
-        the very batch of the previous call (the synthesizer serves one batch per round)."""
+        the very batch of the previous call (the synthesizer serves one batch per round). Each
+        batch computed here is counted once by the collapse check (``class_shares``)."""
         if self._cache is not None and self._cache[0] is x:
             return self._cache[1]
         if self._teacher_taps is not None:  # guarded taps need version counters: no_grad
@@ -174,6 +175,7 @@ class DataFreeLoop:
             with torch.inference_mode(), self._autocast():
                 logits = self.teacher(x)
             out = TeacherOutputs(logits.clone())  # a normal tensor, usable in autograd graphs
+        self.class_shares.update(out.logits)
         self._cache = (x, out) if self.synth.reuses_batch else None
         return out
 
@@ -182,11 +184,9 @@ class DataFreeLoop:
         self.teacher.eval()
         for _ in range(self.student_steps):
             x = self.synth.sample(self.batch_size)
-            t_out = self.teacher_outputs(x)
-            self.class_shares.update(t_out.logits)
             ctx = StudentStepContext(
                 student=self.student, teacher=self.teacher, optimizer=self.optimizer, x=x,
-                teacher_outputs=t_out, objective=self.objective,
+                teacher_outputs=self.teacher_outputs(x), objective=self.objective,
                 sample_weighting=self.sample_weighting, student_taps=self._student_taps,
                 grad_clip=self.optim_settings.grad_clip, autocast=self._autocast,
                 round_index=self.round, total_rounds=self.rounds)
