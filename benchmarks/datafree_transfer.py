@@ -71,6 +71,9 @@ from kdguard.runtime import cpu_name
 #: Blend runs twice: with kdguard's default uniform-noise pattern (its teacher answers the target on
 #: any noise-like image and ZSKT collapses, docs/datafree.md §7.1) and with a seeded flat-colour
 #: cartoon (``blend_cartoon``), the stand-in for the paper's cartoon ``blend.png``.
+#: ``_k<N>`` cells shuffle N layers instead of ABD's 5 (``abd.sv.layers``): on these ResNet-20
+#: teachers SV's premise holds with 1–2 shuffled layers and fails with 5
+#: (``benchmarks/sv_premise.py``, docs/abd.md §3.5).
 PROTOCOLS = {
     "transfer": {
         "badnets": ["zskt", "cmi", "ood", "clean_kd"],
@@ -82,7 +85,7 @@ PROTOCOLS = {
         "trojan_3x3": ["zskt", "zskt+abd", "zskt+sv", "zskt+sr", "cmi", "cmi+abd", "clean_kd"],
         "trojan_wm": ["zskt", "zskt+abd", "zskt+sv", "clean_kd"],
         "blend": ["zskt", "zskt+abd", "clean_kd"],
-        "blend_cartoon": ["zskt", "zskt+abd", "clean_kd"],
+        "blend_cartoon": ["zskt", "zskt+abd", "zskt+sv_k2", "zskt+abd_k2", "clean_kd"],
         "sig_abd": ["zskt", "zskt+abd", "clean_kd"],
     },
 }
@@ -92,8 +95,34 @@ ATTACK_LABEL = {"badnets": "BadNets grid 3×3", "trojan_3x3": "Trojan 3×3", "bl
 #: poison rate per attack (None: the preset's own, i.e. every target-class image for SIG)
 POISON_RATE = {"sig_abd": None}
 ABD_MODES = {"abd": "full", "sv": "sv", "sr": "sr"}
-#: cell → the cell it equals before the SR phase (see ``shared_prefix``)
-SR_PREFIX = {"zskt+sr": "zskt", "zskt+abd": "zskt+sv", "cmi+sr": "cmi", "cmi+abd": "cmi+sv"}
+
+
+def parse_defence(defence: str) -> tuple[str, int | None]:
+    """``"sv"`` → ``("sv", None)``; ``"abd_k2"`` → ``("abd", 2)``: the ABD part and, after
+    ``_k``, the number of shuffled layers (``abd.sv.layers``; None = the default 5).
+
+    Raises:
+        KDGuardError: an unknown part or a malformed ``_k`` suffix.
+    """
+    name, sep, k = defence.partition("_k")
+    if name not in ABD_MODES or (sep and not (k.isdigit() and int(k) > 0)) or (sep and name == "sr"):
+        raise KDGuardError(f"unknown defended cell suffix {defence!r}",
+                           f"use one of {sorted(ABD_MODES)}, or sv/abd with _k<layers> (e.g. sv_k2)")
+    return name, int(k) if sep else None
+
+
+def sr_prefix(method: str) -> str | None:
+    """The cell ``method`` equals before the SR phase (see ``shared_prefix``), or None:
+    ``zskt+sr`` → ``zskt``, ``zskt+abd`` → ``zskt+sv``, ``cmi+abd_k2`` → ``cmi+sv_k2``."""
+    base, _, defence = method.partition("+")
+    if not defence:
+        return None
+    name, k = parse_defence(defence)
+    if name == "sr":
+        return base
+    if name == "abd":
+        return f"{base}+sv" + ("" if k is None else f"_k{k}")
+    return None
 #: ABD README (WRN-16-2 → WRN-16-1, CIFAR-10): (CA, ASR) in % per attack and method
 ABD_REFERENCE = {
     "badnets": {"zskt": (71.9, 96.9), "zskt+abd": (68.3, 0.7), "clean_kd": (74.6, 4.3)},
@@ -115,8 +144,17 @@ TARGET_FORMAT = {"mean_asr": ("{:.1f} %", "< {:.0f} %"), "ca_drop": ("{:.1f} poi
                  "sv_overhead": ("{:+.1f} %", "≤ +{:.0f} %")}
 
 
-#: the defended cells judged by the ASR and CA targets, the issue's "+abd" first
+#: the defended cells judged by the ASR and CA targets, the issue's "+abd" first; variants with
+#: another number of shuffled layers (``+sv_k2``) follow, when any ran
 DEFENDED_VARIANTS = ("abd", "sv", "sr")
+
+
+def defended_variants(base: str, methods) -> list[str]:
+    """The defended cells of ``base`` to judge: ``+abd`` always, then those of ``methods`` that
+    ran (``DEFENDED_VARIANTS`` order, then the ``_k`` variants sorted)."""
+    ran = {m.partition("+")[2] for m in methods if m.startswith(f"{base}+")}
+    order = [v for v in DEFENDED_VARIANTS if v == "abd" or v in ran]
+    return [f"{base}+{v}" for v in order + sorted(ran - set(DEFENDED_VARIANTS))]
 
 
 def _defended_rows(by: dict, weights: dict, base: str, defended_method: str, targets: dict) -> list[dict]:
@@ -185,10 +223,8 @@ def target_check(cells: list[dict], targets: dict = TARGETS) -> list[dict]:
     for base in undefended:
         # the issue's target is on "+abd"; the ablation's SV-only and SR-only cells, where run,
         # are judged by the same bars (abd.mode=sv / sr are ABD's own options)
-        for variant in DEFENDED_VARIANTS:
-            defended_method = f"{base}+{variant}"
-            if variant == "abd" or any(m == defended_method for (_, _, m) in by):
-                rows.extend(_defended_rows(by, weights, base, defended_method, targets))
+        for defended_method in defended_variants(base, {m for (_, _, m) in by}):
+            rows.extend(_defended_rows(by, weights, base, defended_method, targets))
         overheads, pairs = [], []
         for (attack, seed, method), s in sorted(by.items()):
             sv = by.get((attack, seed, f"{base}+sv"))
@@ -309,7 +345,10 @@ def datafree_overrides(method: str, teacher: str, cfg: dict, out: Path, seed: in
     overrides = [f"teacher={teacher}", f"method={method}", "preset=cpu", f"student={cfg['student']}",
                  f"seed={seed}", f"out={out}", f"progress={str(progress).lower()}", *cfg["datafree"]]
     if defence:
-        overrides.append(f"abd.mode={ABD_MODES[defence]}")
+        name, layers = parse_defence(defence)
+        overrides.append(f"abd.mode={ABD_MODES[name]}")
+        if layers is not None:
+            overrides.append(f"abd.sv.layers={layers}")
     if cfg["root"]:
         overrides.append(f"data.root={cfg['root']}")
     if method in ("cmi", "ood"):
@@ -422,9 +461,9 @@ def shared_prefix(method: str, methods: list[str]) -> str | None:
     phases instead of four full runs. Each cell's train minutes still include the prefix, i.e.
     what the cell costs on its own.
     """
-    if method in SR_PREFIX.values() and any(SR_PREFIX.get(m) == method for m in methods):
+    if any(sr_prefix(m) == method for m in methods):
         return method
-    base = SR_PREFIX.get(method)
+    base = sr_prefix(method)
     return base if base in methods else None
 
 

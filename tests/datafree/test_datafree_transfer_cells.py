@@ -282,3 +282,33 @@ def test_sr_sweep_continues_given_prefix_runs_into_their_sr_phase(transfer, monk
 
     with pytest.raises(transfer.KDGuardError, match="no datafree_state.pt"):
         sweep.prefix_mode(tmp_path / "sweep")
+
+
+def test_layer_variants_parse_share_their_sv_prefix_and_set_the_layers(transfer):
+    assert transfer.parse_defence("sv") == ("sv", None)
+    assert transfer.parse_defence("abd_k2") == ("abd", 2)
+    for bad in ("sr_k2", "sv_k0", "sv_kx", "svx"):
+        with pytest.raises(ValueError, match="sv_k2"):
+            transfer.parse_defence(bad)
+    assert transfer.sr_prefix("zskt+abd_k2") == "zskt+sv_k2"
+    assert transfer.sr_prefix("cmi+sr") == "cmi"
+    assert transfer.sr_prefix("zskt+sv_k2") is None and transfer.sr_prefix("zskt") is None
+    methods = transfer.PROTOCOLS["abd"]["blend_cartoon"]
+    assert transfer.shared_prefix("zskt+abd_k2", methods) == "zskt+sv_k2"
+    assert transfer.shared_prefix("zskt+sv_k2", methods) == "zskt+sv_k2"
+    assert transfer.shared_prefix("zskt+abd", methods) is None  # its own SV prefix (5 layers) is not in the table
+    cfg = {"student": "resnet8", "datafree": [], "root": None, "cmi_overrides": []}
+    overrides = transfer.datafree_overrides("zskt+abd_k2", "t", cfg, Path("o"), 0, False)
+    assert "abd.mode=full" in overrides and "abd.sv.layers=2" in overrides
+    assert not any(o.startswith("abd.sv.layers") for o in transfer.datafree_overrides("zskt+sv", "t", cfg, Path("o"), 0, False))
+
+
+def test_target_check_judges_the_layer_variants_after_the_issue_cells(transfer):
+    assert transfer.defended_variants("zskt", ["zskt", "zskt+sv_k2", "zskt+sr", "cmi+sv"]) == \
+        ["zskt+abd", "zskt+sr", "zskt+sv_k2"]
+    cells = [_cell("blend_cartoon", "zskt", 0.50, 0.60), _cell("blend_cartoon", "zskt+abd", 0.44, 0.30),
+             _cell("blend_cartoon", "zskt+sv_k2", 0.49, 0.05)]
+    rows = {(r["method"], r["kind"]): r for r in transfer.target_check(cells)}
+    assert rows[("zskt+sv_k2", "mean_asr")]["met"] is True
+    assert rows[("zskt+sv_k2", "ca_drop")]["value"] == pytest.approx(0.01)
+    assert rows[("zskt+abd", "mean_asr")]["met"] is False
