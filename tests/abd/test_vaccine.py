@@ -180,3 +180,21 @@ def test_a_pending_vaccine_counts_nothing(abd_kit):
     x = abd_kit.clean_images(8)
     vaccine(x, teacher(x))
     assert vaccine.seen == 0 and vaccine.flagged_share is None
+
+
+def test_interval_log_gives_each_interval_its_own_share_and_survives_a_checkpoint(abd_kit):
+    teacher, a = _vaccine(abd_kit)
+    clean = abd_kit.clean_images(24)
+    x = torch.cat([clean[:16], abd_kit.triggered(clean[16:])])
+    flagged, flagged_clean = int(a.suspicion_mask(x).sum()), int(a.suspicion_mask(clean[:16]).sum())
+    assert flagged != flagged_clean * len(x) / 16  # the two intervals differ
+    assert a.interval_log() == {"sv_flagged_share": None}  # nothing seen yet
+    a(x, teacher(x))
+    a(x, teacher(x))
+    assert a.interval_log()["sv_flagged_share"] == pytest.approx(flagged / len(x))
+    a(clean[:16], teacher(clean[:16]))
+    _, b = _vaccine(abd_kit, seed=2)
+    b.load_state_dict(a.state_dict())  # a checkpoint inside the interval
+    assert b.interval_log()["sv_flagged_share"] == pytest.approx(flagged_clean / 16)
+    assert b.interval_log() == {"sv_flagged_share": None}
+    assert VaccineWeighting(b).interval_log() == {"sv_flagged_share": None}

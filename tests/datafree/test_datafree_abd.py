@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import warnings
 
@@ -40,11 +41,11 @@ def test_each_mode_installs_its_parts(kit):
     assert set(full.summary()) == {"sv", "sr"}
 
 
-def _build(kit, method, run_dir, rounds=4, mode="full", every=1):
+def _build(kit, method, run_dir, rounds=4, mode="full", every=1, verify_batches=3):
     teacher, student = kit.make_teacher(), kit.make_student()
     job = kit.tiny_job(method, monitor={"every": every, "checkpoint_every": 1})
     job.abd.mode = mode
-    job.abd.sv.verify_batches, job.abd.sv.verify_skip = 3, 1  # verification happens mid-run
+    job.abd.sv.verify_batches, job.abd.sv.verify_skip = verify_batches, 1  # 3: verification happens mid-run
     job.abd.sr.phase, job.abd.sr.min_count = 0.5, 2
     torch.manual_seed(123)
     parts = build_method(job, kit.make_context(teacher, student))
@@ -72,7 +73,23 @@ def test_resume_with_abd_state_reproduces_the_uninterrupted_run(kit, tmp_path, m
         assert torch.equal(a, b), f"{method}: student {k} differs after resuming"
     assert abd_resumed.summary() == abd_straight.summary()
     assert abd_resumed.vaccine.status in ("active", "off") and abd_resumed.vaccine.trials
+    # each log line says how much of its interval the vaccine flagged, the same after a resume
+    logged = [r.defence for r in straight.history]
+    assert logged and all(set(d) == {"sv_flagged_share"} for d in logged)
+    assert [r.defence for r in second.history] == logged
     assert abd_resumed.retrospection.steps > 0
+
+
+@pytest.mark.parametrize("method", ["zskt", "ood"])
+def test_every_log_line_carries_the_share_the_active_vaccine_flagged(kit, tmp_path, method):
+    loop, _, abd = _build(kit, method, tmp_path / "run", mode="sv", verify_batches=0)
+    history = loop.run()
+    shares = [r.defence["sv_flagged_share"] for r in history]
+    assert len(shares) == 4 and all(s is not None and 0.0 <= s <= 1.0 for s in shares)
+    seen = abd.vaccine.seen  # the intervals are equal, so the run's share is their mean
+    assert sum(shares) / len(shares) == pytest.approx(abd.vaccine.flagged_share) and seen > 0
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["defence"]["sv_flagged_share"] for line in lines] == shares
 
 
 @pytest.mark.parametrize("prefix_mode, mode", [("off", "sr"), ("sv", "full")])

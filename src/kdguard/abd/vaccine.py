@@ -108,6 +108,7 @@ class ShufflingVaccine:
         self._last_share = 0.0  # share flagged at the last generator-form call
         # samples the active vaccine saw and flagged (a device tensor: no host sync)
         self.seen, self._flagged = 0, torch.zeros(())
+        self._marks = (0, 0.0)  # (seen, flagged) at the last interval_log
         self.__name__ = "shuffling_vaccine"
 
     # -- the two primitives ----------------------------------------------------------------
@@ -186,6 +187,16 @@ class ShufflingVaccine:
         gradient pass through T̃ runs on the flagged rows only (CPU)."""
         return float(self._flagged) / self.seen if self.seen else None
 
+    def interval_log(self) -> dict[str, float | None]:
+        """``{"sv_flagged_share": share flagged since the previous call}`` (None when the active
+        vaccine saw no sample in between: pending or off). The data-free loop calls it at every
+        log record, so each ``metrics.jsonl`` line shows how much of that interval's synthesis SV
+        acted on. Reads the device counter (one host sync per record)."""
+        seen, flagged = self.seen, float(self._flagged)
+        share = (flagged - self._marks[1]) / (seen - self._marks[0]) if seen > self._marks[0] else None
+        self._marks = (seen, flagged)
+        return {"sv_flagged_share": share}
+
     # -- student form (OOD) --------------------------------------------------------------------
     def sample_weighting(self, per_sample: torch.Tensor, x: torch.Tensor,
                          teacher_logits: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -251,7 +262,7 @@ class ShufflingVaccine:
         return {"status": self.status, "calls": self.calls, "trials": list(self.trials),
                 "perms": self.shuffled.get_perms(), "cache": list(self._cache),
                 "rng": self.generator.get_state(), "last_share": self._last_share,
-                "seen": self.seen, "flagged": float(self._flagged)}
+                "seen": self.seen, "flagged": float(self._flagged), "marks": list(self._marks)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.shuffled.set_perms(state["perms"])
@@ -262,11 +273,13 @@ class ShufflingVaccine:
         self._last_share = float(state.get("last_share", 0.0))  # absent in older checkpoints
         # counts absent in older checkpoints: the share then covers the rounds run since
         self.seen, self._flagged = int(state.get("seen", 0)), torch.tensor(float(state.get("flagged", 0.0)))
+        marks = state.get("marks", (self.seen, float(self._flagged)))  # older: the next interval starts here
+        self._marks = (int(marks[0]), float(marks[1]))
 
 
 class VaccineWeighting:
     """The OOD (student) form of the vaccine as a ``sample_weighting`` extension that the data-free
-    loop checkpoints (it forwards ``state_dict`` to the vaccine)."""
+    loop checkpoints and logs (it forwards ``state_dict`` and ``interval_log`` to the vaccine)."""
 
     def __init__(self, vaccine: ShufflingVaccine) -> None:
         self.vaccine = vaccine
@@ -280,3 +293,6 @@ class VaccineWeighting:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.vaccine.load_state_dict(state)
+
+    def interval_log(self) -> dict[str, float | None]:
+        return self.vaccine.interval_log()

@@ -73,7 +73,9 @@ class DataFreeExtensions:
         sample_weighting: replacement of :func:`~kdguard.datafree.student.mean_weighting`,
             ``(per_sample, x, teacher_logits) -> {name: scalar}`` (ABD's OOD vaccine).
 
-    Any of them with ``state_dict``/``load_state_dict`` methods is saved in the checkpoint.
+    Any of them with ``state_dict``/``load_state_dict`` methods is saved in the checkpoint; any
+    with an ``interval_log() -> {name: value}`` method adds its values to every log record
+    (``RoundRecord.defence``), e.g. the share of samples the vaccine flagged in the interval.
     """
 
     generator_regularizers: list[GeneratorRegularizer] = field(default_factory=list)
@@ -83,9 +85,10 @@ class DataFreeExtensions:
 
 @dataclass
 class RoundRecord:
-    """One log line: losses averaged since the previous record, test metrics, timing, and
+    """One log line: losses averaged since the previous record, test metrics, timing,
     ``synthesis``: the teacher's class shares on the interval's synthetic images
-    (:meth:`~kdguard.datafree.collapse.ClassShareMonitor.summary`)."""
+    (:meth:`~kdguard.datafree.collapse.ClassShareMonitor.summary`), and ``defence``: what the
+    extensions report for the interval (their ``interval_log``; empty without a defence)."""
 
     round: int
     seconds: float
@@ -94,6 +97,7 @@ class RoundRecord:
     student_losses: dict[str, float]
     eval: dict[str, Any] = field(default_factory=dict)
     synthesis: dict[str, Any] = field(default_factory=dict)
+    defence: dict[str, Any] = field(default_factory=dict)
 
 
 class DataFreeLoop:
@@ -220,6 +224,14 @@ class DataFreeLoop:
             save_image_grid(self.run_dir / f"synthetic_r{self.round:06d}.png", images)
 
     # -- checkpointing --------------------------------------------------------------------------
+    def _interval_logs(self) -> dict[str, Any]:
+        """The extensions' values for the interval that ends now (``interval_log``)."""
+        out: dict[str, Any] = {}
+        for fn in (*self.ext.generator_regularizers, self.ext.student_step, self.ext.sample_weighting):
+            if fn is not None and hasattr(fn, "interval_log"):
+                out.update(fn.interval_log())
+        return out
+
     def _extension_states(self) -> dict[str, Any]:
         out = {}
         for name in ("student_step", "sample_weighting"):
@@ -314,7 +326,7 @@ class DataFreeLoop:
                 if evaluate_now:
                     record = RoundRecord(self.round, time.perf_counter() - self._interval_start, lr,
                                          self._floats(g_sums, count), self._floats(s_sums, count),
-                                         synthesis=self.class_shares.summary())
+                                         synthesis=self.class_shares.summary(), defence=self._interval_logs())
                     first = self.history[-1].round + 1 if self.history else 1
                     self.class_shares.warn_once(record.synthesis, first, self.round)
                     bad = {k: v for k, v in {**record.generator_losses, **record.student_losses}.items()
