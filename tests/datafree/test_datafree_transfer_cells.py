@@ -1,22 +1,17 @@
 """Cell selection of benchmarks/datafree_transfer.py, which benchmarks/datafree_parallel.sh relies on."""
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
-
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "datafree_transfer.py"
+from helpers import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def transfer():
-    spec = importlib.util.spec_from_file_location("datafree_transfer", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("datafree_transfer")
 
 
 def _main(transfer, monkeypatch, *argv):
@@ -162,9 +157,7 @@ def test_sv_resume_cost_continues_a_run_with_and_without_the_vaccine(transfer, m
         None, transfer.datafree_overrides("zskt+sv", teacher, cfg, run, 0, False) + ["schedule.stop_after=1"]))
     assert partial.metrics["finished"] is False and partial.metrics["abd"]["sv"]["flag_samples"] == 64  # 2 generator steps of 32
 
-    spec = importlib.util.spec_from_file_location("abd_sv_resume_cost", SCRIPT.parent / "abd_sv_resume_cost.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("abd_sv_resume_cost")
     out = tmp_path / "bench"
     monkeypatch.setattr(sys, "argv", ["abd_sv_resume_cost.py", "--run", str(run), "--rounds", "1",
                                       "--repeats", "1", "--warmup", "0", "--out", str(out)])
@@ -259,13 +252,7 @@ def test_sr_sweep_continues_given_prefix_runs_into_their_sr_phase(transfer, monk
     transfer.run_datafree(transfer.build_datafree_job(
         None, transfer.datafree_overrides("zskt+sv", teacher, cfg, prefix, 0, False) + ["schedule.stop_after=1"]))
 
-    sys.path.insert(0, str(SCRIPT.parent))  # the sweep imports its sibling seed_table
-    try:
-        spec = importlib.util.spec_from_file_location("abd_sr_sweep", SCRIPT.parent / "abd_sr_sweep.py")
-        sweep = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sweep)
-    finally:
-        sys.path.remove(str(SCRIPT.parent))
+    sweep = load_benchmark("abd_sr_sweep")  # it imports its sibling seed_table
     assert sweep.prefix_mode(prefix) == "full"
     out = tmp_path / "sweep"
     monkeypatch.setattr(sys, "argv", ["abd_sr_sweep.py", "--out", str(out), "--prefix", str(prefix),

@@ -1,24 +1,12 @@
 """The comparison table's target verdict (benchmarks/robustkd_compare.py)."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "robustkd_compare.py"
+from helpers import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def compare():
-    spec = importlib.util.spec_from_file_location("robustkd_compare", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    try:
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        sys.modules.pop(spec.name, None)
+    return load_benchmark("robustkd_compare")
 
 
 def _summary(kd: dict, robustkd: dict, ce_only: dict | None = None) -> dict:
