@@ -52,6 +52,8 @@ VARIANTS = {
                                                                  "abd.sr.hypergradient=false"],
     "step ×3, λ = 0.1 (smaller δ)": ["abd.sr.inner_lr=0.3", "abd.sr.l2=0.1"],
     "step ×10 (inner_lr 1.0)": ["abd.sr.inner_lr=1.0"],
+    # appended: the index names the cache directory
+    "reference reduction, weight 0.3": ["abd.sr.weight=0.3"],
 }
 
 
