@@ -53,7 +53,7 @@ VARIANTS = {
     "step ×3, λ = 0.1 (smaller δ)": ["abd.sr.inner_lr=0.3", "abd.sr.l2=0.1"],
     "step ×10 (inner_lr 1.0)": ["abd.sr.inner_lr=1.0"],
     # appended: the index names the cache directory
-    "reference reduction, weight 0.3": ["abd.sr.weight=0.3"],
+    "reference reduction, weight 3/10": ["abd.sr.weight=0.3"],  # not "0.3": --only "weight 0" must not match it
 }
 
 
