@@ -16,7 +16,7 @@ For each teacher run this script takes ``--n`` clean test images outside the tar
   set, over the backdoor hits only (T predicts the target);
 * the median ``log10`` of the SV divergence ``KL(T ‖ T̃) / K``;
 
-for ``--shuffles`` independent shuffles built as ``build_abd`` builds them (seed ``s + 7919``,
+for ``--shuffles`` independent shuffles built as ``build_abd`` builds them for seeds 0, 1, …,
 an ensemble of 3), as the mean and range over the shuffles, and for each number of shuffled
 layers in ``--layers`` (``abd.sv.layers``; ABD's default is 5).
 
@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from kdguard.abd.plugin import SHUFFLE_SEED_OFFSET
 from kdguard.abd.shuffle import ShuffledTeacher
 from kdguard.abd.vaccine import divergence_per_sample
 from kdguard.checkpoint import load_model
@@ -61,21 +62,23 @@ def probe_teacher(run: Path, data_root: str, n: int, shuffles: int, layers: int)
     clean = test.images[keep].float().div(255.0)
     sets = {"clean": clean, "triggered": attack.trigger(clean)}
     t_logits = {name: logits(teacher, x) for name, x in sets.items()}
-    rows: dict[str, dict] = {name: {"teacher_target_share": float((t.argmax(1) == target).float().mean()),
+    t_pred = {name: t.argmax(1) for name, t in t_logits.items()}
+    rows: dict[str, dict] = {name: {"teacher_target_share": float((t_pred[name] == target).float().mean()),
                                     "shuffled_target_share": [], "flagged": [], "flagged_hits": [],
                                     "median_log10_div": []}
-                             for name, t in t_logits.items()}
+                             for name in t_logits}
     example = torch.zeros((2, *test.shape))
     paths = None
     for s in range(shuffles):
-        shuffled = ShuffledTeacher(teacher, example, layers=layers, generator=torch.Generator().manual_seed(s + 7919))
+        shuffled = ShuffledTeacher(teacher, example, layers=layers,
+                                   generator=torch.Generator().manual_seed(s + SHUFFLE_SEED_OFFSET))
         paths = list(shuffled.paths)
         for name, x in sets.items():
             t, ts = t_logits[name], logits(shuffled, x)
-            flag = ts.argmax(1) == t.argmax(1)
-            hits = t.argmax(1) == target
+            s_pred = ts.argmax(1)
+            flag, hits = s_pred == t_pred[name], t_pred[name] == target
             row = rows[name]
-            row["shuffled_target_share"].append(float((ts.argmax(1) == target).float().mean()))
+            row["shuffled_target_share"].append(float((s_pred == target).float().mean()))
             row["flagged"].append(float(flag.float().mean()))
             row["flagged_hits"].append(float(flag[hits].float().mean()) if hits.any() else None)
             row["median_log10_div"].append(float(divergence_per_sample(t, ts).clamp_min(1e-12).log10().median()))

@@ -18,6 +18,11 @@ from .shuffle import ShuffledTeacher
 from .vaccine import ShufflingVaccine, VaccineWeighting
 
 
+#: the shuffles of a run with seed ``s`` come from ``torch.Generator().manual_seed(s + SHUFFLE_SEED_OFFSET)``
+#: (an offset, so they differ from the student and generator initialisation of the same seed)
+SHUFFLE_SEED_OFFSET = 7919
+
+
 @dataclass
 class ABDPlugin:
     """The built defence: its extensions plus the parts, for summaries and tests."""
@@ -63,7 +68,7 @@ def build_abd(cfg: ABDConfig, *, teacher: nn.Module, image_shape: tuple[int, int
     vaccine = retro = None
     if cfg.uses_sv:
         sv = cfg.sv
-        rng = torch.Generator().manual_seed(seed + 7919)
+        rng = torch.Generator().manual_seed(seed + SHUFFLE_SEED_OFFSET)
         example = torch.zeros((2, *image_shape), device=device)
         shuffled = ShuffledTeacher(teacher, example, layers=sv.layers, ensemble=sv.ensemble, generator=rng)
         vaccine = ShufflingVaccine(teacher, shuffled, coef=sv.coef, shuffle_grad=sv.shuffle_grad,

@@ -223,7 +223,6 @@ class DataFreeLoop:
         if len(images):
             save_image_grid(self.run_dir / f"synthetic_r{self.round:06d}.png", images)
 
-    # -- checkpointing --------------------------------------------------------------------------
     def _interval_logs(self) -> dict[str, Any]:
         """The extensions' values for the interval that ends now (``interval_log``)."""
         out: dict[str, Any] = {}
@@ -232,6 +231,7 @@ class DataFreeLoop:
                 out.update(fn.interval_log())
         return out
 
+    # -- checkpointing --------------------------------------------------------------------------
     def _extension_states(self) -> dict[str, Any]:
         out = {}
         for name in ("student_step", "sample_weighting"):
