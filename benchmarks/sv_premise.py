@@ -51,6 +51,18 @@ def logits(model: torch.nn.Module, x: torch.Tensor, batch: int = 500) -> torch.T
 
 
 def probe_teacher(run: Path, data_root: str, n: int, shuffles: int, layers: int) -> dict:
+    """The flag shares of one teacher run with ``layers`` shuffled layers (module docstring).
+
+    Returns:
+        ``{"run", "attack", "target", "n", "layers", "shuffled_layers", "shuffles", "rows"}``;
+        ``rows["clean"|"triggered"]`` hold ``teacher_target_share`` (a fraction) and, one entry
+        per shuffle, ``shuffled_target_share``, ``flagged``, ``flagged_hits`` (fractions; None
+        without backdoor hits) and ``median_log10_div``. ``n`` is at most the non-target test
+        images available.
+
+    Raises:
+        KDGuardError: unreadable teacher, or a manifest without dataset or attack.
+    """
     teacher, manifest = load_model(run)
     teacher.eval()
     test = load_dataset(manifest["dataset"]["name"], "test", root=data_root)
