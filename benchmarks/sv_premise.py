@@ -41,6 +41,7 @@ from kdguard.abd.shuffle import ShuffledTeacher
 from kdguard.abd.vaccine import divergence_per_sample
 from kdguard.checkpoint import load_model
 from kdguard.data import load_dataset
+from kdguard.errors import KDGuardError
 from kdguard.pipeline import attack_from_manifest, make_attack
 
 
@@ -65,8 +66,11 @@ def probe_teacher(run: Path, data_root: str, n: int, shuffles: int, layers: int)
     """
     teacher, manifest = load_model(run)
     teacher.eval()
-    test = load_dataset(manifest["dataset"]["name"], "test", root=data_root)
-    attack_cfg = attack_from_manifest(manifest)
+    dataset, attack_cfg = (manifest.get("dataset") or {}).get("name"), attack_from_manifest(manifest)
+    if dataset is None or attack_cfg is None:
+        raise KDGuardError(f"{run}: the manifest names no dataset or no attack",
+                           "give a backdoored teacher's run directory (kdguard train with an attack)")
+    test = load_dataset(dataset, "test", root=data_root)
     attack = make_attack(attack_cfg, test.shape, test.num_classes)
     target = int(attack.target)
     keep = (test.labels != target).nonzero().squeeze(1)

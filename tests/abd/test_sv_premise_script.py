@@ -67,3 +67,12 @@ def test_the_clean_set_leaves_out_the_target_class_and_the_cli_writes_json(premi
     row = results[0]["rows"]["triggered"]
     assert row["teacher_target_share"] == 0.0 and row["flagged_hits"] == [None]
     assert "| teacher | 1 | triggered | 0.00 |" in capsys.readouterr().out
+
+
+def test_a_teacher_without_an_attack_is_refused_by_name(premise, tmp_path):
+    root, teacher = _teacher(tmp_path, target_bias=0.0)
+    manifest = json.loads((teacher / "manifest.json").read_text())
+    manifest.pop("attack")
+    (teacher / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="no attack"):
+        premise.probe_teacher(teacher, str(root), n=4, shuffles=1, layers=1)
