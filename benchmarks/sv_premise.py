@@ -79,7 +79,8 @@ def probe_teacher(run: Path, data_root: str, n: int, shuffles: int, layers: int)
     sets = {"clean": clean, "triggered": attack.trigger(clean)}
     t_logits = {name: logits(teacher, x) for name, x in sets.items()}
     t_pred = {name: t.argmax(1) for name, t in t_logits.items()}
-    rows: dict[str, dict] = {name: {"teacher_target_share": float((t_pred[name] == target).float().mean()),
+    t_hits = {name: pred == target for name, pred in t_pred.items()}
+    rows: dict[str, dict] = {name: {"teacher_target_share": float(t_hits[name].float().mean()),
                                     "shuffled_target_share": [], "flagged": [], "flagged_hits": [],
                                     "median_log10_div": []}
                              for name in t_logits}
@@ -92,7 +93,7 @@ def probe_teacher(run: Path, data_root: str, n: int, shuffles: int, layers: int)
         for name, x in sets.items():
             t, ts = t_logits[name], logits(shuffled, x)
             s_pred = ts.argmax(1)
-            flag, hits = s_pred == t_pred[name], t_pred[name] == target
+            flag, hits = s_pred == t_pred[name], t_hits[name]
             row = rows[name]
             row["shuffled_target_share"].append(float((s_pred == target).float().mean()))
             row["flagged"].append(float(flag.float().mean()))
