@@ -20,7 +20,9 @@ so once a teacher exists (``--only badnets:teacher`` trains just that) its cells
 separate processes at once: ``benchmarks/datafree_parallel.sh`` does that on a GPU. Results: ``<out>/summary_<table>.json`` and a
 Markdown table. ``--table abd`` builds the ABD issue's table instead (five triggers; ZSKT,
 ZSKT + ABD, clean KD; CMI ± ABD; the SV-only / SR-only ablation), sharing teachers and cells;
-its report ends with the issue's targets judged on the cells finished so far (``target_check``).
+its report ends with the table at a glance (``headline_table``: CA / ASR per trigger and method,
+their means and train minutes) and the issue's targets judged on the cells finished so far
+(``target_check``).
 Finished cells and their teachers are also recorded in the committed ledger (``LEDGER``), so the
 report and later cells carry over to a new machine whose ``runs/`` is empty (``--ledger``).
 
@@ -618,6 +620,8 @@ def main() -> None:
               f"{bias} | {peak} | {'—' if ref is None else f'{ref[0]} / {ref[1]}'} | "
               f"{s['train_seconds'] / 60:.1f} | {c['source']}{'*' if c.get('provenance') else ''} |")
     print_means(summary["cells"])
+    if summary["cells"]:
+        print("\n" + headline_table(summary["cells"], HEADLINE_METHODS if args.table == "abd" else None))
     print_targets(summary["targets"])
     if summary["missing"]:
         print(f"\nnot run yet: {' '.join(summary['missing'])}")
@@ -635,6 +639,58 @@ def print_means(cells: list[dict]) -> None:
         mean_asr = f"{100 * sum(asrs) / len(asrs):.1f}" if asrs else "—"
         print(f"| {method} | {len(rows)} | {100 * sum(r['ca'] for r in rows) / len(rows):.1f} | {mean_asr} | "
               f"{sum(r['train_seconds'] for r in rows) / len(rows) / 60:.1f} |")
+
+
+#: the headline's columns for ``--table abd``: the issue's cells, the SV-only / SR-only ablation
+#: between undefended ZSKT and full ABD
+HEADLINE_METHODS = ["zskt", "zskt+sv", "zskt+sr", "zskt+abd", "clean_kd", "cmi", "cmi+abd"]
+
+
+def headline_table(cells: list[dict], methods: list[str] | None = None) -> str:
+    """The table at a glance, as Markdown: a row per (attack, seed), a column per method holding
+    "CA / ASR" in % (last round or epoch), then a row of means over the rows each method ran on
+    (with their count) and a row of mean train minutes.
+
+    ``methods`` fixes the columns (None: every method of ``cells``, in order of appearance);
+    methods no cell ran are left out, and cells of other methods are not shown. A cell distilled
+    from another teacher than the row's first shown cell (``teacher["sha256"]`` differs, e.g. a
+    teacher trained again after the first was lost) is marked †; the means still count it.
+    """
+    present = list(dict.fromkeys(c["method"] for c in cells))
+    columns = [m for m in (present if methods is None else methods) if m in present]
+    rows: dict[tuple[str, int], dict[str, dict]] = {}
+    for c in cells:
+        if c["method"] in columns:
+            rows.setdefault((c["attack"], c["seed"]), {})[c["method"]] = c
+
+    def pct(x: float | None) -> str:
+        return "—" if x is None else f"{100 * x:.1f}"
+
+    lines = ["| attack | seed | " + " | ".join(f"{m} CA / ASR %" for m in columns) + " |",
+             "|---|---|" + "---|" * len(columns)]
+    for (attack, seed), by_method in rows.items():
+        first = next(by_method[m] for m in columns if m in by_method)
+        weights = (first.get("teacher") or {}).get("sha256")
+        texts = []
+        for m in columns:
+            c = by_method.get(m)
+            if c is None:
+                texts.append("—")
+                continue
+            other = (c.get("teacher") or {}).get("sha256") != weights
+            texts.append(f"{pct(c['student']['ca'])} / {pct(c['student']['asr'])}{' †' if other else ''}")
+        lines.append(f"| {ATTACK_LABEL.get(attack, attack)} | {seed} | " + " | ".join(texts) + " |")
+    means, minutes = [], []
+    for m in columns:
+        students = [by_method[m]["student"] for by_method in rows.values() if m in by_method]
+        asrs = [s["asr"] for s in students if s["asr"] is not None]
+        ca = sum(s["ca"] for s in students) / len(students)
+        asr = sum(asrs) / len(asrs) if asrs else None
+        means.append(f"{pct(ca)} / {pct(asr)} ({len(students)})")
+        minutes.append(f"{sum(s['train_seconds'] for s in students) / len(students) / 60:.1f}")
+    lines.append("| mean (cells) | | " + " | ".join(means) + " |")
+    lines.append("| mean train minutes | | " + " | ".join(minutes) + " |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -299,3 +299,20 @@ def test_target_check_judges_the_layer_variants_after_the_issue_cells(transfer):
     assert rows[("zskt+sv_k2", "mean_asr")]["met"] is True
     assert rows[("zskt+sv_k2", "ca_drop")]["value"] == pytest.approx(0.01)
     assert rows[("zskt+abd", "mean_asr")]["met"] is False
+
+
+def test_headline_table_has_a_column_per_method_means_and_marks_other_teachers(transfer):
+    def cell(attack, method, ca, asr, sha="a", minutes=60.0):
+        return {**_cell(attack, method, ca, asr, minutes=minutes), "teacher": {"sha256": sha}}
+    cells = [cell("trojan_3x3", "zskt", 0.50, 0.72, minutes=30), cell("trojan_3x3", "zskt+abd", 0.45, 0.06),
+             cell("trojan_3x3", "cmi", 0.70, 0.29, sha="b"),
+             cell("badnets", "zskt", 0.54, 0.04, minutes=40), cell("badnets", "zskt+sv_k2", 0.4, 0.3)]
+    lines = transfer.headline_table(cells, transfer.HEADLINE_METHODS).splitlines()
+    # no cell ran zskt+sv, zskt+sr, clean_kd or cmi+abd: no column; zskt+sv_k2 is not a headline column
+    assert lines[0] == "| attack | seed | zskt CA / ASR % | zskt+abd CA / ASR % | cmi CA / ASR % |"
+    assert lines[2] == "| Trojan 3×3 | 0 | 50.0 / 72.0 | 45.0 / 6.0 | 70.0 / 29.0 † |"
+    assert lines[3] == "| BadNets grid 3×3 | 0 | 54.0 / 4.0 | — | — |"
+    assert lines[4] == "| mean (cells) | | 52.0 / 38.0 (2) | 45.0 / 6.0 (1) | 70.0 / 29.0 (1) |"
+    assert lines[5] == "| mean train minutes | | 35.0 | 60.0 | 60.0 |"
+    # without a column list every method that ran gets one, in order of appearance
+    assert transfer.headline_table(cells).splitlines()[0].endswith("| cmi CA / ASR % | zskt+sv_k2 CA / ASR % |")
