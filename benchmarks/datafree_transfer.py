@@ -197,6 +197,12 @@ def _defended_rows(by: dict, weights: dict, base: str, defended_method: str, tar
              "met": None if mean_drop is None else mean_drop <= targets["max_ca_drop"], **common}]
 
 
+def teacher_digest(cell: dict) -> str | None:
+    """The sha256 of the teacher weights a cell was distilled from (None: not recorded, e.g. a
+    ``ledger*`` cell transcribed after its teacher was lost)."""
+    return (cell.get("teacher") or {}).get("sha256")
+
+
 def target_check(cells: list[dict], targets: dict = TARGETS) -> list[dict]:
     """The ABD issue's targets, judged on the finished cells of ``summary["cells"]``.
 
@@ -219,7 +225,7 @@ def target_check(cells: list[dict], targets: dict = TARGETS) -> list[dict]:
     defended cell that escapes the collapse gains CA and would flatter the mean drop.
     """
     by = {(c["attack"], c["seed"], c["method"]): c["student"] for c in cells}
-    weights = {(c["attack"], c["seed"], c["method"]): (c.get("teacher") or {}).get("sha256") for c in cells}
+    weights = {(c["attack"], c["seed"], c["method"]): teacher_digest(c) for c in cells}
     undefended = sorted({m for (_, _, m) in by if "+" not in m and m != "clean_kd"})
     rows = []
     for base in undefended:
@@ -627,6 +633,14 @@ def main() -> None:
         print(f"\nnot run yet: {' '.join(summary['missing'])}")
 
 
+def student_means(students: list[dict]) -> tuple[float, float | None, float]:
+    """Mean CA, mean ASR (None when no student has one) and mean train minutes of ``students``
+    (the ``student`` entries of cells; fractions and seconds in, minutes out)."""
+    asrs = [s["asr"] for s in students if s["asr"] is not None]
+    return (sum(s["ca"] for s in students) / len(students), sum(asrs) / len(asrs) if asrs else None,
+            sum(s["train_seconds"] for s in students) / len(students) / 60)
+
+
 def print_means(cells: list[dict]) -> None:
     """Mean CA, ASR and minutes per method over the attacks it ran on (the ABD table's last rows)."""
     by_method: dict[str, list[dict]] = {}
@@ -635,10 +649,9 @@ def print_means(cells: list[dict]) -> None:
     print("\n| method | cells | mean CA % | mean ASR % | mean train minutes |")
     print("|---|---|---|---|---|")
     for method, rows in by_method.items():
-        asrs = [r["asr"] for r in rows if r["asr"] is not None]
-        mean_asr = f"{100 * sum(asrs) / len(asrs):.1f}" if asrs else "—"
-        print(f"| {method} | {len(rows)} | {100 * sum(r['ca'] for r in rows) / len(rows):.1f} | {mean_asr} | "
-              f"{sum(r['train_seconds'] for r in rows) / len(rows) / 60:.1f} |")
+        ca, asr, minutes = student_means(rows)
+        mean_asr = "—" if asr is None else f"{100 * asr:.1f}"
+        print(f"| {method} | {len(rows)} | {100 * ca:.1f} | {mean_asr} | {minutes:.1f} |")
 
 
 #: the headline's columns for ``--table abd``: the issue's cells, the SV-only / SR-only ablation
@@ -669,25 +682,22 @@ def headline_table(cells: list[dict], methods: list[str] | None = None) -> str:
     lines = ["| attack | seed | " + " | ".join(f"{m} CA / ASR %" for m in columns) + " |",
              "|---|---|" + "---|" * len(columns)]
     for (attack, seed), by_method in rows.items():
-        first = next(by_method[m] for m in columns if m in by_method)
-        weights = (first.get("teacher") or {}).get("sha256")
+        digest = teacher_digest(next(by_method[m] for m in columns if m in by_method))
         texts = []
         for m in columns:
             c = by_method.get(m)
             if c is None:
                 texts.append("—")
                 continue
-            other = (c.get("teacher") or {}).get("sha256") != weights
+            other = teacher_digest(c) != digest
             texts.append(f"{pct(c['student']['ca'])} / {pct(c['student']['asr'])}{' †' if other else ''}")
         lines.append(f"| {ATTACK_LABEL.get(attack, attack)} | {seed} | " + " | ".join(texts) + " |")
     means, minutes = [], []
     for m in columns:
         students = [by_method[m]["student"] for by_method in rows.values() if m in by_method]
-        asrs = [s["asr"] for s in students if s["asr"] is not None]
-        ca = sum(s["ca"] for s in students) / len(students)
-        asr = sum(asrs) / len(asrs) if asrs else None
+        ca, asr, mean_minutes = student_means(students)
         means.append(f"{pct(ca)} / {pct(asr)} ({len(students)})")
-        minutes.append(f"{sum(s['train_seconds'] for s in students) / len(students) / 60:.1f}")
+        minutes.append(f"{mean_minutes:.1f}")
     lines.append("| mean (cells) | | " + " | ".join(means) + " |")
     lines.append("| mean train minutes | | " + " | ".join(minutes) + " |")
     return "\n".join(lines)
