@@ -12,10 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, TypeVar
 
+import yaml
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .errors import KDGuardError
+from .trust import import_paths_in, interpolations_in
 
 T = TypeVar("T")
 
@@ -66,6 +68,21 @@ class TrainConfig:
 
 
 @dataclass
+class TeacherSpec:
+    """How to build a teacher from a bare weights file (a kdguard run directory needs none of it).
+
+    ``arch`` may be an import path (``pkg.mod:factory``) only when given on the command line
+    (``--teacher-arch``) or in Python: a config file naming one is refused (:mod:`kdguard.trust`).
+    """
+
+    arch: Optional[str] = None             # registry name, wrn-D-K, or pkg.mod:factory (--teacher-arch)
+    num_classes: Optional[int] = None      # logits (--num-classes)
+    in_channels: Optional[int] = None      # 1 or 3 (--in-channels)
+    input_norm: Optional[str] = None       # MEAN/STD or imagenet|cifar10|half for a model expecting
+                                           # normalised input (--teacher-input-norm); null = [0, 1] input
+
+
+@dataclass
 class TeacherJob:
     data: DataConfig = field(default_factory=DataConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
@@ -87,6 +104,7 @@ class KDConfig:
 @dataclass
 class DistillJob:
     teacher: str = MISSING                 # checkpoint directory or weights file
+    teacher_spec: TeacherSpec = field(default_factory=TeacherSpec)  # for a bare weights file
     data: DataConfig = field(default_factory=DataConfig)
     attack: Optional[AttackConfig] = None  # null = the attack recorded in the teacher's manifest
     student: str = "lenet5"
@@ -101,37 +119,93 @@ class DistillJob:
 YAML11_BOOL_WORDS = frozenset({"on", "off", "yes", "no"})
 
 
+def _load_yaml_layer(path: Path) -> DictConfig:
+    """The mapping in YAML file ``path``, unresolved; every way it can be unreadable is one
+    :class:`KDGuardError`."""
+    if not path.exists():
+        raise KDGuardError(f"config file {str(path)!r} does not exist", "check the path")
+    if not path.is_file():
+        raise KDGuardError(f"config file {str(path)!r} is not a file", "pass a YAML file to --config")
+    try:
+        loaded = OmegaConf.load(path)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, OmegaConfBaseException) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise KDGuardError(f"config file {str(path)!r} is not readable YAML ({first})",
+                           "fix its syntax (key: value lines), or pass settings as key=value") from None
+    if not isinstance(loaded, DictConfig):
+        raise KDGuardError(f"config file {str(path)!r} holds a {type(loaded).__name__.replace('Config', '')}, "
+                           "not a mapping of settings", "write it as key: value lines, e.g. 'seed: 1'")
+    return loaded
+
+
+def _check_no_interpolation(tree: Any, source: str) -> None:
+    found = interpolations_in(tree)
+    if found:
+        key, value = found[0]
+        raise KDGuardError(f"{source} sets {key} to {value!r}, an interpolation (${{...}}); kdguard does "
+                           "not resolve interpolations, which can read the environment",
+                           f"write the value itself, e.g. {key}=VALUE")
+
+
 def user_layer(yaml_path: str | Path | None = None, overrides: list[str] | None = None, *,
                example: str = "train.epochs=30") -> DictConfig:
     """The user's settings: YAML file ← ``key=value`` overrides, untyped (types and key names are
     checked when the layer is merged onto a schema).
 
+    The file is data (:mod:`kdguard.trust`): an import path (``pkg.mod:attr``) in it is refused
+    unless an override on the command line sets the same key, and interpolations (``${...}``) are
+    refused in the file and in overrides alike.
+
     Args:
         example: an override shown in the fix of a malformed one.
 
     Raises:
-        KDGuardError: missing YAML file, or an override without ``=``.
-        OmegaConfBaseException: unreadable YAML (callers turn it into a KDGuardError).
+        KDGuardError: missing, unreadable or non-mapping YAML file; an override without ``=``; an
+            interpolation; an import path read from the file.
     """
     user = OmegaConf.create({})
+    file_paths: list[tuple[str, str]] = []
     if yaml_path is not None:
         path = Path(yaml_path)
-        if not path.exists():
-            raise KDGuardError(f"config file {str(path)!r} does not exist", "check the path")
-        user = OmegaConf.merge(user, OmegaConf.load(path))
+        loaded = _load_yaml_layer(path)
+        raw = OmegaConf.to_container(loaded, resolve=False)
+        _check_no_interpolation(raw, f"config file {str(path)!r}")
+        file_paths = import_paths_in(raw)
+        try:
+            user = OmegaConf.merge(user, loaded)
+        except OmegaConfBaseException as e:
+            raise KDGuardError(f"config file {str(path)!r} cannot be read as settings "
+                               f"({str(e).splitlines()[0]})", "write it as key: value lines") from None
+    overridden: set[str] = set()
     if overrides:
         bad = [o for o in overrides if "=" not in o]
         if bad:
             raise KDGuardError(f"override {bad[0]!r} is not of the form key=value", f"write e.g. {example}")
         for override in overrides:  # one at a time: a later override of the same key wins
             key, _, value = override.partition("=")
-            if value.strip().lower() in YAML11_BOOL_WORDS:
-                # YAML 1.1 reads on/off/yes/no as booleans, which would turn a choice such as
-                # abd.mode=off into the text "False"; as text they still set a boolean field
-                # (OmegaConf converts them)
-                OmegaConf.update(user, key, value.strip(), merge=True)
-            else:
-                user = OmegaConf.merge(user, OmegaConf.from_dotlist([override]))
+            key = key.strip()
+            if "${" in value:
+                raise KDGuardError(f"override {override!r} holds an interpolation (${{...}}); kdguard does "
+                                   "not resolve interpolations, which can read the environment",
+                                   f"write the value itself, e.g. {key}=VALUE")
+            overridden.add(key)
+            try:
+                if value.strip().lower() in YAML11_BOOL_WORDS:
+                    # YAML 1.1 reads on/off/yes/no as booleans, which would turn a choice such as
+                    # abd.mode=off into the text "False"; as text they still set a boolean field
+                    # (OmegaConf converts them)
+                    OmegaConf.update(user, key, value.strip(), merge=True)
+                else:
+                    user = OmegaConf.merge(user, OmegaConf.from_dotlist([override]))
+            except (OmegaConfBaseException, yaml.YAMLError) as e:
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise KDGuardError(f"override {override!r} cannot be read ({first})",
+                                   f"write it as key=value, e.g. {example}") from None
+    for key, value in file_paths:
+        if key not in overridden:
+            raise KDGuardError(f"config file {str(yaml_path)!r} sets {key} to {value!r}, an import path; "
+                               "kdguard never imports code named by a file",
+                               f"pass {key}={value} on the command line if you trust that code")
     return user
 
 

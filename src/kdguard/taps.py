@@ -64,6 +64,9 @@ class FeatureTaps:
             first positional input.
         detach: store ``tensor.detach()`` (for teachers), else keep the autograd graph.
 
+    Features are stored as clones, so they hold the module's true output even when the model
+    modifies that tensor in place afterwards (torchvision-style ``ReLU(inplace=True)``).
+
     Raises:
         KDGuardError: a path does not exist, or a tapped module returned a non-tensor.
 
@@ -90,7 +93,9 @@ class FeatureTaps:
                 raise KDGuardError(
                     f"module {path!r} produced a {type(value).__name__}, not a tensor",
                     "tap a module whose output is a single tensor")
-            self.features[path] = value.detach() if self.detach else value
+            # a clone: a following in-place op (``ReLU(inplace=True)``, ``out += identity``) would
+            # otherwise change the recorded value, or break autograd through it
+            self.features[path] = value.detach().clone() if self.detach else value.clone()
 
         return hook
 

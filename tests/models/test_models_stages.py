@@ -106,8 +106,9 @@ def test_user_presets_and_errors():
     with pytest.raises(KDGuardError, match="unknown model"):
         stage_paths("resnet21")
     plain = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
-    with pytest.raises(KDGuardError, match="no stage presets.*explicit module paths"):
-        stage_paths(plain)
+    assert stage_paths(plain) == ["1"]  # traced: the last module returning at 30×30
+    with pytest.raises(KDGuardError, match="no 'classifier' preset.*stage_presets"):
+        stage_paths(plain, "classifier")
     plain.stage_presets = {"stages": ["0"]}
     assert stage_paths(plain) == ["0"]
     with pytest.raises(KDGuardError, match="no 'pre_relu' preset"):

@@ -24,7 +24,7 @@ from typing import Any, Optional
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from ..config import AttackConfig, require_complete, user_layer
+from ..config import AttackConfig, TeacherSpec, require_complete, user_layer
 from ..errors import KDGuardError
 
 #: The data-free methods (the CLI's ``method=``), in the order of the issue.
@@ -263,6 +263,7 @@ class DataFreeJob:
     """A data-free distillation run: teacher checkpoint → student, no training data."""
 
     teacher: str = MISSING                 # checkpoint directory (kdguard run) or weights file
+    teacher_spec: TeacherSpec = field(default_factory=TeacherSpec)  # for a bare weights file
     method: str = "zskt"                   # zskt | dfad | dafl | deepinv | cmi | ood
     preset: str = "cpu"                    # cpu | paper | none (see kdguard.datafree.presets)
     student: str = "resnet8"               # paper: wrn16_1 (ABD); cpu preset: resnet8

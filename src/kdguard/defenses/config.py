@@ -21,7 +21,7 @@ from typing import Optional
 
 from omegaconf import MISSING
 
-from ..config import AttackConfig, DataConfig, OptimConfig, TrainConfig
+from ..config import AttackConfig, DataConfig, OptimConfig, TeacherSpec, TrainConfig
 
 #: ``data.name`` value meaning "the dataset named in the poisoned model's manifest".
 AUTO_DATASET = "auto"
@@ -63,6 +63,7 @@ class DefenseJob:
     """One data-available defence of a poisoned run directory."""
 
     model: str = MISSING                    # the poisoned model's run directory (with manifest.json)
+    teacher_spec: TeacherSpec = field(default_factory=TeacherSpec)  # for a bare weights file
     method: str = "ft"                      # a registered defence: ft | fp | nad
     data: DataConfig = field(default_factory=lambda: DataConfig(name=AUTO_DATASET))
     attack: Optional[AttackConfig] = None   # null = the attack recorded in the model's manifest

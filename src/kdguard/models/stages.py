@@ -152,10 +152,84 @@ def stage_paths(model_or_name: nn.Module | str, kind: str = "stages") -> list[st
         return paths
     presets = STAGE_PRESETS.get(getattr(model, "family", None))
     if presets is None:
-        raise KDGuardError(f"model {label!r} has no stage presets",
-                           "pass explicit module paths (see [n for n, _ in model.named_modules()]) "
-                           "or give the model a stage_presets dict")
+        if kind in INFERRED_KINDS:
+            return infer_stage_paths(model)
+        raise KDGuardError(f"model {label!r} has no {kind!r} preset (only {', '.join(INFERRED_KINDS)} "
+                           "are found by tracing a model without presets)",
+                           "give the model class a stage_presets dict, e.g. "
+                           "stage_presets = {'stages': ['layer1', 'layer2', 'layer3'], ...}")
     if kind not in presets:
         raise KDGuardError(f"model {label!r} has no {kind!r} preset",
                            f"use one of {', '.join(presets)} or pass module paths")
     return presets[kind](model)
+
+
+#: Preset kinds :func:`stage_paths` can find by tracing a model that has no presets. ``pre_relu``
+#: falls back to the stage outputs (after their ReLU), so OFD and RobustKD still run on any model.
+INFERRED_KINDS = ("stages", "pre_relu")
+
+_POOLS = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.AvgPool2d, nn.MaxPool2d)
+
+
+def infer_stage_paths(model: nn.Module, input_shape: tuple[int, int, int] | None = None) -> list[str]:
+    """Stage outputs of a model without presets, found by tracing one forward pass.
+
+    Every submodule's output is recorded in the order the modules return. Consecutive 4-D outputs
+    of one spatial size form a stage, and the stage's feature is the output of the module that
+    returns last at that size: for a torchvision-style ResNet that is the residual group
+    (``layer1``, ``layer2``, ...), which returns after all of its blocks. Stages of 1×1 (pooled
+    features) are left out.
+
+    Args:
+        model: any ``nn.Module`` taking one image batch.
+        input_shape: ``(C, H, W)`` of the trace input; default ``model.input_shape`` when set,
+            else C from the first ``Conv2d`` and 32×32.
+
+    Returns:
+        Module paths, shallow to deep, each at a lower resolution than the one before.
+
+    Raises:
+        KDGuardError: the trace fails or finds no 4-D stage.
+    """
+    label = getattr(model, "arch", type(model).__name__)
+    shape = input_shape or getattr(model, "input_shape", None)
+    if shape is None:
+        convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+        shape = (convs[0].in_channels if convs else 3, 32, 32)
+    fix = ("give the model class a stage_presets dict, e.g. "
+           "stage_presets = {'stages': ['layer1', 'layer2', 'layer3']}")
+    records: list[tuple[str, tuple[int, int]]] = []
+
+    def hook(path: str):
+        def record(module: nn.Module, inputs: tuple, output: object) -> None:
+            if isinstance(output, torch.Tensor) and output.dim() == 4 and not isinstance(module, _POOLS):
+                records.append((path, (int(output.shape[2]), int(output.shape[3]))))
+        return record
+
+    handles = [m.register_forward_hook(hook(name)) for name, m in model.named_modules() if name]
+    was_training = model.training
+    try:
+        param = next(iter(model.parameters()), None)
+        x = torch.zeros(2, *shape, device=param.device if param is not None else "cpu")
+        model.eval()
+        with torch.no_grad():
+            model(x)
+    except KDGuardError:
+        raise
+    except Exception as e:  # any user model error: say which model and how to avoid tracing
+        raise KDGuardError(f"cannot trace the stages of model {label!r} on a {tuple(shape)} input "
+                           f"({type(e).__name__}: {e})", fix) from None
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    stages: list[tuple[str, tuple[int, int]]] = []
+    for path, size in records:
+        if stages and stages[-1][1] == size:
+            stages[-1] = (path, size)  # a module returning later at the same size ends the stage
+        else:
+            stages.append((path, size))
+    paths = [path for path, size in stages if size != (1, 1)]
+    if not paths:
+        raise KDGuardError(f"model {label!r} produced no 4-D feature maps to tap", fix)
+    return paths

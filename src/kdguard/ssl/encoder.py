@@ -33,12 +33,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..checkpoint import load_state_dict, load_weights_into, save_model
+from ..checkpoint import load_state_dict, load_weights_into, read_manifest, save_model
 from ..errors import KDGuardError
 from ..io import read_json
 from ..models import build_model, stage_paths
 from ..runtime import eval_mode
 from ..taps import FeatureTaps
+from ..trust import refuse_code_from_file
 
 #: ``manifest.json`` key that marks (and describes) an SSL checkpoint.
 SPEC_KEY = "ssl_model"
@@ -56,7 +57,7 @@ def _check_input_shape(input_shape: Sequence[int]) -> tuple[int, int, int]:
     shape = tuple(int(v) for v in input_shape)
     if len(shape) != 3 or shape[0] not in (1, 3) or min(shape[1:]) < 8:
         raise KDGuardError(f"encoder input shape {tuple(input_shape)!r} is not (C, H, W) with C in "
-                           "{1, 3} and H, W >= 8", "give e.g. input_shape=(3, 32, 32)")
+                           "{1, 3} and H, W >= 8", "give e.g. (3, 32, 32)")
     return shape  # type: ignore[return-value]
 
 
@@ -243,11 +244,19 @@ def load_ssl_model(path: str | Path) -> tuple[SSLModel, dict[str, Any]]:
         raise KDGuardError(f"SSL encoder checkpoint {str(d)!r} is not a directory",
                            "pass the run directory written by `kdguard ssl-pretrain` or `kdguard badencoder`")
     manifest_path = d / "manifest.json"
-    manifest = read_json(manifest_path) if manifest_path.exists() else {}
+    manifest = read_manifest(d) if manifest_path.exists() else {}
     if SPEC_KEY not in manifest:
         raise KDGuardError(f"{str(d)!r} is not an SSL encoder checkpoint (no {SPEC_KEY!r} in its manifest)",
                            "pass a directory written by `kdguard ssl-pretrain`, `badencoder` or `ssl-defend`")
-    model = build_from_spec(manifest[SPEC_KEY])
+    spec = manifest[SPEC_KEY]
+    if not isinstance(spec, dict):
+        raise KDGuardError(f"{str(d)!r} has an {SPEC_KEY!r} entry that is not an object",
+                           "pass a directory written by `kdguard ssl-pretrain`, `badencoder` or `ssl-defend`")
+    # the manifest is data: an architecture it names by import path would run that module's code
+    refuse_code_from_file(spec.get("arch"), what="encoder architecture", source=f"manifest of {str(d)!r}",
+                          fix="register the architecture in kdguard.models.MODELS from your own code, or "
+                              "rebuild the encoder in Python with build_ssl_model(...)")
+    model = build_from_spec(spec)
     load_weights_into(model, load_state_dict(d / "model.safetensors"), source=f"SSL checkpoint {str(d)!r}")
     return model.eval(), manifest
 
