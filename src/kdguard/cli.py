@@ -98,7 +98,13 @@ def evaluate_cmd(
     checkpoint: str = typer.Argument(..., help="Run directory or weights file"),
     dataset: Optional[str] = typer.Option(None, help="Dataset (default: the checkpoint's)"),
     data_root: Optional[str] = DATA_ROOT,
-    attack: Optional[str] = typer.Option(None, help="Attack/trigger (default: the checkpoint's; 'none' for CA only)"),
+    attack: Optional[str] = typer.Option(
+        None, help="Attack/trigger (default: the checkpoint's; 'none' for CA only), or pkg.mod:fn, your own "
+                   "function of float N×C×H×W images in [0, 1]"),
+    attack_params: Optional[list[str]] = typer.Option(
+        None, "--attack-param", help="Trigger parameter key=value (repeatable; values read as YAML, e.g. "
+                                     "pattern_file=trigger.png position=[24,24] alpha=0.5); applies to "
+                                     "--attack, --attack-from or the checkpoint's own attack"),
     target: int = typer.Option(0, help="Target class when --attack is given"),
     poison_seed: int = typer.Option(0, "--attack-seed", help="Trigger seed when --attack is given"),
     attack_from: Optional[str] = typer.Option(
@@ -122,15 +128,46 @@ def evaluate_cmd(
         data_cfg = DataConfig(name=name, root=data_root)
     attack_cfg = AttackConfig(name=attack, target=target, seed=poison_seed) if attack else None
     if attack_from:
-        attack_cfg = attack_from_manifest(read_manifest(attack_from))
+        attack_cfg = attack_from_manifest(read_manifest(attack_from), source=f"run {attack_from!r}")
         if attack_cfg is None:
             raise KDGuardError(f"run {attack_from!r} records no attack", "point --attack-from at a poisoned run")
+    if attack_params:
+        if attack_cfg is None:
+            attack_cfg = attack_from_manifest(read_manifest(checkpoint), source=f"checkpoint {checkpoint!r}")
+            if attack_cfg is None:
+                raise KDGuardError(f"--attack-param is given but checkpoint {checkpoint!r} records no attack",
+                                   "name the trigger with --attack NAME (or --attack-from RUN)")
+        attack_cfg.params = _trigger_params(attack_cfg.params, attack_params)
     metrics = evaluate_checkpoint(checkpoint, data_cfg, attack_cfg,
-                                  use_manifest_attack=attack is None and not attack_from)
+                                  use_manifest_attack=attack is None and not attack_from and not attack_params)
     if as_json:
         sys.stdout.write(json.dumps(metrics, indent=2) + "\n")
     else:
         _print_metrics(metrics)
+
+
+def _trigger_params(params: dict, items: list[str]) -> dict:
+    """``params`` updated with ``key=value`` items (values parsed as YAML, as config overrides are).
+
+    A new ``X_file`` drops a recorded ``X_sha256`` (unless given too): the digest fingerprints the
+    old file.
+    """
+    import re
+
+    from .config import AttackConfig, build_config
+
+    for item in items:
+        key = item.partition("=")[0].strip()
+        if "=" not in item or not re.fullmatch(r"[A-Za-z_]\w*", key):
+            raise KDGuardError(f"--attack-param {item!r} is not of the form key=value",
+                               "write e.g. --attack-param alpha=0.5")
+        if "${" in item:
+            raise KDGuardError(f"--attack-param {item!r} holds an interpolation (${{...}}), which kdguard "
+                               "does not resolve", "write the value itself, e.g. --attack-param alpha=0.5")
+    given = build_config(AttackConfig, None, [f"params.{item.strip()}" for item in items]).params
+    out = {k: v for k, v in dict(params).items()
+           if not (k.endswith("_sha256") and f"{k[:-len('_sha256')]}_file" in given and k not in given)}
+    return {**out, **given}
 
 
 @command("demo")

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,7 @@ import torch
 
 from ..data.dataset import ImageDataset
 from ..errors import KDGuardError, check_range, unknown_name
-from .triggers import TRIGGERS, Trigger, build_trigger
+from .triggers import TRIGGERS, FunctionTrigger, Trigger, build_trigger, load_trigger_function
 from .triggers.validate import as_choice, as_int
 
 LABEL_MODES = ("all_to_one", "all_to_all")
@@ -58,10 +59,14 @@ class AttackSpec:
         poisoning: ``"dirty_label"`` (relabel poisoned images) or ``"clean_label"`` (trigger only
             target-class images, keep labels; all-to-one only).
         poison_rate: in (0, 1]; its meaning depends on ``poisoning`` (see the module docstring).
+            None: unknown or not applicable, as for an attack given only to trigger test images
+            (a foreign teacher's trigger): run records and reports then show no rate. Poisoning
+            such a spec uses ``preset_rate`` and records it here (:func:`poison_dataset`).
         name: preset or trigger name, for reports.
+        preset_rate: the preset's rate, used to poison when ``poison_rate`` is None.
 
     Raises:
-        KDGuardError: rate outside (0, 1], unknown mode, negative target, or clean-label with
+        KDGuardError: a rate outside (0, 1], unknown mode, negative target, or clean-label with
             all-to-all (which has no single target class to draw from).
     """
 
@@ -69,8 +74,9 @@ class AttackSpec:
     target: int = 0
     label_mode: str = "all_to_one"
     poisoning: str = "dirty_label"
-    poison_rate: float = 0.1
+    poison_rate: float | None = 0.1
     name: str = ""
+    preset_rate: float | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.trigger, Trigger):
@@ -79,11 +85,8 @@ class AttackSpec:
         self.target = as_int("attack", "target", self.target, 0)
         self.label_mode = as_choice("attack", "label_mode", self.label_mode, LABEL_MODES)
         self.poisoning = as_choice("attack", "poisoning", self.poisoning, POISONING_MODES)
-        rate = self.poison_rate
-        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or math.isnan(rate):
-            raise KDGuardError(f"poison rate {rate!r} is not a number",
-                               "give a fraction in (0, 1], e.g. 0.1")
-        self.poison_rate = float(check_range("poison rate", rate, 0.0, 1.0, low_open=True))
+        self.poison_rate = _rate(self.poison_rate)
+        self.preset_rate = _rate(self.preset_rate)
         if self.poisoning == "clean_label" and self.label_mode == "all_to_all":
             raise KDGuardError("clean-label poisoning cannot be all-to-all",
                                "use label_mode='all_to_one' with a target class, or "
@@ -107,6 +110,27 @@ class AttackSpec:
             raise KDGuardError(f"attack description is missing or malformed ({err})",
                                "give the dict written by AttackSpec.params()") from None
         return cls(trigger=trigger, name=params.get("name", ""), **rest)
+
+    def rate_to_poison(self) -> float:
+        """The rate a poisoning uses: ``poison_rate``, else ``preset_rate``.
+
+        Raises:
+            KDGuardError: neither is known.
+        """
+        rate = self.poison_rate if self.poison_rate is not None else self.preset_rate
+        if rate is None:
+            raise KDGuardError(f"attack {self.name!r} has no poison rate",
+                               "set attack.poison_rate to a fraction in (0, 1], e.g. 0.1")
+        return rate
+
+
+def _rate(rate: Any) -> float | None:
+    if rate is None:
+        return None
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or math.isnan(rate):
+        raise KDGuardError(f"poison rate {rate!r} is not a number",
+                           "give a fraction in (0, 1], e.g. 0.1")
+    return float(check_range("poison rate", rate, 0.0, 1.0, low_open=True))
 
 
 # --- labels for backdoor tests --------------------------------------------------------------
@@ -275,24 +299,25 @@ def eligible_indices(labels: torch.Tensor, spec: AttackSpec) -> torch.Tensor:
 
 def poison_count(labels: torch.Tensor, spec: AttackSpec) -> int:
     """Number of images to poison: ``round(rate · N)`` (dirty-label) or ``round(rate ·
-    N_target)`` (clean-label), Python's ``round``.
+    N_target)`` (clean-label), Python's ``round``; ``rate`` is :meth:`AttackSpec.rate_to_poison`.
 
     Raises:
-        KDGuardError: the count is 0, or exceeds the eligible pool.
+        KDGuardError: no rate known, the count is 0, or it exceeds the eligible pool.
     """
+    rate = spec.rate_to_poison()
     pool = int(eligible_indices(labels, spec).numel())
     base = pool if spec.poisoning == "clean_label" else int(labels.numel())
-    count = round(spec.poison_rate * base)
+    count = round(rate * base)
     what = "target-class images" if spec.poisoning == "clean_label" else "training images"
     if base == 0:
         raise KDGuardError(f"there are no {what} to poison (target class {spec.target})",
                            "check the dataset and the attack target")
     if count == 0:
-        raise KDGuardError(f"poison rate {spec.poison_rate} of {base} {what} rounds to 0 images",
+        raise KDGuardError(f"poison rate {rate} of {base} {what} rounds to 0 images",
                            f"give a rate of at least {1 / base:.3g}")
     if count > pool:
         raise KDGuardError(
-            f"poison rate {spec.poison_rate} asks for {count} poisoned images but only {pool} "
+            f"poison rate {rate} asks for {count} poisoned images but only {pool} "
             f"non-target-class images are eligible", f"give a rate of at most {pool / base:.4g}")
     return count
 
@@ -348,14 +373,17 @@ def poison_dataset(ds: ImageDataset, spec: AttackSpec, seed: int) -> PoisonedDat
         seed: poisoning seed (≥ 0); the same seed gives the same indices whatever the global RNG.
 
     Returns:
-        :class:`PoisonedDataset`; ``ds`` is not modified.
+        :class:`PoisonedDataset`; ``ds`` is not modified. A ``spec`` whose ``poison_rate`` is
+        None is poisoned at its ``preset_rate``, which is then set as its ``poison_rate``: a
+        spec states a rate once it has poisoned a training set with it.
 
     Raises:
-        KDGuardError: target not a class of ``ds``, rate giving 0 images or more than the
-            eligible pool, trigger/image shape mismatch.
+        KDGuardError: target not a class of ``ds``, no rate known, rate giving 0 images or more
+            than the eligible pool, trigger/image shape mismatch.
     """
     _check_shape(ds, spec)
     indices = select_poison_indices(ds.labels, spec, seed)
+    spec.poison_rate = spec.rate_to_poison()
     poisoned = apply_poison(ds, spec, indices)
     return PoisonedDataset(poisoned.dataset, poisoned.original_labels, poisoned.poison_flags,
                            poisoned.poison_indices, spec, seed)
@@ -410,21 +438,40 @@ ATTACK_PRESETS: dict[str, AttackPreset] = {
 }
 
 
-def build_attack(name: str, image_shape: tuple[int, int, int], target: int = 0,
-                 poison_rate: float | None = None, seed: int = 0,
+def build_attack(name: str | Callable[[torch.Tensor], torch.Tensor], image_shape: tuple[int, int, int],
+                 target: int = 0, poison_rate: float | None = None, seed: int = 0,
                  label_mode: str = "all_to_one", poisoning: str | None = None,
                  **trigger_params: Any) -> AttackSpec:
-    """Build an :class:`AttackSpec` from a preset of :data:`ATTACK_PRESETS` or a trigger name.
+    """Build an :class:`AttackSpec` from a preset of :data:`ATTACK_PRESETS`, a trigger name, or
+    the user's own trigger function.
 
     Presets win over trigger names of the same spelling (``"sig"`` is the clean-label preset).
     A raw trigger name defaults to dirty-label at rate 0.1. ``trigger_params`` override the
     preset's trigger parameters; ``seed`` seeds the trigger's pattern (not the poison indices,
     which :func:`poison_dataset` draws from its own seed).
 
+    ``name`` may be an import path ``"pkg.mod:fn"`` (imported here: pass only a name the user
+    typed, never one read from a file) or a callable; either becomes a
+    :class:`~.triggers.FunctionTrigger` (``fn(float N×C×H×W in [0, 1]) -> same``), dirty-label at
+    rate 0.1 by default, without trigger parameters.
+
     Raises:
-        KDGuardError: unknown name (lists presets and triggers), unknown trigger parameter,
-            or any invalid value.
+        KDGuardError: unknown name (lists presets and triggers), a function that cannot be
+            imported, unknown trigger parameter, or any invalid value.
     """
+    if callable(name) or (isinstance(name, str) and ":" in name):
+        if trigger_params:
+            raise KDGuardError(f"trigger function {name!r} takes no parameters, got "
+                               f"{', '.join(sorted(trigger_params))}",
+                               "drop attack.params, or bind them in your function (functools.partial)")
+        fn = load_trigger_function(name.strip()) if isinstance(name, str) else name
+        trigger = FunctionTrigger(image_shape, seed=seed, fn=fn,
+                                  label=name.strip() if isinstance(name, str) else None)
+        preset = AttackPreset(trigger.name)
+        return AttackSpec(trigger=trigger, target=target, label_mode=label_mode,
+                          poisoning=poisoning or preset.poisoning,
+                          poison_rate=preset.poison_rate if poison_rate is None else poison_rate,
+                          name=trigger.name, preset_rate=preset.poison_rate)
     key = name.strip().lower().replace("-", "_") if isinstance(name, str) else name
     if key in ATTACK_PRESETS:
         preset = ATTACK_PRESETS[key]
@@ -438,4 +485,4 @@ def build_attack(name: str, image_shape: tuple[int, int, int], target: int = 0,
     return AttackSpec(trigger=trigger, target=target, label_mode=label_mode,
                       poisoning=poisoning or preset.poisoning,
                       poison_rate=preset.poison_rate if poison_rate is None else poison_rate,
-                      name=key)
+                      name=key, preset_rate=preset.poison_rate)

@@ -30,7 +30,7 @@ from ..data import ImageDataset, load_dataset
 from ..errors import KDGuardError
 from ..io import write_json
 from ..models import build_model
-from ..pipeline import RunResult, attack_from_manifest, evaluate_model, make_attack, prepare_run
+from ..pipeline import RunResult, attack_from_manifest, attack_record, evaluate_model, make_attack, prepare_run
 from ..report import save_figure
 from ..runtime import autocast, resolve_device, use_bf16, use_channels_last
 from .config import DataFreeJob, build_datafree_job, validate_job
@@ -71,14 +71,6 @@ def fork_datafree_run(run_dir: str | Path, out: str | Path, overrides: list[str]
     shutil.rmtree(out, ignore_errors=True)
     shutil.copytree(run_dir, out)
     return build_datafree_job(out / "config.yaml", [f"out={out}", *overrides])
-
-
-def _attack_record(cfg: Any, attack: AttackSpec | None) -> dict[str, Any] | None:
-    if attack is None or cfg is None:
-        return None
-    return {"config": to_dict(cfg), "trigger": attack.trigger.params(), "target": attack.target,
-            "label_mode": attack.label_mode, "poisoning": attack.poisoning,
-            "poison_rate": attack.poison_rate}
 
 
 def synthesis_summary(history: list[RoundRecord]) -> dict[str, Any]:
@@ -255,7 +247,7 @@ def run_datafree(job: DataFreeJob, *, extensions: DataFreeExtensions | None = No
         "model": model_spec(student, num_classes=test.num_classes, in_channels=test.channels,
                             mean=test.mean, std=test.std),
         "dataset": {"name": test.name, "shape": list(test.shape), "classes": list(test.classes)},
-        "attack": _attack_record(attack_cfg, attack), "metrics": metrics,
+        "attack": attack_record(attack_cfg, attack), "metrics": metrics,
         "teacher_metrics": t_metrics,
     }
     save_model(out, student, manifest)

@@ -43,6 +43,9 @@ class Trigger(ABC):
     """
 
     name: ClassVar[str] = "trigger"
+    #: parameters naming or fingerprinting files (paths, sha256): a run manifest's trigger record
+    #: holds their resolved values, which a rebuild from the manifest must use
+    file_params: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, image_shape: tuple[int, int, int], seed: int = 0) -> None:
         self.image_shape = as_image_shape(image_shape)
@@ -205,12 +208,20 @@ def build_trigger(name: str, image_shape: tuple[int, int, int], seed: int = 0,
                   **params: Any) -> Trigger:
     """Build a registered trigger by name, e.g. ``build_trigger("blend", (3, 32, 32), alpha=0.1)``.
 
-    Also accepts the output of :meth:`Trigger.params` (``build_trigger(**t.params())``).
+    Also accepts the output of :meth:`Trigger.params` (``build_trigger(**t.params())``). Only
+    registered names are built: a function trigger's name (``pkg.mod:fn``) is refused, because
+    these parameters are also read back from files (poison index files, run manifests) and
+    kdguard never imports code named by a file.
 
     Raises:
-        KDGuardError: unknown trigger name (lists the valid ones), unknown parameter (lists the
-            trigger's valid parameters), or a bad parameter value.
+        KDGuardError: unknown trigger name (lists the valid ones), an import-path name, unknown
+            parameter (lists the trigger's valid parameters), or a bad parameter value.
     """
+    if isinstance(name, str) and ":" in name:
+        raise KDGuardError(f"trigger {name!r} names a function (an import path); kdguard never imports "
+                           "code named by a file, and build_trigger builds registered triggers only",
+                           f"pass attack.name={name.strip()} on the command line, or "
+                           "build_attack(name, ...) in Python")
     cls = TRIGGERS.get(name)
     valid = cls.param_names()
     unknown = sorted(set(params) - set(valid))
