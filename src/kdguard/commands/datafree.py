@@ -18,7 +18,8 @@ from typing import Optional
 
 import typer
 
-from ..cli import CONFIG, DATA_ROOT, command, console
+from ..cli import (CONFIG, DATA_ROOT, IN_CHANNELS, INPUT_NORM, NUM_CLASSES, TEACHER_ARCH, command, console,
+                   teacher_spec_overrides)
 
 OVERRIDES = typer.Argument(None, help="Config overrides as key=value, e.g. schedule.rounds=500 "
                                       "zskt.at_beta=0 student=resnet8 (see docs/datafree.md)")
@@ -82,7 +83,12 @@ def distill_datafree_from_cli(overrides: Optional[list[str]] = None, config: Opt
 @command("distill-datafree")
 def distill_datafree_cmd(overrides: Optional[list[str]] = OVERRIDES, config: Optional[Path] = CONFIG,
                          teacher: Optional[str] = TEACHER, method: Optional[str] = METHOD,
-                         preset: Optional[str] = PRESET, data_root: Optional[str] = DATA_ROOT) -> None:
+                         preset: Optional[str] = PRESET, data_root: Optional[str] = DATA_ROOT,
+                         teacher_arch: Optional[str] = TEACHER_ARCH, num_classes: Optional[int] = NUM_CLASSES,
+                         in_channels: Optional[int] = IN_CHANNELS,
+                         teacher_input_norm: Optional[str] = INPUT_NORM) -> None:
     """Distil a teacher without training data (ZSKT, DFAD, DAFL, DeepInversion, CMI, OOD proxy data)."""
+    overrides = [*(overrides or []),
+                 *teacher_spec_overrides(teacher_arch, num_classes, in_channels, teacher_input_norm)]
     distill_datafree_from_cli(overrides, config, teacher=teacher, method=method, preset=preset,
                               data_root=data_root)

@@ -15,17 +15,23 @@ from typing import Optional
 
 import typer
 
-from ..cli import CONFIG, DATA_ROOT, OVERRIDES, _overrides, _print_metrics, command, console
+from ..cli import (CONFIG, DATA_ROOT, IN_CHANNELS, INPUT_NORM, NUM_CLASSES, OVERRIDES, TEACHER_ARCH, _overrides,
+                   _print_metrics, command, console, teacher_spec_overrides)
 
 
 @command("defend")
 def defend_cmd(overrides: Optional[list[str]] = OVERRIDES, config: Optional[Path] = CONFIG,
-               model: Optional[str] = typer.Option(None, "--model", help="Poisoned run directory (sets model=)"),
-               data_root: Optional[str] = DATA_ROOT) -> None:
+               model: Optional[str] = typer.Option(None, "--model", "--teacher",
+                                                   help="Poisoned run directory or weights file (sets model=)"),
+               data_root: Optional[str] = DATA_ROOT, teacher_arch: Optional[str] = TEACHER_ARCH,
+               num_classes: Optional[int] = NUM_CLASSES, in_channels: Optional[int] = IN_CHANNELS,
+               teacher_input_norm: Optional[str] = INPUT_NORM) -> None:
     """Defend a poisoned model with clean data: method=ft (fine-tuning), fp (fine-pruning) or nad."""
     from ..config import build_config
     from ..defenses import DefenseJob, run_defense
 
+    overrides = [*(overrides or []),
+                 *teacher_spec_overrides(teacher_arch, num_classes, in_channels, teacher_input_norm)]
     job = build_config(DefenseJob, config, _overrides(overrides, model=model, **{"data.root": data_root}))
     result = run_defense(job)
     _print_metrics(result.metrics)

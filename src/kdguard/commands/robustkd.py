@@ -18,7 +18,8 @@ from typing import Optional
 
 import typer
 
-from ..cli import CONFIG, DATA_ROOT, OVERRIDES, command, console
+from ..cli import (CONFIG, DATA_ROOT, IN_CHANNELS, INPUT_NORM, NUM_CLASSES, OVERRIDES, TEACHER_ARCH, command,
+                   console, teacher_spec_overrides)
 from ..defenses.robustkd import trigger_opt  # noqa: F401  (registers the robustkd_blend trigger)
 
 
@@ -33,12 +34,17 @@ def _pct(metrics: dict, key: str) -> str:
 
 @command("robustkd")
 def robustkd_cmd(overrides: Optional[list[str]] = OVERRIDES, config: Optional[Path] = CONFIG,
-                 teacher: Optional[str] = typer.Option(None, "--teacher", help="Teacher run directory (sets teacher=)"),
-                 data_root: Optional[str] = DATA_ROOT) -> None:
+                 teacher: Optional[str] = typer.Option(None, "--teacher",
+                                                       help="Teacher run directory or weights file (sets teacher=)"),
+                 data_root: Optional[str] = DATA_ROOT, teacher_arch: Optional[str] = TEACHER_ARCH,
+                 num_classes: Optional[int] = NUM_CLASSES, in_channels: Optional[int] = IN_CHANNELS,
+                 teacher_input_norm: Optional[str] = INPUT_NORM) -> None:
     """RobustKD: detoxify a (possibly backdoored) teacher's features, then distil a student with OFD."""
     from ..config import build_config
     from ..defenses.robustkd.run import RobustKDJob, run_robustkd
 
+    overrides = [*(overrides or []),
+                 *teacher_spec_overrides(teacher_arch, num_classes, in_channels, teacher_input_norm)]
     job = build_config(RobustKDJob, config, _with(overrides, teacher=teacher, **{"data.root": data_root}))
     result = run_robustkd(job)
     m = result.metrics
@@ -49,13 +55,17 @@ def robustkd_cmd(overrides: Optional[list[str]] = OVERRIDES, config: Optional[Pa
 
 @command("robustkd-trigger")
 def robustkd_trigger_cmd(overrides: Optional[list[str]] = OVERRIDES, config: Optional[Path] = CONFIG,
-                         teacher: Optional[str] = typer.Option(None, "--teacher",
-                                                               help="CLEAN teacher run directory (sets teacher=)"),
-                         data_root: Optional[str] = DATA_ROOT) -> None:
+                         teacher: Optional[str] = typer.Option(
+                             None, "--teacher", help="CLEAN teacher run directory or weights file (sets teacher=)"),
+                         data_root: Optional[str] = DATA_ROOT, teacher_arch: Optional[str] = TEACHER_ARCH,
+                         num_classes: Optional[int] = NUM_CLASSES, in_channels: Optional[int] = IN_CHANNELS,
+                         teacher_input_norm: Optional[str] = INPUT_NORM) -> None:
     """Learn RobustKD's optimised blended trigger (pattern + mask ≤ 0.2) on a clean teacher."""
     from ..config import build_config
     from ..defenses.robustkd.run import TriggerJob, run_trigger_job
 
+    overrides = [*(overrides or []),
+                 *teacher_spec_overrides(teacher_arch, num_classes, in_channels, teacher_input_norm)]
     job = build_config(TriggerJob, config, _with(overrides, teacher=teacher, **{"data.root": data_root}))
     path, trigger = run_trigger_job(job)
     console.print(f"trigger: {path} (mask mean {float(trigger.blend_mask.mean()):.3f}, "
