@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from helpers import cli_error
-from user_nets import cifar_resnet
+from their_nets import cifar_resnet
 
 from kdguard.checkpoint import (load_model, load_state_dict, parse_input_norm, sha256_file,
                                 unwrap_state_dict)
@@ -21,7 +21,7 @@ from kdguard.models import build_model
 from kdguard.models.stages import infer_stage_paths, stage_paths
 from kdguard.taps import FeatureTaps
 
-USER_ARCH = "user_nets:cifar_resnet"
+USER_ARCH = "their_nets:cifar_resnet"
 SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 
 
@@ -192,7 +192,7 @@ def test_an_imported_import_path_teacher_needs_the_flag_again(user_model, tmp_pa
     (["--teacher-arch", "lenet5"], "--num-classes"),
     (["--teacher-arch", "resnet20", "--num-classes", "10"], "does not match architecture"),
     (["--teacher-arch", USER_ARCH, "--num-classes", "10", "--teacher-input-norm", "1/2/3"], "not MEAN/STD"),
-    (["--teacher-arch", "user_nets:not_a_model", "--num-classes", "10"], "not an nn.Module"),
+    (["--teacher-arch", "their_nets:not_a_model", "--num-classes", "10"], "not an nn.Module"),
 ])
 def test_bare_file_errors_are_one_line(args, fragment, user_model, tmp_path, capsys):
     save_file(_state(user_model), str(tmp_path / "w.safetensors"))
@@ -239,3 +239,32 @@ def test_user_style_teacher_runs_every_command_on_cifar10(tmp_path, cifar_cache,
         manifest = json.loads((tmp_path / run / "manifest.json").read_text())
         assert manifest["config"]["teacher_spec"]["arch"] == USER_ARCH
         assert 0 <= manifest["metrics"]["ca"] <= 1
+
+
+# -- SSL encoders from bare weights files --------------------------------------------------------
+
+
+def test_a_bare_backbone_file_becomes_an_ssl_encoder(user_model, tmp_path):
+    from kdguard.config import TeacherSpec
+    from kdguard.ssl.encoder import load_ssl_model
+
+    torch.save({"state_dict": {f"module.{k}": v for k, v in user_model.state_dict().items()}},
+               tmp_path / "simclr_backbone.pth")
+    spec = TeacherSpec(arch=USER_ARCH, input_norm="cifar10")
+    model, manifest = load_ssl_model(tmp_path / "simclr_backbone.pth", spec)
+    assert manifest["imported"]["fresh_head"] is True and manifest["ssl_model"]["arch"] == USER_ARCH
+    x = torch.rand(2, 3, 32, 32)
+    mean = torch.tensor([0.4914, 0.4822, 0.4465]).view(1, 3, 1, 1)
+    std = torch.tensor([0.2470, 0.2435, 0.2616]).view(1, 3, 1, 1)
+    user_model.fc = torch.nn.Identity()  # the encoder's features are the classifier's input
+    assert torch.allclose(model.encoder(x), user_model((x - mean) / std), atol=1e-5)
+    assert model.encoder.stage_paths == ["backbone.layer1", "backbone.layer2", "backbone.layer3"]
+    with pytest.raises(KDGuardError, match="--teacher-arch"):
+        load_ssl_model(tmp_path / "simclr_backbone.pth")
+
+
+def test_ssl_probe_takes_a_bare_encoder_file(user_model, tmp_path, capsys):
+    save_file(_state(user_model), str(tmp_path / "encoder.safetensors"))
+    err = cli_error(["ssl-probe", "--encoder", str(tmp_path / "encoder.safetensors"), "--teacher-arch", "resnet20",
+                     f"out={tmp_path / 'probe'}"], capsys)
+    assert "does not match architecture 'resnet20'" in err  # the file reached the loader as weights

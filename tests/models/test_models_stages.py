@@ -107,7 +107,7 @@ def test_user_presets_and_errors():
         stage_paths("resnet21")
     plain = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
     assert stage_paths(plain) == ["1"]  # traced: the last module returning at 30×30
-    with pytest.raises(KDGuardError, match="no 'classifier' preset.*stage_presets"):
+    with pytest.raises(KDGuardError, match="runs no nn.Linear classifier.*stage_presets"):
         stage_paths(plain, "classifier")
     plain.stage_presets = {"stages": ["0"]}
     assert stage_paths(plain) == ["0"]

@@ -13,7 +13,8 @@ from typing import Optional
 
 import typer
 
-from ..cli import CONFIG, DATA_ROOT, OVERRIDES, _overrides, command, console
+from ..cli import (CONFIG, DATA_ROOT, IN_CHANNELS, INPUT_NORM, OVERRIDES, TEACHER_ARCH, _overrides, command,
+                   console, teacher_spec_overrides)
 
 ENCODER = typer.Option(None, "--encoder", help="SSL encoder checkpoint directory (sets encoder=)")
 
@@ -36,12 +37,15 @@ def ssl_pretrain_cmd(overrides: Optional[list[str]] = OVERRIDES, config: Optiona
 
 @command("badencoder")
 def badencoder_cmd(overrides: Optional[list[str]] = OVERRIDES, config: Optional[Path] = CONFIG,
-                   encoder: Optional[str] = ENCODER, data_root: Optional[str] = DATA_ROOT) -> None:
+                   encoder: Optional[str] = ENCODER, data_root: Optional[str] = DATA_ROOT,
+                   teacher_arch: Optional[str] = TEACHER_ARCH, in_channels: Optional[int] = IN_CHANNELS,
+                   teacher_input_norm: Optional[str] = INPUT_NORM) -> None:
     """Backdoor a clean encoder with BadEncoder (Jia et al., S&P 2022)."""
     from ..config import build_config
     from ..ssl.config import BadEncoderJob
     from ..ssl.jobs import run_badencoder_job
 
+    overrides = [*(overrides or []), *teacher_spec_overrides(teacher_arch, None, in_channels, teacher_input_norm)]
     job = build_config(BadEncoderJob, config,
                        _overrides(overrides, encoder=encoder, **{"shadow.root": data_root}))
     result = run_badencoder_job(job)
@@ -51,12 +55,15 @@ def badencoder_cmd(overrides: Optional[list[str]] = OVERRIDES, config: Optional[
 
 @command("ssl-probe")
 def ssl_probe_cmd(overrides: Optional[list[str]] = OVERRIDES, config: Optional[Path] = CONFIG,
-                  encoder: Optional[str] = ENCODER, data_root: Optional[str] = DATA_ROOT) -> None:
+                  encoder: Optional[str] = ENCODER, data_root: Optional[str] = DATA_ROOT,
+                   teacher_arch: Optional[str] = TEACHER_ARCH, in_channels: Optional[int] = IN_CHANNELS,
+                   teacher_input_norm: Optional[str] = INPUT_NORM) -> None:
     """Downstream CA / ASR / ASR-all of an encoder through a probe trained on frozen features."""
     from ..config import build_config
     from ..ssl.config import ProbeJob
     from ..ssl.jobs import probe_table, run_probe_job
 
+    overrides = [*(overrides or []), *teacher_spec_overrides(teacher_arch, None, in_channels, teacher_input_norm)]
     job = build_config(ProbeJob, config, _overrides(overrides, encoder=encoder, root=data_root))
     result = run_probe_job(job)
     console.print(probe_table([(Path(job.encoder).name, result.metrics["results"])], list(job.datasets)))
@@ -65,12 +72,15 @@ def ssl_probe_cmd(overrides: Optional[list[str]] = OVERRIDES, config: Optional[P
 
 @command("ssl-defend")
 def ssl_defend_cmd(overrides: Optional[list[str]] = OVERRIDES, config: Optional[Path] = CONFIG,
-                   encoder: Optional[str] = ENCODER, data_root: Optional[str] = DATA_ROOT) -> None:
+                   encoder: Optional[str] = ENCODER, data_root: Optional[str] = DATA_ROOT,
+                   teacher_arch: Optional[str] = TEACHER_ARCH, in_channels: Optional[int] = IN_CHANNELS,
+                   teacher_input_norm: Optional[str] = INPUT_NORM) -> None:
     """Distil a poisoned encoder into a student (one teacher / student / loss) and probe it."""
     from ..config import build_config
     from ..ssl.config import DefendJob
     from ..ssl.grid import run_defend
 
+    overrides = [*(overrides or []), *teacher_spec_overrides(teacher_arch, None, in_channels, teacher_input_norm)]
     job = build_config(DefendJob, config, _overrides(overrides, encoder=encoder, **{"data.root": data_root}))
     result = run_defend(job)
     console.print(result.table)
@@ -79,12 +89,15 @@ def ssl_defend_cmd(overrides: Optional[list[str]] = OVERRIDES, config: Optional[
 
 @command("ssl-grid")
 def ssl_grid_cmd(overrides: Optional[list[str]] = OVERRIDES, config: Optional[Path] = CONFIG,
-                 encoder: Optional[str] = ENCODER, data_root: Optional[str] = DATA_ROOT) -> None:
+                 encoder: Optional[str] = ENCODER, data_root: Optional[str] = DATA_ROOT,
+                   teacher_arch: Optional[str] = TEACHER_ARCH, in_channels: Optional[int] = IN_CHANNELS,
+                   teacher_input_norm: Optional[str] = INPUT_NORM) -> None:
     """Run the teachers × students × losses study (or a subset) and write one table."""
     from ..config import build_config
     from ..ssl.config import GridJob
     from ..ssl.grid import run_grid
 
+    overrides = [*(overrides or []), *teacher_spec_overrides(teacher_arch, None, in_channels, teacher_input_norm)]
     job = build_config(GridJob, config, _overrides(overrides, encoder=encoder, **{"data.root": data_root}))
     result = run_grid(job)
     console.print(result.table)

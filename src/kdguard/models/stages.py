@@ -152,6 +152,8 @@ def stage_paths(model_or_name: nn.Module | str, kind: str = "stages") -> list[st
         return paths
     presets = STAGE_PRESETS.get(getattr(model, "family", None))
     if presets is None:
+        if kind == "classifier":
+            return [infer_classifier_path(model)]
         if kind in INFERRED_KINDS:
             return infer_stage_paths(model)
         raise KDGuardError(f"model {label!r} has no {kind!r} preset (only {', '.join(INFERRED_KINDS)} "
@@ -166,9 +168,61 @@ def stage_paths(model_or_name: nn.Module | str, kind: str = "stages") -> list[st
 
 #: Preset kinds :func:`stage_paths` can find by tracing a model that has no presets. ``pre_relu``
 #: falls back to the stage outputs (after their ReLU), so OFD and RobustKD still run on any model.
-INFERRED_KINDS = ("stages", "pre_relu")
+INFERRED_KINDS = ("stages", "pre_relu", "classifier")
 
 _POOLS = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.AvgPool2d, nn.MaxPool2d)
+
+
+def _trace(model: nn.Module, input_shape: tuple[int, int, int] | None, fix: str
+           ) -> list[tuple[str, nn.Module, object]]:
+    """``(path, module, output)`` of every submodule in the order they return, for one forward pass
+    of a zero batch of ``input_shape`` (default ``model.input_shape``, else C of the first ``Conv2d``
+    and 32×32)."""
+    label = getattr(model, "arch", type(model).__name__)
+    shape = input_shape or getattr(model, "input_shape", None)
+    if shape is None:
+        convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+        shape = (convs[0].in_channels if convs else 3, 32, 32)
+    records: list[tuple[str, nn.Module, object]] = []
+
+    def hook(path: str):
+        def record(module: nn.Module, inputs: tuple, output: object) -> None:
+            records.append((path, module, output))
+        return record
+
+    handles = [m.register_forward_hook(hook(name)) for name, m in model.named_modules() if name]
+    was_training = model.training
+    try:
+        param = next(iter(model.parameters()), None)
+        x = torch.zeros(2, *shape, device=param.device if param is not None else "cpu")
+        model.eval()
+        with torch.no_grad():
+            model(x)
+    except KDGuardError:
+        raise
+    except Exception as e:  # any user model error: say which model and how to avoid tracing
+        raise KDGuardError(f"cannot trace the stages of model {label!r} on a {tuple(shape)} input "
+                           f"({type(e).__name__}: {e})", fix) from None
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return records
+
+
+def infer_classifier_path(model: nn.Module) -> str:
+    """The classifier of a model without presets: the last ``nn.Linear`` to return in a traced
+    forward pass (:func:`infer_stage_paths` traces the same way).
+
+    Raises:
+        KDGuardError: the trace fails or no ``nn.Linear`` runs.
+    """
+    fix = "give the model class a stage_presets dict, e.g. stage_presets = {'classifier': ['fc']}"
+    linears = [path for path, module, _ in _trace(model, None, fix) if isinstance(module, nn.Linear)]
+    if not linears:
+        raise KDGuardError(f"model {getattr(model, 'arch', type(model).__name__)!r} runs no nn.Linear "
+                           "classifier", fix)
+    return linears[-1]
 
 
 def infer_stage_paths(model: nn.Module, input_shape: tuple[int, int, int] | None = None) -> list[str]:
@@ -192,37 +246,11 @@ def infer_stage_paths(model: nn.Module, input_shape: tuple[int, int, int] | None
         KDGuardError: the trace fails or finds no 4-D stage.
     """
     label = getattr(model, "arch", type(model).__name__)
-    shape = input_shape or getattr(model, "input_shape", None)
-    if shape is None:
-        convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
-        shape = (convs[0].in_channels if convs else 3, 32, 32)
     fix = ("give the model class a stage_presets dict, e.g. "
            "stage_presets = {'stages': ['layer1', 'layer2', 'layer3']}")
-    records: list[tuple[str, tuple[int, int]]] = []
-
-    def hook(path: str):
-        def record(module: nn.Module, inputs: tuple, output: object) -> None:
-            if isinstance(output, torch.Tensor) and output.dim() == 4 and not isinstance(module, _POOLS):
-                records.append((path, (int(output.shape[2]), int(output.shape[3]))))
-        return record
-
-    handles = [m.register_forward_hook(hook(name)) for name, m in model.named_modules() if name]
-    was_training = model.training
-    try:
-        param = next(iter(model.parameters()), None)
-        x = torch.zeros(2, *shape, device=param.device if param is not None else "cpu")
-        model.eval()
-        with torch.no_grad():
-            model(x)
-    except KDGuardError:
-        raise
-    except Exception as e:  # any user model error: say which model and how to avoid tracing
-        raise KDGuardError(f"cannot trace the stages of model {label!r} on a {tuple(shape)} input "
-                           f"({type(e).__name__}: {e})", fix) from None
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    records = [(path, (int(out.shape[2]), int(out.shape[3])))
+               for path, module, out in _trace(model, input_shape, fix)
+               if isinstance(out, torch.Tensor) and out.dim() == 4 and not isinstance(module, _POOLS)]
     stages: list[tuple[str, tuple[int, int]]] = []
     for path, size in records:
         if stages and stages[-1][1] == size:

@@ -232,14 +232,74 @@ def is_ssl_checkpoint(directory: str | Path) -> bool:
         return False
 
 
-def load_ssl_model(path: str | Path) -> tuple[SSLModel, dict[str, Any]]:
-    """Load an SSL checkpoint directory; returns ``(model in eval mode, manifest)``.
+def ssl_model_from_weights(path: str | Path, spec: Any, *, input_size: int = 32,
+                           seed: int = 0) -> tuple[SSLModel, dict[str, Any]]:
+    """An :class:`SSLModel` whose encoder holds the backbone weights of a bare weights file.
+
+    The file (``.safetensors``, or ``.pt``/``.pth`` read as data, see
+    :func:`kdguard.checkpoint.load_state_dict`) holds either a kdguard SSL state dict
+    (``encoder.*``/``head.*`` keys) or a plain backbone state dict as an SSL code base saves it
+    (``conv1.weight``, ``layer1.0...``); the backbone's classifier keys, if any, are dropped
+    (the encoder's classifier is ``nn.Identity``). Without head weights the projection head is
+    freshly initialised from ``seed``: downstream probes and the distillation defence use the
+    encoder features ``h``, which the head does not change.
+
+    Args:
+        path: the weights file.
+        spec: a :class:`kdguard.config.TeacherSpec` (``arch`` required; ``in_channels`` default 3;
+            ``input_norm`` for a backbone that expects normalised tensors).
+        input_size: H = W of the images the encoder reads (32 for CIFAR-10/GTSRB).
+        seed: initialisation seed of a missing projection head.
+
+    Returns:
+        ``(model in eval mode, manifest)`` where the manifest's ``"ssl_model"`` entry describes the
+        architecture built and ``"imported"`` the source file and its sha256.
 
     Raises:
-        KDGuardError: the directory does not exist, has no manifest with an ``"ssl_model"``
-            entry (e.g. a supervised kdguard checkpoint), or its weights do not match.
+        KDGuardError: no architecture given, keys or shapes that do not match it, non-finite
+            weights, or a file that needs unpickling.
     """
-    d = Path(path)
+    from ..checkpoint import add_input_normalization, parse_input_norm, sha256_file
+
+    if not spec.arch:
+        raise KDGuardError(f"{str(path)!r} is a bare weights file, not an SSL checkpoint directory",
+                           "pass --teacher-arch NAME (the encoder's backbone architecture)")
+    channels = int(spec.in_channels or 3)
+    model = build_ssl_model(spec.arch, (channels, input_size, input_size), seed=seed)
+    norm = parse_input_norm(spec.input_norm, channels)
+    if norm is not None:
+        add_input_normalization(model.encoder.backbone, *norm)
+    state = load_state_dict(path)
+    own = model.state_dict()
+    if not any(k.startswith("encoder.") for k in state):
+        classifier = stage_paths(build_model(spec.arch, num_classes=2, in_channels=channels), "classifier")[0]
+        state = {f"encoder.backbone.{k}": v for k, v in state.items() if not k.startswith(f"{classifier}.")}
+    fresh_head = not any(k.startswith("head.") for k in state)
+    for key, value in own.items():  # kdguard's own additions: the pruning mask and a fresh head
+        if key.endswith(MASK_BUFFER) or (fresh_head and key.startswith("head.")):
+            state.setdefault(key, value)
+    load_weights_into(model, state, source=f"encoder weights {str(path)!r}")
+    manifest = {SPEC_KEY: model.spec(), "imported": {"source": str(Path(path).resolve()),
+                                                     "sha256": sha256_file(path),
+                                                     "fresh_head": fresh_head}}
+    return model.eval(), manifest
+
+
+def load_ssl_model(path: str | Path, spec: Any = None) -> tuple[SSLModel, dict[str, Any]]:
+    """Load an SSL checkpoint directory, or a bare encoder weights file described by ``spec``
+    (:func:`ssl_model_from_weights`); returns ``(model in eval mode, manifest)``.
+
+    Raises:
+        KDGuardError: the path does not exist, a directory has no manifest with an
+            ``"ssl_model"`` entry (e.g. a supervised kdguard checkpoint), an architecture read from
+            the manifest is an import path, or the weights do not match.
+    """
+    d = Path(path).expanduser()
+    if d.is_file() or (spec is not None and getattr(spec, "arch", None)):
+        if not d.exists():
+            raise KDGuardError(f"encoder weights {str(d)!r} do not exist", "check the path")
+        weights = d if d.is_file() else d / "model.safetensors"
+        return ssl_model_from_weights(weights, spec or _NO_SPEC)
     if not d.is_dir():
         raise KDGuardError(f"SSL encoder checkpoint {str(d)!r} is not a directory",
                            "pass the run directory written by `kdguard ssl-pretrain` or `kdguard badencoder`")
@@ -259,6 +319,15 @@ def load_ssl_model(path: str | Path) -> tuple[SSLModel, dict[str, Any]]:
     model = build_from_spec(spec)
     load_weights_into(model, load_state_dict(d / "model.safetensors"), source=f"SSL checkpoint {str(d)!r}")
     return model.eval(), manifest
+
+
+class _NoSpec:
+    arch = None
+    in_channels = None
+    input_norm = None
+
+
+_NO_SPEC = _NoSpec()
 
 
 def clone_model(model: SSLModel) -> SSLModel:

@@ -1,7 +1,9 @@
-"""A model module as a kdguard user writes it: torchvision-style, in-place ReLUs, no input
-normalisation inside (it expects normalised tensors), no kdguard attributes.
+"""A model module as its authors write it: torchvision-style, in-place ReLUs, no input
+normalisation inside (the model expects normalised tensors), nothing kdguard-specific.
 
-Tests import it by path (``--teacher-arch user_nets:cifar_resnet``); ``tests/`` is on sys.path.
+It plays the stranger's model code of ``docs/your-teacher.md``: kdguard builds it from the command
+line with ``--teacher-arch their_nets:cifar_resnet`` (this folder on ``PYTHONPATH``). The tests
+import it the same way (``examples/`` is on pytest's ``pythonpath``).
 """
 
 from __future__ import annotations
