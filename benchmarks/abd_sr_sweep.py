@@ -32,6 +32,7 @@ import yaml
 from kdguard.datafree import build_datafree_job, fork_datafree_run, run_datafree, stopped_run_config
 from kdguard.demo import demo_jobs
 from kdguard.pipeline import train_teacher
+from kdguard.rundir import adopt_copy
 from seed_table import seed_table, selected
 
 #: name → extra overrides on top of abd.mode=sr (δ in normalised units unless stated)
@@ -91,9 +92,11 @@ def main() -> None:
             if not (run_dir / "metrics.json").exists():
                 shutil.rmtree(run_dir, ignore_errors=True)
                 shutil.copytree(shared, run_dir)
+                job = build_datafree_job(None, seeded + ["abd.mode=sr", f"abd.sr.phase={args.phase}",
+                                                         f"out={run_dir}", *extra])
+                adopt_copy(run_dir, job, source=shared, parents=("teacher",))  # the copy continues as this variant
                 t0 = time.perf_counter()
-                run_datafree(build_datafree_job(None, seeded + ["abd.mode=sr", f"abd.sr.phase={args.phase}",
-                                                                f"out={run_dir}", *extra]))
+                run_datafree(job)
                 (run_dir / "sweep_seconds.txt").write_text(f"{time.perf_counter() - t0:.1f}\n")
             per_seed.append(json.loads((run_dir / "metrics.json").read_text()))
         rows.append((name, " ".join(extra) or "(defaults)", per_seed))

@@ -62,6 +62,7 @@ from kdguard.datafree.loop import saved_round
 from kdguard.errors import KDGuardError
 from kdguard.io import atomic_write, write_json, write_text
 from kdguard.report import metrics_table
+from kdguard.rundir import adopt_copy
 from kdguard.runtime import cpu_name
 
 #: table → attack → student methods. "transfer": the data-free issue's table; "abd": the ABD
@@ -505,6 +506,7 @@ def start_from_prefix(job, base: str, teacher: str, cfg: dict, out: Path, attack
             run_datafree(build_datafree_job(None, datafree_overrides(base, teacher, cfg, prefix, seed, progress)
                                             + [f"schedule.stop_after={start}"]))
         shutil.copytree(prefix, s_out, dirs_exist_ok=True)
+        adopt_copy(s_out, job, source=prefix, parents=("teacher",))  # the copy continues as this cell
 
 
 def student_stage(method: str, teacher: str, cfg: dict, out: Path, attack: str, methods: list[str],

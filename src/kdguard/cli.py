@@ -7,6 +7,7 @@ with the input print one line ``error: …`` on stderr and exit with code 2.
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import sys
 from collections.abc import Callable
@@ -24,18 +25,38 @@ console = Console()
 F = TypeVar("F", bound=Callable)
 
 
+RUN_DIR_OPTIONS = {
+    "resume": typer.Option(False, "--resume", help="Continue the run in out= although its settings differ: "
+                                                   "only a longer training (train.epochs, schedule.rounds)"),
+    "overwrite": typer.Option(False, "--overwrite", help="Remove what out= holds and start the run over"),
+}
+
+
 def command(name: str) -> Callable[[F], F]:
-    """Register a CLI command whose :class:`KDGuardError` becomes ``error: …`` and exit code 2."""
+    """Register a CLI command whose :class:`KDGuardError` becomes ``error: …`` and exit code 2.
+
+    Every command also gets ``--resume`` and ``--overwrite`` and runs inside
+    :func:`kdguard.rundir.run_policy`, which decides what happens to an ``out=`` that holds
+    another run (commands that write no run directory ignore them).
+    """
 
     def deco(fn: F) -> F:
         @functools.wraps(fn)
-        def guarded(*args, **kwargs):
+        def guarded(*args, resume: bool = False, overwrite: bool = False, **kwargs):
+            from .rundir import run_policy
+
             try:
-                return fn(*args, **kwargs)
+                with run_policy(resume=resume, overwrite=overwrite):
+                    return fn(*args, **kwargs)
             except KDGuardError as e:
                 print(f"error: {e}", file=sys.stderr)
                 raise typer.Exit(2) from None
 
+        sig = inspect.signature(fn, eval_str=True)
+        extra = [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=v, annotation=bool)
+                 for k, v in RUN_DIR_OPTIONS.items()]
+        guarded.__signature__ = sig.replace(parameters=[*sig.parameters.values(), *extra])
+        guarded.__annotations__ = {**getattr(fn, "__annotations__", {}), **{k: bool for k in RUN_DIR_OPTIONS}}
         app.command(name)(guarded)
         return fn
 

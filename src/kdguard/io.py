@@ -14,7 +14,11 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it into place.
 
     ``os.replace`` is atomic on POSIX within one filesystem, so readers see either the old file
-    or the complete new one.
+    or the complete new one. The temporary file is fsync'ed before the rename and the directory
+    after it, so a power loss cannot leave the new name pointing at unwritten data. The file gets
+    the mode an ordinary new file would (``0o666`` less the umask: 0644 under the usual 022), not
+    the 0600 of :func:`tempfile.mkstemp`. A killed process can leave a ``.<name>.*.tmp`` behind;
+    :func:`kdguard.rundir.open_run` removes those of a run directory.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -22,11 +26,40 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, 0o666 & ~_umask())
+        _fsync(tmp, os.O_RDONLY)
         os.replace(tmp, path)
+        _fsync(path.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def _fsync(path: str | Path, flags: int) -> None:
+    try:
+        fd = os.open(path, flags)
+    except OSError:  # e.g. directories cannot be opened on some platforms
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # filesystems without fsync (some network mounts) still get the rename
+        pass
+    finally:
+        os.close(fd)
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where Linux reports it."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_text(path: str | Path, text: str) -> Path:

@@ -22,6 +22,12 @@ the non-target set is every image and ASR = ASR-all.
 ``n_clean`` is the number of clean test images, ``n_backdoor`` the size of the non-target set
 (the ASR/RA denominator) and ``n_backdoor_all`` that of ASR-all. Hit counts are reported too so
 numbers can be pooled exactly across runs.
+
+**Collapsed** (``collapsed``): CA at chance level for ``K = num_classes`` (the model's output
+width), by :func:`at_chance`: ``CA < min(1.5/K, 1/K + 0.1·(1 − 1/K))``, i.e. less than half again
+the chance rate and less than a tenth of the way from chance to perfect (the second bound only
+binds for K < 6; for K = 10 the bar is 15 %). A collapsed model's ASR and RA say nothing about a
+backdoor.
 """
 
 from __future__ import annotations
@@ -53,9 +59,22 @@ class BackdoorMetrics:
     robust_correct: int
     asr_no_trigger: float | None = None
     no_trigger_hits: int = 0
+    num_classes: int | None = None
+    collapsed: bool | None = None   # CA at chance (at_chance); None when num_classes is unknown
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def at_chance(accuracy: float | None, num_classes: int | None) -> bool | None:
+    """Whether ``accuracy`` (in [0, 1]) is at chance level for ``num_classes`` classes:
+    ``accuracy < min(1.5/K, 1/K + 0.1·(1 − 1/K))`` (module docstring). ``None`` when either is
+    unknown or ``K < 2``."""
+    if accuracy is None or not num_classes or num_classes < 2:
+        return None
+    chance = 1.0 / num_classes
+    bound = min(1.5 * chance, chance + 0.1 * (1.0 - chance))
+    return bool(accuracy < bound - 1e-9)  # 1.5 · 0.1 is 0.15000000000000002 in floats
 
 
 def _frac(num: int, den: int) -> float | None:
@@ -65,7 +84,8 @@ def _frac(num: int, den: int) -> float | None:
 def backdoor_metrics(labels: torch.Tensor, clean_pred: torch.Tensor,
                      backdoor_pred: torch.Tensor | None = None,
                      backdoor_target: torch.Tensor | None = None,
-                     non_target: torch.Tensor | None = None) -> BackdoorMetrics:
+                     non_target: torch.Tensor | None = None, *,
+                     num_classes: int | None = None) -> BackdoorMetrics:
     """Compute CA/ASR/ASR-all/RA from predictions.
 
     Args:
@@ -76,12 +96,14 @@ def backdoor_metrics(labels: torch.Tensor, clean_pred: torch.Tensor,
         backdoor_target: ``N`` attack target label of each image (all-to-one: the constant
             target; all-to-all: ``(y+1) mod K``).
         non_target: ``N`` bool, the images that count for ASR and RA (``y ≠ target``).
+        num_classes: the model's number of classes, for ``collapsed`` (None: not judged).
     """
     clean_correct = int((clean_pred == labels).sum())
     n = int(labels.numel())
+    ca = _frac(clean_correct, n) or 0.0
+    chance = dict(num_classes=num_classes, collapsed=at_chance(ca, num_classes) if n else None)
     if backdoor_pred is None:
-        return BackdoorMetrics(_frac(clean_correct, n) or 0.0, None, None, None, n, 0, 0,
-                               clean_correct, 0, 0, 0)
+        return BackdoorMetrics(ca, None, None, None, n, 0, 0, clean_correct, 0, 0, 0, **chance)
     assert backdoor_target is not None and non_target is not None
     hits = backdoor_pred == backdoor_target
     hits_nt = int((hits & non_target).sum())
@@ -90,10 +112,10 @@ def backdoor_metrics(labels: torch.Tensor, clean_pred: torch.Tensor,
     no_trigger = int(((clean_pred == backdoor_target) & non_target).sum())
     n_nt = int(non_target.sum())
     return BackdoorMetrics(
-        ca=_frac(clean_correct, n) or 0.0, asr=_frac(hits_nt, n_nt), asr_all=_frac(hits_all, n),
+        ca=ca, asr=_frac(hits_nt, n_nt), asr_all=_frac(hits_all, n),
         ra=_frac(robust, n_nt), n_clean=n, n_backdoor=n_nt, n_backdoor_all=n,
         clean_correct=clean_correct, backdoor_hits=hits_nt, backdoor_hits_all=hits_all,
-        robust_correct=robust, asr_no_trigger=_frac(no_trigger, n_nt), no_trigger_hits=no_trigger)
+        robust_correct=robust, asr_no_trigger=_frac(no_trigger, n_nt), no_trigger_hits=no_trigger, **chance)
 
 
 @torch.no_grad()
@@ -101,8 +123,18 @@ def predict(model: nn.Module, images: torch.Tensor, *, batch_size: int = 512,
             device: torch.device | str = "cpu", bf16: bool = False, channels_last: bool = False,
             transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """Argmax predictions for uint8 ``N×C×H×W`` images (``transform`` applied to each uint8 batch)."""
+    return _predict(model, images, batch_size=batch_size, device=device, bf16=bf16,
+                    channels_last=channels_last, transform=transform)[0]
+
+
+@torch.no_grad()
+def _predict(model: nn.Module, images: torch.Tensor, *, batch_size: int, device: torch.device | str,
+             bf16: bool, channels_last: bool,
+             transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[torch.Tensor, int | None]:
+    """:func:`predict` and the width of the model's output (its number of classes; None for no images)."""
     device = torch.device(device)
     preds = []
+    width = None
     with eval_mode(model):
         for start in range(0, len(images), batch_size):
             batch = images[start:start + batch_size]
@@ -110,8 +142,10 @@ def predict(model: nn.Module, images: torch.Tensor, *, batch_size: int = 512,
                 batch = transform(batch)
             x = to_float(batch, device, channels_last=channels_last)
             with autocast(device, bf16):
-                preds.append(model(x).argmax(1).cpu())
-    return torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
+                logits = model(x)
+            width = int(logits.shape[-1])
+            preds.append(logits.argmax(1).cpu())
+    return (torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)), width
 
 
 def evaluate_backdoor(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *,
@@ -126,8 +160,8 @@ def evaluate_backdoor(model: nn.Module, images: torch.Tensor, labels: torch.Tens
     Without a trigger only CA is computed.
     """
     kw = dict(batch_size=batch_size, device=device, bf16=bf16, channels_last=channels_last)
-    clean_pred = predict(model, images, **kw)
+    clean_pred, num_classes = _predict(model, images, **kw)
     if trigger is None:
-        return backdoor_metrics(labels, clean_pred)
+        return backdoor_metrics(labels, clean_pred, num_classes=num_classes)
     bd_pred = predict(model, images, transform=trigger, **kw)
-    return backdoor_metrics(labels, clean_pred, bd_pred, backdoor_target, non_target)
+    return backdoor_metrics(labels, clean_pred, bd_pred, backdoor_target, non_target, num_classes=num_classes)

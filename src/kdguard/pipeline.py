@@ -206,11 +206,29 @@ def attack_from_manifest(manifest: dict[str, Any], *, source: str = "the run's m
     return AttackConfig(**config)
 
 
-def prepare_run(out: str | Path, job: Any, seed: int) -> Path:
-    """Create run directory ``out``, write the resolved ``config.yaml``, set threads and seeds."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_text(out / "config.yaml", to_yaml(job))
+def prepare_run(out: str | Path, job: Any, seed: int, *, parents: tuple[str, ...] = (),
+                volatile: tuple[str, ...] = ()) -> Path:
+    """Open run directory ``out`` for ``job`` (:func:`kdguard.rundir.open_run`: lock, identity
+    check, ``config.yaml`` and ``run.json``), then set threads and seeds.
+
+    Args:
+        out: the run directory (``~`` expanded).
+        job: the job's structured config.
+        seed: seeds Python, NumPy and torch.
+        parents: the job's fields naming the weights it reads (e.g. ``("teacher",)``): their
+            files' sha256 are part of the run's identity.
+        volatile: further dotted keys of ``job`` that do not change what the directory holds.
+
+    Returns:
+        The run directory.
+
+    Raises:
+        KDGuardError: see :func:`kdguard.rundir.open_run` (a bad ``out``, a directory in use or
+            holding another run; ``--resume`` / ``--overwrite`` decide).
+    """
+    from .rundir import open_run
+
+    out = open_run(out, job, parents=parents, volatile=volatile)
     configure_threads()
     seed_everything(seed)
     return out
@@ -280,7 +298,7 @@ def build_distiller(job: DistillJob, student: nn.Module, teacher: nn.Module,
 def distill(job: DistillJob) -> RunResult:
     """Distil the teacher checkpoint into a fresh student on a clean share of the training data."""
     t0 = time.perf_counter()
-    out = prepare_run(job.out, job, job.seed)
+    out = prepare_run(job.out, job, job.seed, parents=("teacher",))
     teacher, t_manifest = load_model(job.teacher)
     data = load_splits(job.data, seed=job.seed)
     if t_manifest.get("model", {}).get("num_classes") not in (None, data.train.num_classes):

@@ -14,6 +14,7 @@ import torch  # noqa: E402
 
 from .data.dataset import ImageDataset  # noqa: E402
 from .io import write_text  # noqa: E402
+from .metrics import at_chance  # noqa: E402
 
 Row = tuple[str, str, dict[str, Any]]
 
@@ -22,12 +23,23 @@ def _pct(v: float | None) -> str:
     return "—" if v is None else f"{100 * v:.2f}"
 
 
-def metrics_table(rows: Sequence[Row]) -> str:
-    """A Markdown table with CA, ASR, ASR-all and RA (in %) and the ASR denominator."""
+def collapsed(metrics: dict[str, Any], num_classes: int | None = None) -> bool:
+    """Whether a row's model ended at chance accuracy: its ``collapsed`` flag, else
+    :func:`kdguard.metrics.at_chance` of its CA when ``num_classes`` is given."""
+    flag = metrics.get("collapsed")
+    if flag is None and num_classes:
+        flag = at_chance(metrics.get("ca"), num_classes)
+    return bool(flag)
+
+
+def metrics_table(rows: Sequence[Row], num_classes: int | None = None) -> str:
+    """A Markdown table with CA, ASR, ASR-all and RA (in %) and the ASR denominator; the CA of a
+    model at chance level (:func:`collapsed`) reads ``12.30 (chance)``."""
     lines = ["| role | model | CA % | ASR % | ASR-all % | RA % | n_clean | n_backdoor |",
              "|---|---|---|---|---|---|---|---|"]
     for role, arch, m in rows:
-        lines.append(f"| {role} | {arch} | {_pct(m.get('ca'))} | {_pct(m.get('asr'))} | "
+        ca = _pct(m.get("ca")) + (" (chance)" if collapsed(m, num_classes) else "")
+        lines.append(f"| {role} | {arch} | {ca} | {_pct(m.get('asr'))} | "
                      f"{_pct(m.get('asr_all'))} | {_pct(m.get('ra'))} | {m.get('n_clean', '—')} | "
                      f"{m.get('n_backdoor', '—')} |")
     return "\n".join(lines)
@@ -87,13 +99,25 @@ def plot_curves(path: Path, histories: dict[str, list]) -> Path:
 
 def write_run_report(out: Path, *, title: str, rows: Sequence[Row], history: dict[str, list],
                      attack=None, sample: ImageDataset | None = None, notes: str = "") -> Path:
-    """Write ``report.md`` (+ ``trigger_preview.png``, ``curves.png``) into run directory ``out``."""
+    """Write ``report.md`` (+ ``trigger_preview.png``, ``curves.png``) into run directory ``out``.
+
+    A row whose model ended at chance accuracy (:func:`collapsed`; ``K`` from ``sample`` for rows
+    without the flag) is marked in the table and named in a warning line under it.
+    """
     out = Path(out)
-    parts = [f"# {title}", "", metrics_table(rows), "",
+    k = sample.num_classes if sample is not None else None
+    parts = [f"# {title}", "", metrics_table(rows, k), "",
              "CA: clean test accuracy. ASR: triggered test images of non-target classes classified as "
              "the target. ASR-all: the same over all test images. RA: triggered non-target images "
              "still classified as their true class. Last-epoch model; the test split was not used "
              "for any selection.", ""]
+    down = [f"{role} ({_pct(m.get('ca'))} %)" for role, _, m in rows if collapsed(m, k)]
+    if down:
+        kk = k or next((m.get("num_classes") for _, _, m in rows if m.get("num_classes")), None)
+        chance = f" (chance: {100 / kk:.1f} % for {kk} classes)" if kk else ""
+        parts += [f"**Collapsed to chance accuracy{chance}: {', '.join(down)}.** Training did not learn "
+                  "(a learning rate too high is the usual cause); such a model's ASR and RA say nothing "
+                  "about a backdoor.", ""]
     if attack is not None and sample is not None:
         plot_trigger_preview(out / "trigger_preview.png", sample, attack.trigger)
         params = attack.trigger.params()

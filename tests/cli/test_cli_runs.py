@@ -31,7 +31,9 @@ def test_train_teacher_writes_a_complete_run(teacher_dir):
 
 def test_rerun_resumes_instead_of_retraining(teacher_dir, capsys):
     before = (teacher_dir / "metrics.jsonl").read_text().count("\n")
-    assert main(["train-teacher", *CLI_FAST, "model=lenet5", f"out={teacher_dir}"]) == 0
+    # the fixture's own command (conftest.py): the same settings continue the same run
+    assert main(["train-teacher", *CLI_FAST, "model=lenet5", "attack.name=badnets", "attack.poison_rate=0.1",
+                 f"out={teacher_dir}"]) == 0
     # The finished epoch is not trained again: no new history line.
     assert (teacher_dir / "metrics.jsonl").read_text().count("\n") == before
 
@@ -107,7 +109,7 @@ def test_resumed_distill_reports_training_time_of_every_call(teacher_dir, tmp_pa
     first = read_json(out / "metrics.json")
     assert first["train_seconds"] > 0
     (out / "metrics.json").unlink()
-    assert main([*args, "train.epochs=2"]) == 0  # resumes: epoch 2 only
+    assert main([*args, "train.epochs=2", "--resume"]) == 0  # resumes: epoch 2 only
     second = read_json(out / "metrics.json")
     epochs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [e["epoch"] for e in epochs] == [1, 2]

@@ -75,7 +75,7 @@ def test_a_finished_run_can_be_extended_but_not_changed(encoders, tmp_path, caps
     cfg = str(clean.parent / "pre.yaml")
     base = ["ssl-pretrain", "-c", cfg, f"data.name={BLOBS}", "knn_k=0", f"out={out}"]
     assert main(base) == 0
-    assert main(base + ["train.epochs=2"]) == 0          # one more epoch, resumed from train_state.pt
+    assert main(base + ["train.epochs=2", "--resume"]) == 0  # one more epoch, resumed from train_state.pt
     epochs = [line for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(epochs) == 2 and read_json(out / "metrics.json")["epochs"] == 2
     assert "other settings" in _error(base + ["train.epochs=2", "temperature=0.2"], capsys)

@@ -17,7 +17,14 @@ Schedule (documented in ``docs/datafree.md``)::
 The checkpoint holds the round counter, student weights and optimiser, the synthesizer's state
 (generator, its optimiser, pools, memory bank, its RNGs), the global torch RNG and the history,
 written atomically; :meth:`DataFreeLoop.run` on the same directory continues from it and makes
-exactly the steps the uninterrupted run would have made (bitwise on CPU with fixed threads).
+exactly the steps the uninterrupted run would have made (bitwise on CPU with fixed threads), and
+rewrites ``metrics.jsonl`` to the restored records.
+
+A run resumed with more rounds than it was planned for (``--resume`` with a larger
+``schedule.rounds``) stretches the rest of its schedules over the new budget: from the resumed
+round ``s`` on, the progress the student's and the synthesizer's learning rates are evaluated at
+is ``p_s + (1 − p_s)(round − s)/(rounds − s)``, ``p_s`` the progress reached at ``s`` (exact
+fractions). A learning rate so continues from where it was and never rises again.
 
 Performance: losses are accumulated on the device and only read at log points; the teacher runs
 under ``torch.inference_mode`` for student steps; the student's weights are frozen (not just
@@ -29,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from fractions import Fraction
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -152,6 +160,8 @@ class DataFreeLoop:
         self.progress, self.desc = progress, desc
         self.round = 0
         self.history: list[RoundRecord] = []
+        # schedule extensions: {"round": s, "progress": [num, den]} (module docstring)
+        self.segments: list[dict[str, Any]] = []
         # start of the current log interval (perf_counter); a checkpoint between two log records
         # carries the seconds since it, so a resumed run's train_seconds covers every round once
         self._interval_start = time.perf_counter()
@@ -249,7 +259,8 @@ class DataFreeLoop:
                 "optimizer": self.optimizer.state_dict(), "synthesizer": self.synth.state_dict(),
                 "rng": rng, "history": [asdict(r) for r in self.history],
                 "pending_seconds": time.perf_counter() - self._interval_start,
-                "extensions": self._extension_states(), "class_shares": self.class_shares.state_dict()}
+                "extensions": self._extension_states(), "class_shares": self.class_shares.state_dict(),
+                "schedule": [dict(s) for s in self.segments]}
 
     def save_state(self) -> None:
         if self.run_dir is None:
@@ -285,9 +296,26 @@ class DataFreeLoop:
         self.class_shares.load_state_dict(state.get("class_shares", {}))
         self.round = int(state["round"])
         self.history = [RoundRecord(**r) for r in state["history"]]
+        self.segments = [dict(s) for s in state.get("schedule", [])]
+        planned = int(state.get("rounds", self.rounds))
+        if planned < self.rounds and self.round < self.rounds:  # a longer budget: stretch the rest
+            p = self.progress(self.round, planned)
+            self.segments.append({"round": self.round, "progress": [p.numerator, p.denominator]})
         self._interval_start = time.perf_counter() - float(state.get("pending_seconds", 0.0))
         self._write_history()  # drop log lines written after the checkpoint
         return True
+
+    def progress(self, round_index: int, rounds: int | None = None) -> Fraction:
+        """The schedules' position at ``round_index`` of a budget of ``rounds`` (default: this
+        run's), with the extensions (module docstring) applied."""
+        rounds = self.rounds if rounds is None else rounds
+        p = Fraction(round_index, max(rounds, 1))
+        for seg in self.segments:
+            start = int(seg["round"])
+            if round_index >= start:
+                p0 = Fraction(*seg["progress"])
+                p = p0 + (1 - p0) * Fraction(round_index - start, max(rounds - start, 1))
+        return p
 
     # -- driver ---------------------------------------------------------------------------------
     def run(self, *, resume: bool = True, stop_after: int | None = None) -> list[RoundRecord]:
@@ -312,9 +340,13 @@ class DataFreeLoop:
         count = 0
         try:
             while self.round < stop:
-                progress = self.round / self.rounds
-                lr = set_lr(self.optimizer, self.optim_settings, progress)
-                self.synth.set_progress(self.round, self.rounds)
+                if self.segments:
+                    at = self.progress(self.round)
+                    lr = set_lr(self.optimizer, self.optim_settings, float(at))
+                    self.synth.set_progress(at.numerator, at.denominator)  # the same position
+                else:
+                    lr = set_lr(self.optimizer, self.optim_settings, self.round / self.rounds)
+                    self.synth.set_progress(self.round, self.rounds)
                 for k, v in self.synth.synthesize().items():
                     v = v.detach().float()
                     g_sums[k] = g_sums[k] + v if k in g_sums else v

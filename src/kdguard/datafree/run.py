@@ -32,6 +32,7 @@ from ..io import write_json
 from ..models import build_model
 from ..pipeline import RunResult, attack_from_manifest, attack_record, evaluate_model, make_attack, prepare_run
 from ..report import save_figure
+from ..rundir import adopt_copy
 from ..runtime import autocast, resolve_device, use_bf16, use_channels_last
 from .config import DataFreeJob, build_datafree_job, validate_job
 from .loop import STATE_FILE, DataFreeExtensions, DataFreeLoop, RoundRecord
@@ -70,7 +71,10 @@ def fork_datafree_run(run_dir: str | Path, out: str | Path, overrides: list[str]
     out = Path(out)
     shutil.rmtree(out, ignore_errors=True)
     shutil.copytree(run_dir, out)
-    return build_datafree_job(out / "config.yaml", [f"out={out}", *overrides])
+    job = build_datafree_job(out / "config.yaml", [f"out={out}", *overrides])
+    # the copy is the new job's run now (its run.json says so, and where it was forked from)
+    adopt_copy(out, job, source=run_dir, parents=("teacher",))
+    return job
 
 
 def synthesis_summary(history: list[RoundRecord]) -> dict[str, Any]:
@@ -194,7 +198,7 @@ def run_datafree(job: DataFreeJob, *, extensions: DataFreeExtensions | None = No
     """
     validate_job(job)
     t0 = time.perf_counter()
-    out = prepare_run(job.out, job, job.seed)
+    out = prepare_run(job.out, job, job.seed, parents=("teacher",))
 
     setup = prepare_datafree(job)
     teacher, t_manifest, test, student = setup.teacher, setup.teacher_manifest, setup.test, setup.student

@@ -123,7 +123,7 @@ def prepare_defense(job: DefenseJob) -> DefenseContext:
         if not name:
             raise KDGuardError(f"the manifest of {job.model!r} names no dataset", "pass data.name=NAME")
         job.data = replace(job.data, name=name)
-    out = prepare_run(job.out, job, job.seed)
+    out = prepare_run(job.out, job, job.seed, parents=("model",))
 
     model, manifest = load_model(job.model)
     data = load_splits(job.data, seed=job.seed)

@@ -166,7 +166,11 @@ def run_grid(job: GridJob) -> GridResult:
     """
     t_start = time.perf_counter()
     cells = grid_cells(list(job.teachers), list(job.students), list(job.losses), job.cells)
-    out = prepare_run(job.out, job, job.seed)
+    # every cell, probe and prepared model below is cached with (and checked against) its own
+    # settings, so which of them a run selects does not make the directory another run
+    out = prepare_run(job.out, job, job.seed, parents=("encoder", "clean_encoder"),
+                      volatile=("teachers", "students", "losses", "cells", "probe_teachers",
+                                "probe_students", "datasets", "asr_goal", "ca_cost_goal"))
     poisoned, manifest = load_ssl_model(job.encoder)
     targets = targets_from_manifest(manifest)
     shape = tuple(poisoned.encoder.input_shape)

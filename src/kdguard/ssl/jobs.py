@@ -75,11 +75,11 @@ def run_pretrain(job: PretrainJob) -> SSLResult:
     Raises:
         KDGuardError: unknown dataset/architecture, missing data, or training errors.
     """
-    done = _finished(job.out, job)
+    t0 = time.perf_counter()
+    out = prepare_run(job.out, job, job.seed)  # first: --overwrite empties the directory
+    done = _finished(out, job)
     if done is not None:
         return done
-    t0 = time.perf_counter()
-    out = prepare_run(job.out, job, job.seed)
     train = load_split(job.data.name, "train", job.data.root, limit=job.data.limit, seed=job.seed)
     model = build_ssl_model(job.encoder.arch, train.shape, mean=train.mean, std=train.std,
                             proj_hidden=job.encoder.proj_hidden, proj_dim=job.encoder.proj_dim,
@@ -133,11 +133,11 @@ def run_badencoder_job(job: BadEncoderJob) -> SSLResult:
     Raises:
         KDGuardError: the encoder is not an SSL checkpoint, bad targets, or training errors.
     """
-    done = _finished(job.out, job)
+    t0 = time.perf_counter()
+    out = prepare_run(job.out, job, job.seed, parents=("encoder",))  # first: --overwrite empties it
+    done = _finished(out, job)
     if done is not None:
         return done
-    t0 = time.perf_counter()
-    out = prepare_run(job.out, job, job.seed)
     clean, clean_manifest = load_ssl_model(job.encoder)
     shape = tuple(clean.encoder.input_shape)
     shadow = load_split(job.shadow.name, "train", job.shadow.root, shape, limit=job.shadow.limit, seed=job.seed)
@@ -236,7 +236,7 @@ def run_probe_job(job: ProbeJob) -> SSLResult:
     Raises:
         KDGuardError: not an SSL checkpoint, unknown datasets or triggers.
     """
-    out = prepare_run(job.out, job, job.seed)
+    out = prepare_run(job.out, job, job.seed, parents=("encoder",))
     model, manifest = load_ssl_model(job.encoder)
     shape = tuple(model.encoder.input_shape)
     targets = (build_targets(job.targets, shape, root=job.root, with_references=False) if job.targets

@@ -9,7 +9,9 @@ warm-up), optimiser (:func:`kdguard.train.trainer.build_optimizer`), bf16 autoca
 channels_last where they pay off, a shuffled order per epoch from one seeded generator, the
 summed-loss backward pass, per-epoch ``metrics.jsonl`` lines, and an atomic ``train_state.pt`` after
 every epoch from which a restarted run continues (tensors and plain containers only, loaded with
-``weights_only=True``).
+``weights_only=True``). On restart ``metrics.jsonl`` is rewritten to hold exactly the restored epochs,
+and a run resumed with more epochs than planned stretches the rest of its schedule over the new
+length (:func:`kdguard.train.trainer.schedule_progress`), as the trainer does.
 
 Frozen models (the clean encoder of BadEncoder, the teacher of the defence) are passed as
 ``frozen``: they are moved to the device and kept in eval mode, never optimised and never saved.
@@ -31,7 +33,7 @@ from ..config import TrainConfig
 from ..errors import KDGuardError
 from ..io import append_jsonl, atomic_write
 from ..runtime import autocast, resolve_device, use_bf16, use_channels_last
-from ..train.trainer import build_optimizer, set_lr
+from ..train.trainer import build_optimizer, extend_schedule, set_lr, sync_history_file
 
 STATE_FILE = "train_state.pt"
 HISTORY_FILE = "metrics.jsonl"
@@ -96,6 +98,8 @@ class SSLLoop:
         self.optimizer = build_optimizer(trainable, cfg.optim)
         self.generator = torch.Generator().manual_seed(seed)
         self.history: list[EpochLog] = []
+        self.planned_epochs = cfg.epochs   # the length the restored state was planned for
+        self.segments: list[dict[str, float]] = []  # schedule extensions (schedule_progress)
 
     # -- state ------------------------------------------------------------------------------
     def _save(self) -> None:
@@ -104,7 +108,8 @@ class SSLLoop:
         state = {"epoch": len(self.history),
                  "module": {k: v.detach().cpu().contiguous() for k, v in self.module.state_dict().items()},
                  "optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state(),
-                 "history": [asdict(h) for h in self.history]}
+                 "history": [asdict(h) for h in self.history], "total_epochs": self.cfg.epochs,
+                 "schedule": [dict(s) for s in self.segments]}
         atomic_write(self.run_dir / STATE_FILE, lambda p: torch.save(state, p))
 
     def _resume(self) -> None:
@@ -125,10 +130,12 @@ class SSLLoop:
         self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["generator"])
         self.history = [EpochLog(**h) for h in state["history"]]
+        self.planned_epochs = int(state.get("total_epochs", self.cfg.epochs))
+        self.segments = [dict(s) for s in state.get("schedule", [])]
 
     # -- loop -------------------------------------------------------------------------------
     def _set_lr(self, step: int, steps_per_epoch: int) -> float:
-        return set_lr(self.optimizer, self.cfg, step, steps_per_epoch)
+        return set_lr(self.optimizer, self.cfg, step, steps_per_epoch, self.segments)
 
     def to_input(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 or float images → float [0, 1] on the loop's device, in the model's layout."""
@@ -155,6 +162,12 @@ class SSLLoop:
         bs = min(self.cfg.batch_size, n)
         steps = n // bs
         start = len(self.history)
+        if self.planned_epochs < self.cfg.epochs and start < self.cfg.epochs:
+            self.segments = extend_schedule(self.segments, done_epochs=start, planned_epochs=self.planned_epochs,
+                                            steps_per_epoch=steps)
+            self.planned_epochs = self.cfg.epochs
+        if self.run_dir is not None:  # the history file holds exactly the restored epochs
+            sync_history_file(self.run_dir / HISTORY_FILE, self.desc, [asdict(h) for h in self.history])
         bar = tqdm(range(start, self.cfg.epochs), desc=self.desc, unit="epoch", initial=start,
                    total=self.cfg.epochs, disable=not self.cfg.progress, dynamic_ncols=True)
         for epoch in bar:

@@ -6,18 +6,31 @@ term is logged). Data are in-memory uint8 tensors; every epoch is shuffled and a
 by batch from one seeded ``torch.Generator``, so a run is reproducible and resumes exactly.
 
 Resumption: after every epoch the trainer writes ``train_state.pt`` atomically (trainable
-weights, optimiser, generator state, history). The file holds tensors and plain containers
-only and is read back with ``torch.load(weights_only=True)``. A run started again on the same
-directory continues from the last finished epoch.
+weights, optimiser, generator state, history, planned length, schedule extensions), then appends
+the epoch's line to ``metrics.jsonl``. The file holds tensors and plain containers only and is
+read back with ``torch.load(weights_only=True)``. A run started again on the same directory
+continues from the last finished epoch, and its ``metrics.jsonl`` is rewritten to hold exactly the
+restored epochs (a kill between the two writes leaves neither a missing nor a duplicated line).
+
+A resumed run with more epochs than planned (``--resume`` with a larger ``train.epochs``)
+stretches the rest of its schedule over the new length (:func:`schedule_progress`): the
+learning rate continues from where it was and a cosine never rises again.
+
+Chance level: an epoch from the third on (or the last) whose training accuracy is at chance
+(:func:`kdguard.metrics.at_chance`) issues a :class:`ChanceAccuracyWarning` once per run; a loss
+that becomes non-finite stops the run with a :class:`~kdguard.errors.KDGuardError`.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +41,8 @@ from ..config import OptimConfig, TrainConfig
 from ..data.batches import to_float
 from ..distill.base import Distiller
 from ..errors import KDGuardError, check_range
-from ..io import append_jsonl, atomic_write
+from ..io import append_jsonl, atomic_write, write_text
+from ..metrics import at_chance
 from ..runtime import autocast, resolve_device, use_bf16, use_channels_last
 
 STATE_FILE = "train_state.pt"
@@ -51,11 +65,39 @@ def lr_factor(cfg: OptimConfig, progress: float) -> float:
     raise KDGuardError(f"unknown schedule {cfg.schedule!r}", "use cosine, multistep or constant")
 
 
-def set_lr(optimizer: torch.optim.Optimizer, cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
-    """Set every group's lr for global ``step`` (schedule of :func:`lr_factor` + linear warm-up)."""
+class ChanceAccuracyWarning(UserWarning):
+    """Training accuracy at chance level: the run is not learning (often a learning rate too high)."""
+
+
+def schedule_progress(step: int, total: int, segments: Sequence[Mapping[str, float]] = (),
+                      steps_per_epoch: int = 1) -> float:
+    """Where global ``step`` lies on the learning-rate schedule of a run of ``total`` steps, in [0, 1].
+
+    Without extensions this is ``step / total``. A run lengthened on resume carries one segment
+    per extension, ``{"epoch": e, "progress": p_e}`` (``p_e``: the position the schedule had
+    reached at the first step of epoch ``e``, under the length planned before). From that step
+    ``s = e · steps_per_epoch`` on, the rest of the schedule is stretched over the new remaining
+    steps: ``p = p_e + (1 − p_e)(step − s)/(total − s)``. The learning rate so continues from where
+    it was and reaches the schedule's end at the new total: a cosine never rises again, and a run
+    extended after its cosine had ended (``p_e = 1``) trains the added epochs at factor 0.
+    """
+    progress = step / max(total, 1)
+    for seg in segments:
+        start = int(seg["epoch"]) * steps_per_epoch
+        if step >= start:
+            p0 = float(seg["progress"])
+            progress = p0 + (1.0 - p0) * (step - start) / max(total - start, 1)
+    return progress
+
+
+def set_lr(optimizer: torch.optim.Optimizer, cfg: TrainConfig, step: int, steps_per_epoch: int,
+           segments: Sequence[Mapping[str, float]] = ()) -> float:
+    """Set every group's lr for global ``step`` (schedule of :func:`lr_factor` at
+    :func:`schedule_progress` + linear warm-up over ``optim.warmup_epochs``); returns it."""
     total = cfg.epochs * steps_per_epoch
     warm = cfg.optim.warmup_epochs * steps_per_epoch
-    factor = lr_factor(cfg.optim, step / max(total, 1))
+    progress = schedule_progress(step, total, segments, steps_per_epoch) if segments else step / max(total, 1)
+    factor = lr_factor(cfg.optim, progress)
     if warm > 0 and step < warm:
         factor *= (step + 1) / warm
     lr = cfg.optim.lr * factor
@@ -72,6 +114,39 @@ def build_optimizer(params: list[nn.Parameter], cfg: OptimConfig) -> torch.optim
     if cfg.name == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     raise KDGuardError(f"unknown optimizer {cfg.name!r}", "use sgd or adam")
+
+
+def extend_schedule(segments: list[dict[str, float]], *, done_epochs: int, planned_epochs: int,
+                    steps_per_epoch: int = 1) -> list[dict[str, float]]:
+    """``segments`` plus the extension of a run planned for ``planned_epochs`` that resumes, after
+    ``done_epochs``, with a longer length (see :func:`schedule_progress`)."""
+    p = schedule_progress(done_epochs * steps_per_epoch, planned_epochs * steps_per_epoch, segments,
+                          steps_per_epoch)
+    return [*segments, {"epoch": int(done_epochs), "progress": min(max(p, 0.0), 1.0)}]
+
+
+def sync_history_file(path: Path, stage: str, records: Sequence[Mapping[str, Any]]) -> None:
+    """Make the ``stage`` lines of JSON-lines file ``path`` exactly ``records`` (one line each,
+    ``{"stage": stage, **record}``); lines of other stages are kept, unreadable lines (a write
+    cut by a kill) dropped. Written atomically, and only when something changes."""
+    own = [json.dumps({"stage": stage, **r}, default=_plain) for r in records]
+    old = path.read_text().splitlines() if path.exists() else []
+    kept = []
+    for line in old:
+        try:
+            if json.loads(line).get("stage") != stage:
+                kept.append(line)
+        except (ValueError, AttributeError):
+            continue
+    lines = kept + own
+    if lines != old:
+        write_text(path, "".join(line + "\n" for line in lines))
+
+
+def _plain(o: Any) -> Any:
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
 @dataclass
@@ -128,6 +203,10 @@ class Trainer:
         self.generator = torch.Generator().manual_seed(seed)
         self.history: list[EpochRecord] = []
         self.start_epoch = 0
+        # the length the restored state was planned for, and the schedule's extensions
+        self.planned_epochs = cfg.epochs
+        self.segments: list[dict[str, float]] = []
+        self._warned_chance = False
 
     # -- state ------------------------------------------------------------------------------
     def _trainable_state(self) -> dict[str, torch.Tensor]:
@@ -145,6 +224,8 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "generator": self.generator.get_state(),
             "history": [asdict(r) for r in self.history],
+            "total_epochs": self.cfg.epochs,
+            "schedule": [dict(s) for s in self.segments],
         }
         atomic_write(self.run_dir / STATE_FILE, lambda p: torch.save(state, p))
 
@@ -171,11 +252,37 @@ class Trainer:
         self.generator.set_state(state["generator"])
         self.history = [EpochRecord(**r) for r in state["history"]]
         self.start_epoch = int(state["epoch"])
+        self.planned_epochs = int(state.get("total_epochs", self.cfg.epochs))
+        self.segments = [dict(s) for s in state.get("schedule", [])]
         return True
 
     # -- loop -------------------------------------------------------------------------------
     def _set_lr(self, step: int, steps_per_epoch: int) -> float:
-        return set_lr(self.optimizer, self.cfg, step, steps_per_epoch)
+        return set_lr(self.optimizer, self.cfg, step, steps_per_epoch, self.segments)
+
+    def _extend_if_longer(self, steps_per_epoch: int) -> None:
+        if self.cfg.epochs <= self.planned_epochs or self.start_epoch >= self.cfg.epochs:
+            return
+        self.segments = extend_schedule(self.segments, done_epochs=self.start_epoch,
+                                        planned_epochs=self.planned_epochs, steps_per_epoch=steps_per_epoch)
+        self.planned_epochs = self.cfg.epochs
+        if self.segments[-1]["progress"] >= 1.0 and lr_factor(self.cfg.optim, 1.0) == 0.0:
+            warnings.warn(f"[{self.desc}] the run's {self.cfg.optim.schedule} schedule had ended at epoch "
+                          f"{self.start_epoch}: the added epochs train at learning rate 0; start a new run "
+                          "with the longer train.epochs to train them at a real rate", UserWarning, stacklevel=3)
+
+    def _check_chance(self, record: EpochRecord, num_classes: int | None) -> None:
+        last = record.epoch == self.cfg.epochs
+        if self._warned_chance or (record.epoch < 3 and not last) or not at_chance(record.train_acc, num_classes):
+            return
+        val = record.val.get("val_ca")
+        if val is not None and not at_chance(val, num_classes):
+            return
+        self._warned_chance = True
+        warnings.warn(f"[{self.desc}] training accuracy {100 * record.train_acc:.1f} % in epoch {record.epoch} is "
+                      f"at chance level (1/{num_classes} = {100 / num_classes:.1f} %): the model is not learning; "
+                      f"a learning rate too high for it (train.optim.lr={self.cfg.optim.lr:g}) is the usual cause",
+                      ChanceAccuracyWarning, stacklevel=3)
 
     def _step_losses(self, x: torch.Tensor, y: torch.Tensor,
                      index: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -203,6 +310,10 @@ class Trainer:
         n = len(images)
         bs = min(self.cfg.batch_size, n)
         steps_per_epoch = n // bs  # drop the last partial batch (BatchNorm on tiny batches is noisy)
+        self._extend_if_longer(steps_per_epoch)
+        if self.run_dir is not None:  # the history file holds exactly the restored epochs
+            sync_history_file(self.run_dir / HISTORY_FILE, self.desc, [asdict(r) for r in self.history])
+        num_classes: int | None = None
         epochs = tqdm(range(self.start_epoch, self.cfg.epochs), desc=self.desc, unit="epoch",
                       initial=self.start_epoch, total=self.cfg.epochs, disable=not self.cfg.progress,
                       dynamic_ncols=True)
@@ -239,10 +350,12 @@ class Trainer:
                     sums[k] = sums.get(k, 0) + v.detach().float()
                 correct += (logits.argmax(1) == y).sum()
                 seen += len(y)
+                num_classes = logits.shape[-1]
             mean_losses = {k: float(v) / steps_per_epoch for k, v in sums.items()}
             if not all(math.isfinite(v) for v in mean_losses.values()):
                 raise KDGuardError(f"loss became non-finite in epoch {epoch + 1}: {mean_losses}",
-                                   "lower the learning rate (optim.lr) or enable grad_clip")
+                                   f"lower the learning rate (train.optim.lr={self.cfg.optim.lr:g} now) "
+                                   "or set train.grad_clip")
             record = EpochRecord(epoch=epoch + 1, lr=lr, losses=mean_losses,
                                  train_acc=float(correct) / max(seen, 1),
                                  seconds=time.perf_counter() - t0)
@@ -252,6 +365,7 @@ class Trainer:
             self.save_state()
             if self.run_dir is not None:
                 append_jsonl(self.run_dir / HISTORY_FILE, {"stage": self.desc, **asdict(record)})
+            self._check_chance(record, num_classes)
             summary = " ".join(f"{k}={v:.4f}" for k, v in mean_losses.items())
             val = " ".join(f"{k}={v:.4f}" for k, v in record.val.items() if v is not None)
             tqdm.write(f"[{self.desc}] epoch {epoch + 1}/{self.cfg.epochs} {summary} "

@@ -29,15 +29,15 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ...checkpoint import load_model, model_spec, save_model
-from ...config import AttackConfig, DataConfig, TrainConfig, to_dict, to_yaml
+from ...config import AttackConfig, DataConfig, TrainConfig, to_dict
 from ...data import ImageDataset
 from ...errors import KDGuardError, check_range
-from ...io import atomic_write, read_json, write_json, write_text
+from ...io import atomic_write, read_json, write_json
 from ...models import build_model
 from ...models.stages import stage_paths
 from ...pipeline import (RunResult, attack_from_manifest, attack_record, clean_subset, evaluate_model,
-                         load_splits, make_attack, make_augment, val_evaluator)
-from ...runtime import configure_threads, resolve_device, seed_everything, use_bf16
+                         load_splits, make_attack, make_augment, prepare_run, val_evaluator)
+from ...runtime import resolve_device, use_bf16
 from ...train import Trainer
 from .detox import DETOX_FILE, FeatureDetox
 from .distill import RobustKDDistiller
@@ -202,15 +202,11 @@ def run_robustkd(job: RobustKDJob) -> RunResult:
     student_name = _student_name(job)  # settings are checked before any work is done
     if job.detox.enabled and not job.detox.load:
         job.detox.objective()
-    out = Path(job.out)
-    out.mkdir(parents=True, exist_ok=True)
     teacher, t_manifest = load_model(job.teacher)
     t_dataset = t_manifest.get("dataset", {}).get("name")
     if job.data.name == DEFAULT_DATASET and t_dataset and t_dataset != DEFAULT_DATASET:
         job.data.name = t_dataset  # the teacher's dataset unless one is named
-    write_text(out / "config.yaml", to_yaml(job))
-    configure_threads()
-    seed_everything(job.seed)
+    out = prepare_run(job.out, job, job.seed, parents=("teacher",))
     data = load_splits(job.data, seed=job.seed)
     k = t_manifest.get("model", {}).get("num_classes")
     if k not in (None, data.train.num_classes):
@@ -310,15 +306,11 @@ def run_trigger_job(job: TriggerJob) -> tuple[Path, RobustKDBlend]:
     Raises:
         KDGuardError: bad settings, an unreadable teacher or a dataset that does not match it.
     """
-    out = Path(job.out)
-    out.mkdir(parents=True, exist_ok=True)
     model, manifest = load_model(job.teacher)
     name = manifest.get("dataset", {}).get("name")
     if job.data.name == DEFAULT_DATASET and name and name != DEFAULT_DATASET:
         job.data.name = name
-    write_text(out / "config.yaml", to_yaml(job))
-    configure_threads()
-    seed_everything(job.seed)
+    out = prepare_run(job.out, job, job.seed, parents=("teacher",))
     check_range("trigger fraction", job.fraction, 0.0, 1.0, low_open=True)
     train = load_splits(job.data, seed=job.seed).train
     images = train.images if job.fraction >= 1 else train.images[train.stratified_indices(job.fraction, job.seed)]
