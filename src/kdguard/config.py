@@ -133,7 +133,7 @@ def _load_yaml_layer(path: Path) -> DictConfig:
         raise KDGuardError(f"config file {str(path)!r} is not readable YAML ({first})",
                            "fix its syntax (key: value lines), or pass settings as key=value") from None
     if not isinstance(loaded, DictConfig):
-        raise KDGuardError(f"config file {str(path)!r} holds a {type(loaded).__name__.replace('Config', '')}, "
+        raise KDGuardError(f"config file {str(path)!r} holds a {type(loaded).__name__.replace('Config', '').lower()}, "
                            "not a mapping of settings", "write it as key: value lines, e.g. 'seed: 1'")
     return loaded
 

@@ -78,7 +78,7 @@ def import_teacher(job: ImportJob) -> ImportResult:
                                f"{test.channels} channels)", "pass the teacher's own dataset as data.name=NAME")
         attack = make_attack(attack_cfg, test.shape, test.num_classes)
         dataset_record = {"name": test.name, "shape": list(test.shape), "classes": list(test.classes)}
-    out = prepare_run(job.out, job, 0)
+    out = prepare_run(job.out, job, 0, parents=("teacher",))
     if test is not None:
         metrics = evaluate_model(model, test, attack, train_cfg=TrainConfig(device=job.device, amp="off")).to_dict()
         metrics["seconds"] = time.perf_counter() - t0

@@ -122,7 +122,7 @@ def test_a_manifest_naming_a_trigger_function_is_refused(teacher_dir, tmp_path, 
                  ["distill", "--teacher", str(run), "--method", "zskt", "preset=cpu", "schedule.rounds=1",
                   "device=cpu", f"out={tmp_path / 'datafree'}"]):
         err = cli_error(args, capsys)
-        assert f"names the trigger function {named!r}; kdguard never imports code named by a file" in err, err
+        assert f"names the trigger function {named!r}, an import path; kdguard never imports code named by a file" in err, err
         assert f"pass attack.name={named} (or --attack {named} for evaluate) on the command line" in err
     assert not marker.exists()
 

@@ -1,11 +1,11 @@
-"""Feature taps that refuse silently corrupted features, and a dry run that finds feature shapes.
+"""Feature taps for training passes, and a dry run that finds feature shapes.
 
-**Why a guard.** A forward hook records a module's output *tensor*. If a later operation modifies
-that tensor in place (typically ``nn.ReLU(inplace=True)`` after a BatchNorm), the recorded
-"pre-ReLU" feature silently becomes the post-ReLU one: OFD would then distil the wrong thing
-without any error. :class:`GuardedTaps` compares each recorded tensor's version counter at hook
-time and after the forward pass and raises if it changed (``detach()`` shares the counter, so
-this also covers the teacher's detached features).
+A forward hook records a module's output *tensor*; a later in-place operation (typically
+``nn.ReLU(inplace=True)`` after a BatchNorm, or a residual ``out += identity``) would turn a
+recorded pre-ReLU feature into the post-ReLU one. :class:`kdguard.taps.FeatureTaps` stores a
+clone at hook time, so the feature is what the module produced whatever follows it: models
+written the common (torchvision) way need no edit. :class:`GuardedTaps` adds that features are
+recorded only during the taps' own passes.
 """
 
 from __future__ import annotations
@@ -22,19 +22,14 @@ from ..taps import FeatureTaps
 
 
 class GuardedTaps(FeatureTaps):
-    """:class:`kdguard.taps.FeatureTaps` that also checks no tapped output was modified in place.
+    """:class:`kdguard.taps.FeatureTaps` that record only while the taps themselves run the model.
 
-    Same arguments and return value as ``FeatureTaps``. The hooks record only while the taps
-    themselves run the model, so forward passes made elsewhere (e.g. evaluating the student
-    between epochs) keep no features alive.
-
-    Raises:
-        KDGuardError: (on call) a tapped module's output was overwritten in place later in the
-            forward pass; the message names the path.
+    Same arguments and return value as ``FeatureTaps``. Forward passes made elsewhere (e.g.
+    evaluating the student between epochs) keep no features alive. Features are clones of the
+    modules' outputs, true even when a later in-place operation overwrites the output tensor.
     """
 
     def __init__(self, model: nn.Module, paths: Sequence[str], **kwargs) -> None:
-        self._versions: dict[str, int] = {}
         self._active = False
         super().__init__(model, paths, **kwargs)
 
@@ -42,34 +37,21 @@ class GuardedTaps(FeatureTaps):
         record = super()._hook(path)
 
         def hook(module: nn.Module, inputs: tuple, output: object) -> None:
-            if not self._active:  # e.g. an evaluation pass on the bare student: record nothing
-                return
-            record(module, inputs, output)
-            self._versions[path] = self.features[path]._version
+            if self._active:  # e.g. an evaluation pass on the bare student: record nothing
+                record(module, inputs, output)
 
         return hook
 
     def __call__(self, *args, **kwargs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        self._versions = {}
         self._active = True
         try:
-            out, feats = super().__call__(*args, **kwargs)
+            return super().__call__(*args, **kwargs)
         finally:
             self._active = False
-        changed = [p for p, f in feats.items() if f._version != self._versions.get(p, f._version)]
-        if changed:
-            self.features = {}
-            raise KDGuardError(
-                f"the outputs of modules {changed} were modified in place after they were tapped "
-                "(e.g. by nn.ReLU(inplace=True)), so the recorded features are not what those "
-                "modules produced", "make the following operation out of place (inplace=False) "
-                "or tap another module")
-        return out, feats
 
     def clear(self) -> None:
         """Drop the recorded features (and with them any autograd graph they keep alive)."""
         self.features = {}
-        self._versions = {}
 
 
 @dataclass(frozen=True)
@@ -95,7 +77,7 @@ def check_input_shape(input_shape: Sequence[int]) -> tuple[int, int, int]:
         shape = ()
     if len(shape) != 3 or min(shape) < 1:
         raise KDGuardError(f"input_shape {input_shape!r} is not (C, H, W) with positive integers",
-                           "pass the per-sample image shape, e.g. input_shape=(3, 32, 32)")
+                           "pass the per-sample image shape, e.g. (3, 32, 32)")
     return shape  # type: ignore[return-value]
 
 
