@@ -223,11 +223,14 @@ def prepare_run(out: str | Path, job: Any, seed: int, *, parents: tuple[str, ...
         The run directory.
 
     Raises:
-        KDGuardError: see :func:`kdguard.rundir.open_run` (a bad ``out``, a directory in use or
-            holding another run; ``--resume`` / ``--overwrite`` decide).
+        KDGuardError: a bad training or device setting (:func:`kdguard.train.settings.check_job`),
+            or see :func:`kdguard.rundir.open_run` (a bad ``out``, a directory in use or holding
+            another run; ``--resume`` / ``--overwrite`` decide).
     """
     from .rundir import open_run
+    from .train.settings import check_job
 
+    check_job(job)  # before the directory is opened: a rejected job leaves nothing behind
     out = open_run(out, job, parents=parents, volatile=volatile)
     configure_threads()
     seed_everything(seed)
@@ -283,6 +286,11 @@ def build_distiller(job: DistillJob, student: nn.Module, teacher: nn.Module,
                     shape: tuple[int, int, int], num_classes: int, dataset_size: int) -> Distiller:
     """A :class:`LogitKD` for ``kd``; other methods come from the KD-method registry."""
     if job.kd.method == "kd":
+        if job.kd.weights or job.kd.options:
+            given = "kd.weights" if job.kd.weights else "kd.options"
+            raise KDGuardError(f"{given} is set, but kd.method=kd (logit KD) takes only kd.temperature and kd.alpha",
+                               "name the methods to weight in kd.method (e.g. kd.method=at+kd), or drop "
+                               f"{given}")
         return LogitKD(student, teacher, temperature=job.kd.temperature, alpha=job.kd.alpha)
     try:
         from .distill.methods import build_distiller as build_method
@@ -343,6 +351,8 @@ def evaluate_checkpoint(checkpoint: str | Path, data_cfg: DataConfig | None = No
                         attack_cfg: AttackConfig | None = None, *, use_manifest_attack: bool = True,
                         train_cfg: TrainConfig | None = None) -> dict[str, Any]:
     """Evaluate a checkpoint against a dataset's test split and an attack (default: its own)."""
+    train_cfg = train_cfg or TrainConfig()
+    resolve_device(train_cfg.device, setting="--device")  # `kdguard evaluate --device`: fail before loading
     model, manifest = load_model(checkpoint)
     if data_cfg is None:
         name = manifest.get("dataset", {}).get("name")
@@ -353,4 +363,4 @@ def evaluate_checkpoint(checkpoint: str | Path, data_cfg: DataConfig | None = No
     if attack_cfg is None and use_manifest_attack:
         attack_cfg = attack_from_manifest(manifest)
     attack = make_attack(attack_cfg, test.shape, test.num_classes)
-    return evaluate_model(model, test, attack, train_cfg=train_cfg or TrainConfig()).to_dict()
+    return evaluate_model(model, test, attack, train_cfg=train_cfg).to_dict()

@@ -21,16 +21,27 @@ from .errors import KDGuardError
 _SMALL_ARCHS = {"lenet5"}
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    """``"auto"`` → CUDA when available, else CPU; otherwise ``torch.device(name)``."""
+def resolve_device(name: str = "auto", *, setting: str = "train.device") -> torch.device:
+    """``"auto"`` → CUDA when available, else CPU; otherwise ``torch.device(name)``.
+
+    Args:
+        setting: where the user gave ``name``, for the error's fix: a job key such as
+            ``"train.device"``/``"device"``/``"probe.device"``, or a CLI option such as ``"--device"``.
+
+    Raises:
+        KDGuardError: an unknown device name, or a CUDA device on a machine without CUDA.
+    """
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    sep = " " if setting.startswith("-") else "="
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise KDGuardError(f"unknown device {name!r}", "use auto, cpu, cuda or cuda:N") from None
+        raise KDGuardError(f"unknown device {name!r}",
+                           f"set {setting}{sep}auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise KDGuardError(f"device {name!r} requested but CUDA is not available", "use --device cpu")
+        raise KDGuardError(f"device {name!r} requested but CUDA is not available",
+                           f"set {setting}{sep}cpu (or auto)")
     return device
 
 

@@ -43,9 +43,10 @@ def resolve_module(model: nn.Module, path: str) -> nn.Module:
         names = [n for n, _ in model.named_modules() if n]
         close = difflib.get_close_matches(path, names, n=3)
         hint = f"did you mean {', '.join(repr(c) for c in close)}? " if close else ""
+        shown = ", ".join(names[:12]) + (f", … ({len(names)} in all)" if len(names) > 12 else "")
         raise KDGuardError(
             f"module path {path!r} does not exist in {type(model).__name__}",
-            f"{hint}list valid paths with `[n for n, _ in model.named_modules()]`",
+            f"{hint}valid paths: {shown}",
         ) from None
 
 

@@ -94,7 +94,7 @@ class ShufflingVaccine:
             raise KDGuardError(f"vaccine coef {coef!r} must be >= 0", "use e.g. 0.1")
         if verify_batches and verify_batches <= verify_skip:
             raise KDGuardError(f"verify_batches {verify_batches} must exceed verify_skip {verify_skip}",
-                               "use e.g. verify_batches=50, verify_skip=10")
+                               "use e.g. ShufflingVaccine(..., verify_batches=50, verify_skip=10)")
         self.teacher, self.shuffled = teacher, shuffled
         self.coef, self.shuffle_grad = float(coef), bool(shuffle_grad)
         self.verify_batches, self.verify_skip = int(verify_batches), int(verify_skip)

@@ -197,7 +197,7 @@ def verify_md5(path: str | Path, expected: str | None = None, *, gunzip: bool | 
             expected, auto_gunzip = KNOWN_MD5[path.stem], True
         else:
             raise KDGuardError(f"no known md5 for {path.name!r}",
-                               f"pass expected=... or use one of: {', '.join(sorted(KNOWN_MD5))}")
+                               f"pass verify_md5(path, expected=...) or use one of: {', '.join(sorted(KNOWN_MD5))}")
         gunzip = auto_gunzip if gunzip is None else gunzip
     actual = md5_of(path, gunzip=bool(gunzip))
     if actual != expected.lower():

@@ -222,7 +222,7 @@ def _stack_nchw(arrays: list[np.ndarray], channels: int, where: str) -> np.ndarr
         if pixels.shape[:2] != (h, w):
             raise KDGuardError(f"images in {where} have different sizes "
                                f"({h}×{w} and {pixels.shape[0]}×{pixels.shape[1]})",
-                               "pass image_size=N to resize them all to N×N")
+                               "load them with load_dataset(..., image_size=N) to resize them all to N×N")
         out[i] = pixels.transpose(2, 0, 1)  # a 1-channel image broadcasts to 3 channels
     return out
 
@@ -280,7 +280,7 @@ def _cached_load(cache: ArrayCache, *, name: str, split: str, source_id: str, fp
 def _check_image_size(image_size: Any) -> int:
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
         raise KDGuardError(f"image_size {image_size!r} is not a positive integer",
-                           "give the side length in pixels, e.g. image_size=32")
+                           "give the side length in pixels, e.g. load_dataset(..., image_size=32)")
     return image_size
 
 

@@ -417,7 +417,8 @@ def validate_abd(cfg: ABDConfig) -> None:
         _positive(label, value, allow_zero=True)
     if sv.verify_batches and sv.verify_batches <= sv.verify_skip:
         raise KDGuardError(f"abd.sv.verify_batches {sv.verify_batches} leaves no batch after the "
-                           f"{sv.verify_skip} skipped ones", "give verify_batches > verify_skip (e.g. 50)")
+                           f"{sv.verify_skip} skipped ones",
+                           "give abd.sv.verify_batches > abd.sv.verify_skip, e.g. abd.sv.verify_batches=50")
     if not 0.0 < sr.phase <= 1.0:
         raise KDGuardError(f"abd.sr.phase {sr.phase!r} is not in (0, 1]",
                            "give the share of the budget at the end that runs SR, e.g. 0.02")

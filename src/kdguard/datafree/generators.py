@@ -73,7 +73,7 @@ class ConvGenerator(nn.Module):
                                "H, W >= 4", "pass the dataset's (C, H, W), e.g. (3, 32, 32)")
         if latent_dim < 1 or width < 1:
             raise KDGuardError(f"generator latent_dim={latent_dim}, width={width} must be >= 1",
-                               "use e.g. latent_dim=100, width=64")
+                               "use e.g. ConvGenerator(latent_dim=100, image_shape=(3, 32, 32), width=64)")
         if output not in OUTPUT_MAPPINGS:
             raise KDGuardError(f"generator output {output!r} is not one of {', '.join(OUTPUT_MAPPINGS)}",
                                "use sigmoid (images in [0, 1]) or affine (ZSKT reference)")

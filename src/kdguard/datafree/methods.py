@@ -113,6 +113,15 @@ def _pool_augment(ctx: MethodContext) -> Augment:
     return Augment(4, hflip=ctx.hflip)
 
 
+def _paths_or_off(model: nn.Module, kind: str, off: str) -> list[str]:
+    """:func:`stage_paths`, whose error also names the setting that turns the feature term off."""
+    try:
+        return list(stage_paths(model, kind))
+    except KDGuardError as e:
+        raise KDGuardError(e.problem, f"{e.fix}, or set {off} to run without this feature term"
+                           if e.fix else f"set {off} to run without this feature term") from None
+
+
 @DATAFREE_METHODS.register("zskt", description="Zero-Shot Knowledge Transfer (Micaelli & Storkey 2019)")
 def build_zskt(job: DataFreeJob, ctx: MethodContext) -> MethodParts:
     """ZSKT: adversarial generator (−KL), student KL + β·attention transfer on matching stages.
@@ -126,8 +135,8 @@ def build_zskt(job: DataFreeJob, ctx: MethodContext) -> MethodParts:
         raise KDGuardError("ZSKT trains the student on the generator's batch, so "
                            "schedule.synthesis_batch_size must equal schedule.batch_size",
                            "leave schedule.synthesis_batch_size null")
-    t_paths = stage_paths(ctx.teacher, "stages") if o.at_beta > 0 else []
-    s_paths = stage_paths(ctx.student, "stages") if o.at_beta > 0 else []
+    t_paths = _paths_or_off(ctx.teacher, "stages", "zskt.at_beta=0") if o.at_beta > 0 else []
+    s_paths = _paths_or_off(ctx.student, "stages", "zskt.at_beta=0") if o.at_beta > 0 else []
     objective = DistillObjective("kl", o.kl_temperature, o.kl_reduction, t2_scale=False,
                                  at_beta=o.at_beta, at_variant=o.at_variant,
                                  teacher_paths=t_paths, student_paths=s_paths)
@@ -156,7 +165,7 @@ def build_dfad(job: DataFreeJob, ctx: MethodContext) -> MethodParts:
 def build_dafl(job: DataFreeJob, ctx: MethodContext) -> MethodParts:
     """DAFL: generator trained on the teacher alone (one-hot, activation, information entropy)."""
     o = job.dafl
-    paths = stage_paths(ctx.teacher, "penultimate") if o.activation else []
+    paths = _paths_or_off(ctx.teacher, "penultimate", "dafl.activation=0") if o.activation else []
     loss = DAFLGeneratorLoss(one_hot=o.one_hot, activation=o.activation,
                              information_entropy=o.information_entropy, feature_paths=paths)
     synth = GeneratorSynthesizer(

@@ -159,7 +159,7 @@ def prepare_datafree(job: DataFreeJob) -> DataFreeSetup:
     attack_cfg = job.attack if job.attack is not None else attack_from_manifest(t_manifest)
     attack = make_attack(attack_cfg, test.shape, test.num_classes)
 
-    device = resolve_device(job.device)
+    device = resolve_device(job.device, setting="device")
     student = build_model(job.student, num_classes=test.num_classes, in_channels=test.channels,
                           mean=test.mean, std=test.std)
     teacher.to(device).eval()

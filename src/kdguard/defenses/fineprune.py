@@ -161,7 +161,8 @@ def find_consumer(model: nn.Module, layer: str, sample: torch.Tensor) -> Channel
         return ChannelConsumer(path, "batchnorm", 1, channels)
     raise KDGuardError(f"the output of {layer!r} ({channels} channels) feeds {path!r} "
                        f"({type(m).__name__}), which fine-pruning cannot mask",
-                       "choose a layer followed by a Linear, a Conv2d (groups=1) or an affine BatchNorm")
+                       "set fineprune.layer= to a layer followed by a Linear, an ungrouped Conv2d or an affine "
+                       "BatchNorm")
 
 
 class ChannelPruner:

@@ -108,7 +108,7 @@ class NADDistiller(Distiller):
         if variant not in AT_VARIANTS:
             raise unknown_name("attention-transfer variant", variant, AT_VARIANTS)
         if not p > 0:
-            raise KDGuardError(f"attention exponent p={p!r} must be > 0", "use p=2 as in NAD")
+            raise KDGuardError(f"attention exponent p={p!r} must be > 0", "use NADDistiller(..., p=2) as in NAD")
         self.student_paths, self.teacher_paths = list(student_paths), list(teacher_paths)
         self.betas, self.p, self.variant = betas, float(p), variant
         self._s_taps = FeatureTaps(student, self.student_paths)
@@ -151,6 +151,8 @@ def run_nad(job: DefenseJob) -> RunResult:
         raise KDGuardError(f"nad.teacher_epochs={cfg.teacher_epochs} must be >= 1", "use e.g. 10 (NAD)")
     if cfg.variant not in AT_VARIANTS:
         raise unknown_name("attention-transfer variant", cfg.variant, AT_VARIANTS)
+    if not cfg.p > 0:
+        raise KDGuardError(f"nad.p={cfg.p!r} must be > 0", "use nad.p=2 as in NAD")
     ctx = prepare_defense(job)
     ds = ctx.data.train
     if cfg.student:

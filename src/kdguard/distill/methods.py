@@ -123,6 +123,13 @@ def _fitnet(ctx: BuildContext, *, connector: str = "auto", reduction: str = "mea
          source="Zagoruyko & Komodakis, ICLR 2017", needs=("features",), features="stages",
          stages="all", weight=1000.0, aliases=("attention",))
 def _at(ctx: BuildContext, *, variant: str = "zagoruyko", p: float = 2.0) -> DistillTerm:
+    # checked here, not at the first batch: the losses only see p when training has started
+    if not isinstance(p, (int, float)) or isinstance(p, bool) or not p > 0:
+        raise KDGuardError(f"AT exponent p {p!r} must be a number > 0", "use kd.options.p=2 as in the paper")
+    from ..losses.attention import AT_VARIANTS
+    if variant in AT_VARIANTS and not AT_VARIANTS[variant].absolute and float(p) != int(p):
+        raise KDGuardError(f"AT variant {variant!r} raises signed features to p={p!r}, which needs an integer p",
+                           "use an integer kd.options.p, or kd.options.variant=nad (absolute values)")
     return ATTerm(variant=variant, p=p)
 
 
@@ -152,6 +159,10 @@ def _pkt(ctx: BuildContext, *, reduction: str = "mean") -> DistillTerm:
          source="Peng et al., ICCV 2019; Knowledge-Distillation-Zoo settings", needs=("penultimate",),
          features="penultimate", stages="last", weight=100.0)
 def _cc(ctx: BuildContext, *, gamma: float = 0.4, order: int = 2, kernel: str = "taylor") -> DistillTerm:
+    if not isinstance(gamma, (int, float)) or isinstance(gamma, bool) or not gamma > 0:
+        raise KDGuardError(f"CC kernel width gamma {gamma!r} must be a number > 0", "use kd.options.gamma=0.4")
+    if not isinstance(order, int) or isinstance(order, bool) or order < 0:
+        raise KDGuardError(f"CC Taylor order {order!r} must be an integer >= 0", "use kd.options.order=2")
     return CCTerm(gamma=gamma, order=order, kernel=kernel)
 
 
@@ -168,6 +179,8 @@ def _correlation(ctx: BuildContext, *, embed_dim: int = 128, train_teacher_embed
          source="Huang & Wang 2017 (arXiv:1707.01219); RepDistiller", needs=("features",),
          features="stages", stages="all", weight=50.0)
 def _nst(ctx: BuildContext, *, degree: int = 2, c: float = 0.0, full: bool = True) -> DistillTerm:
+    if not isinstance(degree, int) or isinstance(degree, bool) or degree < 1:
+        raise KDGuardError(f"NST polynomial degree {degree!r} must be an integer >= 1", "use kd.options.degree=2")
     return NSTTerm(degree=degree, c=c, full=full)
 
 
@@ -230,7 +243,7 @@ def _crd(ctx: BuildContext, *, embed_dim: int = 128, nce_k: int = 16384, tempera
          momentum: float = 0.5, dataset_labels: torch.Tensor | None = None) -> DistillTerm:
     if ctx.dataset_size is None:
         raise KDGuardError("CRD needs the training-set size for its memory bank",
-                           "pass dataset_size=len(train_set) to build_distiller")
+                           "call build_distiller(..., dataset_size=len(train_set))")
     return CRDTerm(ctx.s_shapes, ctx.t_shapes, dataset_size=ctx.dataset_size, embed_dim=embed_dim,
                    nce_k=nce_k, temperature=temperature, momentum=momentum, dataset_labels=dataset_labels)
 
@@ -315,16 +328,18 @@ def _default_paths(model: nn.Module, kind: str, role: str) -> list[str]:
     except ImportError:
         raise KDGuardError(f"no default {kind} feature paths for the {role} ({type(model).__name__}): "
                            "kdguard.models.stages is unavailable",
-                           f"pass {role}_paths=[...] with module paths from model.named_modules()") from None
+                           f"give {role}_paths (kd.options.{role}_paths=[...] in a distill job): module paths "
+                           "from model.named_modules()") from None
     try:
         paths = list(stage_paths(model, kind))
     except KDGuardError as e:
         raise KDGuardError(f"no default {kind} feature paths for the {role} ({type(model).__name__}): "
                            f"{e.problem}",
-                           f"pass {role}_paths=[...] with module paths from model.named_modules()") from None
+                           f"give {role}_paths (kd.options.{role}_paths=[...] in a distill job): module paths "
+                           "from model.named_modules()") from None
     if not paths:
         raise KDGuardError(f"the {role} ({type(model).__name__}) has no {kind} feature paths",
-                           f"pass {role}_paths=[...]")
+                           f"give {role}_paths (kd.options.{role}_paths=[...] in a distill job)")
     return paths
 
 
@@ -345,7 +360,7 @@ def _paths_for(name: str, meta: dict, model: nn.Module, given: PathSpec, role: s
         return _select(_default_paths(model, meta["features"], role), meta["stages"])
     if isinstance(given, str):
         raise KDGuardError(f"{role}_paths {given!r} is a string, not a list of module paths",
-                           f"write {role}_paths=[{given!r}]")
+                           f"write it as a list: kd.options.{role}_paths=[{given!r}] in a distill job")
     return list(given)
 
 
@@ -427,7 +442,7 @@ def _check_logits(s_out: tuple[int, ...], t_out: tuple[int, ...], num_classes: i
             if out != (num_classes,):
                 raise KDGuardError(f"the {role} outputs shape {out} per sample, expected "
                                    f"({num_classes},) logits",
-                                   f"build the {role} with num_classes={num_classes}")
+                                   f"build the {role} with build_model(..., num_classes={num_classes})")
     if logit_terms and s_out != t_out:
         raise KDGuardError(f"student and teacher logits differ in shape: {s_out} vs {t_out}",
                            "logit distillation needs both models to predict the same classes")

@@ -96,10 +96,10 @@ def attention_map(fm: torch.Tensor, p: float = 2.0, *, reduce: str = "mean", nor
     """
     check_dims("attention-transfer feature map", fm, (4,))
     if p <= 0:
-        raise KDGuardError(f"attention exponent p={p!r} must be > 0", "use p=2 as in the paper")
+        raise KDGuardError(f"attention exponent p={p!r} must be > 0", "use attention_map(fm, p=2) as in the paper")
     if not absolute and float(p) != int(p):  # a fractional power of a negative value is NaN
         raise KDGuardError(f"attention exponent p={p!r} without abs needs an integer p",
-                           "use an integer p or absolute=True (variant 'nad' or 'paper')")
+                           "use an integer p, or the absolute value |A|^p of variant 'nad' or 'paper'")
     if reduce not in REDUCES:
         raise KDGuardError(f"unknown attention reduce {reduce!r}", "use 'mean' or 'sum'")
     if normalize not in NORMALIZATIONS:

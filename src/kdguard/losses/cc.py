@@ -50,11 +50,11 @@ def correlation_matrix(f: torch.Tensor, *, gamma: float = 0.4, order: int = 2,
         KDGuardError: γ ≤ 0, P < 0 or an unknown kernel.
     """
     if gamma <= 0:
-        raise KDGuardError(f"CC kernel width gamma={gamma!r} must be > 0", "use gamma=0.4")
+        raise KDGuardError(f"CC kernel width gamma={gamma!r} must be > 0", "use correlation_matrix(f, gamma=0.4)")
     if kernel not in KERNELS:
         raise KDGuardError(f"unknown CC kernel {kernel!r}", "use 'taylor' or 'rbf'")
     if kernel == "taylor" and (not isinstance(order, int) or order < 0):
-        raise KDGuardError(f"CC Taylor order {order!r} must be an integer >= 0", "use order=2")
+        raise KDGuardError(f"CC Taylor order {order!r} must be an integer >= 0", "use correlation_matrix(f, order=2)")
     x = F.normalize(f.float().flatten(1), p=2.0, dim=1)
     sim = x @ x.t()
     if kernel == "rbf":

@@ -50,7 +50,8 @@ def nst_loss(fs: torch.Tensor, ft: torch.Tensor, *, degree: int = 2, c: float = 
     check_dims("teacher NST features", ft, (4,))
     check_same_batch(fs, ft)
     if not isinstance(degree, int) or degree < 1:
-        raise KDGuardError(f"NST polynomial degree {degree!r} must be an integer >= 1", "use degree=2")
+        raise KDGuardError(f"NST polynomial degree {degree!r} must be an integer >= 1",
+                           "use nst_loss(fs, ft, degree=2)")
     fs, ft = match_spatial(fs, ft)
     s = F.normalize(fs.float().flatten(2), p=2.0, dim=2)
     t = F.normalize(ft.float().flatten(2), p=2.0, dim=2)

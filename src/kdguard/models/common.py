@@ -97,8 +97,8 @@ class Normalize(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != self.channels:
             fix = ("add a batch dimension with x.unsqueeze(0)" if x.dim() == 3 else
-                   f"pass {self.channels}-channel images, or build the model with "
-                   f"in_channels={x.shape[1] if x.dim() == 4 else '<C>'}")
+                   f"pass {self.channels}-channel images, or build the model with build_model(..., "
+                   f"in_channels={x.shape[1] if x.dim() == 4 else '<C>'})")
             raise KDGuardError(
                 f"model input has shape {tuple(x.shape)}, expected N×{self.channels}×H×W", fix)
         if not x.is_floating_point():

@@ -23,7 +23,8 @@ from typing import Any, Optional
 
 from omegaconf import MISSING
 
-from ..config import OptimConfig, TrainConfig
+from ..config import OptimConfig, TeacherSpec, TrainConfig
+from ..errors import KDGuardError
 from .augment import SimCLRAugment
 
 
@@ -67,6 +68,25 @@ class AugmentConfig:
     jitter_p: float = 0.8
     gray_p: float = 0.2
 
+    def check_settings(self, key: str = "augment") -> None:
+        """Check the ranges under the dotted ``key`` before a run starts (the augmentation itself
+        checks them only when first applied, mid-training).
+
+        Raises:
+            KDGuardError: naming the first bad setting.
+        """
+        scale = list(self.crop_scale)
+        if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
+            raise KDGuardError(f"{key}.crop_scale={scale} is not [low, high] with 0 < low <= high <= 1",
+                               f"set e.g. {key}.crop_scale=[0.08,1.0]")
+        for name in ("brightness", "contrast", "saturation"):
+            if not getattr(self, name) >= 0:
+                raise KDGuardError(f"{key}.{name}={getattr(self, name)!r} is negative", f"set e.g. {key}.{name}=0.4")
+        for name, high, example in (("hue", 0.5, "0.1"), ("jitter_p", 1.0, "0.8"), ("gray_p", 1.0, "0.2")):
+            if not 0 <= getattr(self, name) <= high:
+                raise KDGuardError(f"{key}.{name}={getattr(self, name)!r} is outside [0, {high:g}]",
+                                   f"set e.g. {key}.{name}={example}")
+
     def build(self, crop: bool = True) -> SimCLRAugment:
         return SimCLRAugment(crop=crop, scale=(float(self.crop_scale[0]), float(self.crop_scale[1])),
                              hflip=self.hflip, brightness=self.brightness, contrast=self.contrast,
@@ -84,6 +104,13 @@ class PretrainJob:
     knn_k: int = 200                       # kNN monitor after training (BadEncoder: k = 200, t = 0.5); 0 = skip
     seed: int = 0
     out: str = "runs/ssl/pretrain"
+
+    def check_settings(self, key: str = "") -> None:
+        """Raise :class:`KDGuardError` for a temperature <= 0 or a negative ``knn_k``."""
+        if not self.temperature > 0:
+            raise KDGuardError(f"temperature={self.temperature!r} must be > 0", "set e.g. temperature=0.5")
+        if self.knn_k < 0:
+            raise KDGuardError(f"knn_k={self.knn_k} is negative", "set knn_k=200, or knn_k=0 to skip the monitor")
 
 
 @dataclass
@@ -161,10 +188,44 @@ class DefenseConfig:
     prune_ratio: float = 0.2               # fine-pruning: share of last-stage channels switched off
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
+    def check_settings(self, key: str = "defense") -> None:
+        """Check the ranges under the dotted ``key`` before a run starts (the teachers and the
+        warm-up student are trained before the distillation would reject them).
+
+        Raises:
+            KDGuardError: naming the first bad setting.
+        """
+        checks = (
+            ("clean_fraction", 0 < self.clean_fraction <= 1, "is outside (0, 1]", "0.05"),
+            ("temperature", self.temperature > 0, "must be > 0", "0.5"),
+            ("output_weight", self.output_weight >= 0, "must be >= 0", "0"),
+            ("prune_ratio", 0 <= self.prune_ratio < 1, "is outside [0, 1)", "0.2"),
+            ("stage_weights", all(w >= 0 for w in self.stage_weights or ()), "must be weights >= 0", "null"),
+            ("nad_betas", all(b >= 0 for b in self.nad_betas), "must be weights >= 0", "[]"),
+        )
+        for name, ok, rule, example in checks:
+            if not ok:
+                raise KDGuardError(f"{key}.{name}={getattr(self, name)!r} {rule}", f"set e.g. {key}.{name}={example}")
+
+    def check_loss_options(self, losses: list[str], key: str = "defense") -> None:
+        """Raise :class:`KDGuardError` unless every loss of ``losses`` is known and accepts
+        ``loss_options`` (names, variant, ranges)."""
+        from .stage_losses import LOSSES, check_options
+
+        for loss in losses:
+            spec = LOSSES.get(loss)
+            try:
+                check_options(spec.name, dict(self.loss_options))
+            except KDGuardError as e:
+                raise KDGuardError(f"{key}.loss_options for loss {spec.name!r}: {e.problem}",
+                                   f"{e.fix} ({key}.loss_options.NAME=VALUE; options of {spec.name}: "
+                                   f"{', '.join(spec.options) or 'none'})") from None
+
 
 @dataclass
 class DefendJob:
     encoder: str = MISSING                 # the poisoned SSL checkpoint
+    teacher_spec: TeacherSpec = field(default_factory=TeacherSpec)  # for a bare encoder weights file
     data: SSLDataConfig = field(default_factory=SSLDataConfig)  # where the clean subset comes from
     teacher: str = "finetuned"             # poisoned | finetuned | nad | fine_pruning (paper 1's best: fine-tuned)
     student: str = "warmup"                # random | warmup | poisoned (paper 1's best: warm-up)
@@ -175,10 +236,15 @@ class DefendJob:
     seed: int = 0
     out: str = "runs/ssl/defend"
 
+    def check_settings(self, key: str = "") -> None:
+        """Raise :class:`KDGuardError` for a loss that does not take ``defense.loss_options``."""
+        self.defense.check_loss_options([self.loss])
+
 
 @dataclass
 class GridJob:
     encoder: str = MISSING                 # the poisoned SSL checkpoint
+    teacher_spec: TeacherSpec = field(default_factory=TeacherSpec)  # for a bare encoder weights file
     clean_encoder: Optional[str] = None    # optional clean checkpoint for a reference row
     data: SSLDataConfig = field(default_factory=SSLDataConfig)
     teachers: list[str] = field(default_factory=lambda: ["poisoned", "finetuned", "nad", "fine_pruning"])
@@ -194,3 +260,12 @@ class GridJob:
     ca_cost_goal: float = 0.04             # ... at a mean CA cost (vs the poisoned encoder) of at most this
     seed: int = 0
     out: str = "runs/ssl/grid"
+
+    def check_settings(self, key: str = "") -> None:
+        """Raise :class:`KDGuardError` for goals outside [0, 1] or a loss that does not take
+        ``defense.loss_options`` (they apply to every loss of the grid)."""
+        for name in ("asr_goal", "ca_cost_goal"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise KDGuardError(f"{name}={getattr(self, name)!r} is outside [0, 1]",
+                                   f"set e.g. {name}={getattr(GridJob, name)}")
+        self.defense.check_loss_options(list(self.losses))

@@ -268,7 +268,7 @@ def prepare_teacher(kind: str, poisoned: SSLModel, images: torch.Tensor, cfg: De
 
     def build(d: Path) -> SSLModel:  # fine_pruning
         model = clone_model(poisoned)
-        device = resolve_device(cfg.finetune.device)
+        device = resolve_device(cfg.finetune.device, setting="defense.finetune.device")
         pruned = prune_last_stage(model, images, cfg.prune_ratio, device=device)
         (d / "pruned_channels.json").write_text(json.dumps(pruned.tolist()))
         train_simclr(model, images, cfg.finetune, augment=augment, temperature=cfg.temperature,

@@ -171,7 +171,8 @@ def run_grid(job: GridJob) -> GridResult:
     out = prepare_run(job.out, job, job.seed, parents=("encoder", "clean_encoder"),
                       volatile=("teachers", "students", "losses", "cells", "probe_teachers",
                                 "probe_students", "datasets", "asr_goal", "ca_cost_goal"))
-    poisoned, manifest = load_ssl_model(job.encoder)
+    poisoned, manifest = load_ssl_model(job.encoder, job.teacher_spec)
+    clean_model = load_ssl_model(job.clean_encoder)[0] if job.clean_encoder else None  # fail before probing
     targets = targets_from_manifest(manifest)
     shape = tuple(poisoned.encoder.input_shape)
     pool = load_split(job.data.name, "train", job.data.root, shape, limit=job.data.limit, seed=job.seed)
@@ -189,8 +190,7 @@ def run_grid(job: GridJob) -> GridResult:
     poisoned_results = probe(out / "baselines" / "poisoned", poisoned.encoder)
     reference = summarize(poisoned_results)
     rows = [_row("poisoned encoder", "baseline", poisoned_results, None, job)]
-    if job.clean_encoder:
-        clean_model, _ = load_ssl_model(job.clean_encoder)
+    if clean_model is not None:
         rows.insert(0, _row("clean encoder", "baseline", probe(out / "baselines" / "clean", clean_model.encoder),
                             reference, job))
     prep = out / "prep"

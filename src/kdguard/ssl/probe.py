@@ -204,7 +204,7 @@ def probe_encoder(encoder: Encoder, train: ImageDataset, test: ImageDataset, *,
     if target is not None and not 0 <= target.target < test.num_classes:
         raise KDGuardError(f"backdoor target class {target.target} is not a class of {test.name!r}",
                            f"give a class index below {test.num_classes}")
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, setting="probe.device")
     kw = dict(batch_size=cfg.feature_batch_size, device=device, normalize=cfg.normalize)
     head = train_probe(extract_features(encoder, train.images, **kw), train.labels, train.num_classes,
                        cfg, seed=seed, device=device)
@@ -233,7 +233,8 @@ def knn_accuracy(encoder: Encoder, memory: ImageDataset, test: ImageDataset, *, 
         KDGuardError: ``k`` < 1 or ``temperature`` ≤ 0.
     """
     if k < 1 or temperature <= 0:
-        raise KDGuardError(f"kNN k={k}, t={temperature} must be positive", "use k=200, temperature=0.5")
+        raise KDGuardError(f"kNN k={k}, t={temperature} must be positive",
+                           "use knn_accuracy(..., k=200, temperature=0.5)")
     shape = tuple(encoder.input_shape)
     memory, test = adapt_dataset(memory, shape), adapt_dataset(test, shape)
     bank = extract_features(encoder, memory.images, batch_size=batch_size, device=device)

@@ -118,12 +118,32 @@ def default_stage_weights(loss: str, num_stages: int) -> list[float]:
     return [spec.weight] * num_stages
 
 
+_VARIANTS = {"at": tuple(AT_VARIANTS), "cc": ("kernel", "correlation"), "sp": ("standard", "output")}
+
+
 def _options(spec: LossSpec, given: dict[str, Any]) -> dict[str, Any]:
     unknown = sorted(set(given) - set(spec.options))
     if unknown:
         raise KDGuardError(f"unknown option(s) {', '.join(map(repr, unknown))} for loss {spec.name!r}",
                            f"its options are: {', '.join(spec.options) or 'none'}")
     return {**spec.options, **given}
+
+
+def check_options(loss: str, given: dict[str, Any]) -> dict[str, Any]:
+    """The options of ``loss`` with ``given`` applied: its defaults overridden, names and variant
+    checked (without building the loss).
+
+    Raises:
+        KDGuardError: unknown loss, option or variant, or AFD's ``att_f`` outside (0, 64].
+    """
+    spec = LOSSES.get(loss)
+    opts = _options(spec, dict(given))
+    allowed = _VARIANTS.get(spec.name)
+    if allowed and opts["variant"] not in allowed:
+        raise KDGuardError(f"unknown {spec.name} variant {opts['variant']!r}", f"use one of {', '.join(allowed)}")
+    if spec.name == "afd":
+        check_range("AFD att_f", float(opts["att_f"]), 0.0, 64.0, low_open=True)
+    return opts
 
 
 class StageLoss(nn.Module):
@@ -147,7 +167,7 @@ class StageLoss(nn.Module):
         super().__init__()
         self.spec = LOSSES.get(loss)
         self.loss = self.spec.name
-        self.opts = _options(self.spec, dict(options or {}))
+        self.opts = check_options(self.loss, dict(options or {}))
         s_shapes = [tuple(s) for s in s_shapes]
         t_shapes = [tuple(t) for t in t_shapes]
         if len(s_shapes) != len(t_shapes):
@@ -163,15 +183,10 @@ class StageLoss(nn.Module):
         self.weights = [float(w) for w in weights]
         self._check_variant()
         if self.loss == "afd":
-            check_range("AFD att_f", float(self.opts["att_f"]), 0.0, 64.0, low_open=True)
             self.attention = nn.ModuleList(ChannelAttention(t[0], float(self.opts["att_f"])) for t in t_shapes)
             self.attention.requires_grad_(bool(self.opts["train_attention"]))
 
     def _check_variant(self) -> None:
-        allowed = {"at": tuple(AT_VARIANTS), "cc": ("kernel", "correlation"), "sp": ("standard", "output")}
-        if self.loss in allowed and self.opts["variant"] not in allowed[self.loss]:
-            raise KDGuardError(f"unknown {self.loss} variant {self.opts['variant']!r}",
-                               f"use one of {', '.join(allowed[self.loss])}")
         if self.loss == "sp" and self.opts["variant"] == "output" and any(self.weights):
             raise KDGuardError("sp variant 'output' uses no stage term but stage weights are non-zero",
                                "set defense.stage_weights to zeros and defense.output_weight=1")

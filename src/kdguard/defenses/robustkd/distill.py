@@ -73,7 +73,8 @@ def _preset(model: nn.Module, kind: str, role: str) -> list[str]:
         return list(stage_paths(model, kind))
     except KDGuardError as e:
         raise KDGuardError(f"no default {kind} feature paths for the {role}: {e.problem}",
-                           f"pass {role}_paths=[...] with module paths from model.named_modules()") from None
+                           f"give {role}_paths (distill.{role}_paths=[...] in a robustkd job): module paths "
+                           "from model.named_modules()") from None
 
 
 def align_stages(s_paths: Sequence[str], s_shapes: Sequence[Sequence[int]], t_paths: Sequence[str],
@@ -96,7 +97,8 @@ def align_stages(s_paths: Sequence[str], s_shapes: Sequence[Sequence[int]], t_pa
         same = [sp for sp, ss in zip(s_paths, s_shapes) if tuple(ss[1:]) == tuple(ts[1:])]
         if not same:
             raise KDGuardError(f"no student stage has the resolution {tuple(ts[1:])} of teacher stage {tp!r}",
-                               "pass student_paths and teacher_paths explicitly (same number, aligned)")
+                               "give student_paths and teacher_paths, the same number, aligned (distill.student_paths "
+                               "and distill.teacher_paths in a robustkd job)")
         pairs.append((same[-1], tp))
     return pairs
 

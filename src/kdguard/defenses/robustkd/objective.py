@@ -174,7 +174,7 @@ class DetoxObjective:
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and 0 < v <= 1):
                 raise KDGuardError(f"detox {name}={v!r} is outside (0, 1]",
-                                   "give it in [0, 1] pixel units, e.g. epsilon=0.2, adversarial_step=0.02")
+                                   "give it in [0, 1] pixel units, e.g. detox.epsilon=0.2, detox.adversarial_step=0.02")
         if self.adversarial_against not in ADVERSARIAL_AGAINST:
             raise KDGuardError(f"unknown detox adversarial_against {self.adversarial_against!r}",
                                f"use one of: {', '.join(ADVERSARIAL_AGAINST)}")
@@ -230,12 +230,12 @@ class DetoxObjective:
         if self.ce_weight > 0:
             if labels is None:
                 raise KDGuardError("the detox objective's CE term needs labels",
-                                   "pass the clean labels or set ce_weight=0")
+                                   "pass the clean labels or use DetoxObjective(..., ce_weight=0)")
             losses["ce"] = self.ce_weight * F.cross_entropy(detox_logits.float(), labels)
         if self.kd_weight > 0:
             if teacher_logits is None:
                 raise KDGuardError("the detox objective's KD term needs the original teacher's logits",
-                                   "pass teacher_logits or set kd_weight=0")
+                                   "pass teacher_logits or use DetoxObjective(..., kd_weight=0)")
             losses["kd"] = self.kd_weight * kd_loss(detox_logits, teacher_logits.detach(),
                                                    temperature=self.temperature)
         missing = [p for p in masks if p not in stats]
@@ -250,7 +250,7 @@ class DetoxObjective:
             if adversarial_logits is None or teacher_logits is None:
                 raise KDGuardError("the detox objective's adversarial term needs the detoxified teacher's "
                                    "logits on x + δ and the original teacher's logits",
-                                   "run it through detoxify(), or set adversarial_weight=0")
+                                   "run it through detoxify(), or use DetoxObjective(..., adversarial_weight=0)")
             losses["adversarial"] = self.adversarial_weight * kd_loss(
                 adversarial_logits, teacher_logits.detach(), temperature=self.temperature)
         return losses
@@ -275,7 +275,7 @@ class DetoxObjective:
         if self.feature_variance_weight > 0:
             if features is None or any(p not in features for p in masks):
                 raise KDGuardError("the 'variance' detox objective needs the detoxified features",
-                                   "attach the detoxification with record=True")
+                                   "attach the detoxification with detox.attach(model, record=True)")
             terms = []
             for path in masks:
                 f = features[path].float()

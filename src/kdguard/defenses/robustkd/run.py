@@ -317,7 +317,7 @@ def run_trigger_job(job: TriggerJob) -> tuple[Path, RobustKDBlend]:
     result = optimize_blend_trigger(
         model, images, paths=job.paths, top_fraction=job.top_fraction, max_mask=job.max_mask,
         epochs=job.epochs, batch_size=job.batch_size, lr=job.lr, normalize_stages=job.normalize_stages,
-        device=resolve_device(job.device), seed=job.seed, progress=job.progress)
+        device=resolve_device(job.device, setting="device"), seed=job.seed, progress=job.progress)
     trigger = result.trigger
     path = trigger.save(out / "trigger.safetensors")
     spread = torch.linspace(0, len(images) - 1, min(6, len(images))).long()  # not all from one class

@@ -88,10 +88,11 @@ class RobustKDBlend(Trigger):
         self.max_mask = as_float(self.name, "max_mask", max_mask, 0.0, 1.0, low_open=True)
         if file is not None and (pattern is not None or mask is not None):
             raise KDGuardError("robustkd_blend got both a file and pattern/mask values",
-                               "give either file=... or pattern=... and mask=...")
+                               "give either attack.params.file=... or attack.params.pattern=... and "
+                               "attack.params.mask=...")
         if (pattern is None) != (mask is None):
             raise KDGuardError("robustkd_blend needs both pattern and mask (or neither)",
-                               "give both, or load them with file=...")
+                               "give both, or load them with attack.params.file=...")
         if file is not None:
             pattern, mask = self._read(Path(file))
         elif pattern is None:

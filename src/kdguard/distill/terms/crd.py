@@ -46,7 +46,8 @@ class ContrastMemory(nn.Module):
         super().__init__()
         if not isinstance(n_data, int) or n_data < 2:
             raise KDGuardError(f"CRD dataset_size {n_data!r} must be an integer >= 2",
-                               "pass the number of training samples (dataset_size=len(train_set))")
+                               "pass the number of training samples, e.g. "
+                               "CRDTerm(..., dataset_size=len(train_set))")
         if not isinstance(nce_k, int) or nce_k < 1:
             raise KDGuardError(f"CRD nce_k {nce_k!r} must be an integer >= 1", "use 16384 (paper)")
         if temperature <= 0 or not 0 <= momentum < 1:

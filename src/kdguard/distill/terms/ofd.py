@@ -75,8 +75,9 @@ def teacher_margins(teacher: nn.Module, teacher_paths: Sequence[str], channels: 
         if found is None:
             raise KDGuardError(
                 f"OFD found no affine BatchNorm with {c} channels for teacher feature {path!r}",
-                "tap the pre-ReLU BatchNorm outputs, pass margin_paths=[...] naming the BN before "
-                "each ReLU, or use margin='none'")
+                "tap the pre-ReLU BatchNorm outputs, name the BN before each ReLU in margin_paths "
+                "(kd.options.margin_paths=[...] in a distill job), or turn the margin off "
+                "(kd.options.margin=none; distill.margin=none in a robustkd job)")
         margins.append(ofd_margin(found[1].weight, found[1].bias))
     return margins
 
