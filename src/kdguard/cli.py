@@ -65,6 +65,26 @@ def command(name: str) -> Callable[[F], F]:
 OVERRIDES = typer.Argument(None, help="Config overrides as key=value, e.g. train.epochs=30 model=resnet20")
 CONFIG = typer.Option(None, "--config", "-c", help="YAML config file")
 DATA_ROOT = typer.Option(None, "--data-root", help="Directory holding the datasets (sets data.root)")
+TEACHER_ARCH = typer.Option(
+    None, "--teacher-arch", "--arch",
+    help="Architecture of a bare weights file: a registry name (kdguard list), wrn-D-K, or "
+         "pkg.module:factory from your own code (sets teacher_spec.arch; never read from a file)")
+NUM_CLASSES = typer.Option(None, "--num-classes", help="Classes of a bare weights file's model "
+                                                       "(sets teacher_spec.num_classes)")
+IN_CHANNELS = typer.Option(None, "--in-channels", help="Input channels of a bare weights file's model, 1 or 3 "
+                                                       "(sets teacher_spec.in_channels)")
+INPUT_NORM = typer.Option(
+    None, "--teacher-input-norm", "--input-norm",
+    help="For a model that expects normalised tensors: MEAN/STD (e.g. 0.4914,0.4822,0.4465/0.247,0.2435,0.2616) "
+         "or imagenet|cifar10|half; kdguard feeds it (x-mean)/std of [0,1] images (sets teacher_spec.input_norm)")
+
+
+def teacher_spec_overrides(arch: Optional[str], num_classes: Optional[int], in_channels: Optional[int],
+                           input_norm: Optional[str]) -> list[str]:
+    """``teacher_spec.*=`` overrides for the bare-weights options that were given."""
+    values = {"teacher_spec.arch": arch, "teacher_spec.num_classes": num_classes,
+              "teacher_spec.in_channels": in_channels, "teacher_spec.input_norm": input_norm}
+    return [f"{k}={v}" for k, v in values.items() if v is not None]
 
 
 def _overrides(items: Optional[list[str]], **extra: Optional[str]) -> list[str]:
@@ -74,8 +94,10 @@ def _overrides(items: Optional[list[str]], **extra: Optional[str]) -> list[str]:
 
 
 def _print_metrics(metrics: dict) -> None:
-    keys = ("ca", "asr", "asr_all", "ra")
-    console.print("  ".join(f"{k.upper()}={100 * metrics[k]:.2f}%" for k in keys if metrics.get(k) is not None))
+    """One line: CA, ASR with its no-trigger rate beside it, ASR-all, RA (in %)."""
+    labels = {"ca": "CA", "asr": "ASR", "asr_no_trigger": "no-trigger", "asr_all": "ASR_ALL", "ra": "RA"}
+    console.print("  ".join(f"{label}={100 * metrics[k]:.2f}%" for k, label in labels.items()
+                            if metrics.get(k) is not None))
 
 
 @command("train-teacher")
@@ -97,12 +119,16 @@ def distill_cmd(overrides: Optional[list[str]] = OVERRIDES, config: Optional[Pat
                 method: Optional[str] = typer.Option(
                     None, "--method", help="KD method (kd, at, ofd, ...) or a data-free one (zskt, dfad, dafl, "
                                            "deepinv, cmi, ood)"),
-                data_root: Optional[str] = DATA_ROOT) -> None:
+                data_root: Optional[str] = DATA_ROOT, teacher_arch: Optional[str] = TEACHER_ARCH,
+                num_classes: Optional[int] = NUM_CLASSES, in_channels: Optional[int] = IN_CHANNELS,
+                teacher_input_norm: Optional[str] = INPUT_NORM) -> None:
     """Distil a student from a teacher checkpoint: on clean data, or data-free (--method zskt ...)."""
     from .commands.datafree import datafree_method_requested, distill_datafree_from_cli
     from .config import DistillJob, build_config
     from .pipeline import distill
 
+    overrides = [*(overrides or []),
+                 *teacher_spec_overrides(teacher_arch, num_classes, in_channels, teacher_input_norm)]
     if datafree_method_requested(overrides, method):
         distill_datafree_from_cli(overrides, config, teacher=teacher, method=method, data_root=data_root)
         return
@@ -132,10 +158,14 @@ def evaluate_cmd(
         None, help="Use the attack (trigger, target, parameters) of another run, e.g. a clean model "
                    "tested against a poisoned teacher's trigger"),
     as_json: bool = typer.Option(False, "--json", help="Print the metrics object as JSON"),
+    arch: Optional[str] = TEACHER_ARCH, num_classes: Optional[int] = NUM_CLASSES,
+    in_channels: Optional[int] = IN_CHANNELS, input_norm: Optional[str] = INPUT_NORM,
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N"),
+    bf16: bool = typer.Option(False, "--bf16", help="Evaluate under bf16 autocast (default fp32)"),
 ) -> None:
     """Evaluate a checkpoint: CA, ASR (non-target), ASR-all, RA and counts."""
     from .checkpoint import read_manifest
-    from .config import AttackConfig, DataConfig
+    from .config import AttackConfig, DataConfig, TeacherSpec, TrainConfig
     from .pipeline import attack_from_manifest, evaluate_checkpoint
 
     if attack and attack_from:
@@ -160,7 +190,10 @@ def evaluate_cmd(
                                    "name the trigger with --attack NAME (or --attack-from RUN)")
         attack_cfg.params = _trigger_params(attack_cfg.params, attack_params)
     metrics = evaluate_checkpoint(checkpoint, data_cfg, attack_cfg,
-                                  use_manifest_attack=attack is None and not attack_from and not attack_params)
+                                  use_manifest_attack=attack is None and not attack_from and not attack_params,
+                                  train_cfg=TrainConfig(device=device, amp="on" if bf16 else "off"),
+                                  spec=TeacherSpec(arch=arch, num_classes=num_classes,
+                                                   in_channels=in_channels, input_norm=input_norm))
     if as_json:
         sys.stdout.write(json.dumps(metrics, indent=2) + "\n")
     else:

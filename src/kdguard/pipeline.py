@@ -25,8 +25,9 @@ from typing import Any
 from torch import nn
 
 from .attacks import AttackSpec, backdoor_targets, build_attack, non_target_mask, poison_dataset
-from .checkpoint import load_model, model_spec, save_model
-from .config import AttackConfig, DataConfig, DistillJob, TeacherJob, TrainConfig, to_dict, to_yaml
+from .checkpoint import load_teacher, model_spec, save_model
+from .config import (AttackConfig, DataConfig, DistillJob, TeacherJob, TeacherSpec, TrainConfig, to_dict,
+                     to_yaml)
 from .data import Augment, ImageDataset, load_dataset
 from .distill.base import Distiller, LogitKD
 from .errors import KDGuardError, check_range
@@ -35,6 +36,7 @@ from .metrics import BackdoorMetrics, evaluate_backdoor
 from .models import build_model
 from .runtime import configure_threads, resolve_device, seed_everything, use_bf16, use_channels_last
 from .train import Trainer
+from .trust import refuse_code_from_file
 
 
 @dataclass
@@ -92,8 +94,9 @@ def evaluate_model(model: nn.Module, test: ImageDataset, attack: AttackSpec | No
     """CA/ASR/ASR-all/RA of ``model`` on ``test`` under ``attack`` (one pass)."""
     device = resolve_device(train_cfg.device)
     model.to(device)
+    # fp32 unless bf16 is asked for explicitly: reported metrics must not depend on the CPU
     kw: dict[str, Any] = dict(batch_size=train_cfg.eval_batch_size, device=device,
-                              bf16=use_bf16(train_cfg.amp, device, model),
+                              bf16=str(train_cfg.amp).strip().lower() in ("on", "true") and use_bf16("on", device, model),
                               channels_last=use_channels_last(train_cfg.channels_last, device, model))
     if attack is None:
         return evaluate_backdoor(model, test.images, test.labels, **kw)
@@ -187,10 +190,8 @@ def attack_from_manifest(manifest: dict[str, Any], *, source: str = "the run's m
         raise KDGuardError(f"{source} has a malformed attack record (no config mapping)", fix)
     trigger = rec.get("trigger") if isinstance(rec.get("trigger"), dict) else {}
     for name in (config.get("name"), trigger.get("name")):
-        if isinstance(name, str) and ":" in name:
-            raise KDGuardError(f"{source} names the trigger function {name!r}; kdguard never imports "
-                               "code named by a file",
-                               f"pass attack.name={name} (or --attack {name} for evaluate) on the command line")
+        refuse_code_from_file(name, what="trigger function", source=source,
+                              fix=f"pass attack.name={name} (or --attack {name} for evaluate) on the command line")
     for key, value in config.items():
         allowed = _ATTACK_FIELDS.get(key)
         if allowed is None or isinstance(value, bool) or not isinstance(value, allowed):
@@ -307,7 +308,7 @@ def distill(job: DistillJob) -> RunResult:
     """Distil the teacher checkpoint into a fresh student on a clean share of the training data."""
     t0 = time.perf_counter()
     out = prepare_run(job.out, job, job.seed, parents=("teacher",))
-    teacher, t_manifest = load_model(job.teacher)
+    teacher, t_manifest = load_teacher(job.teacher, job.teacher_spec)
     data = load_splits(job.data, seed=job.seed)
     if t_manifest.get("model", {}).get("num_classes") not in (None, data.train.num_classes):
         raise KDGuardError(
@@ -349,11 +350,19 @@ def distill(job: DistillJob) -> RunResult:
 
 def evaluate_checkpoint(checkpoint: str | Path, data_cfg: DataConfig | None = None,
                         attack_cfg: AttackConfig | None = None, *, use_manifest_attack: bool = True,
-                        train_cfg: TrainConfig | None = None) -> dict[str, Any]:
-    """Evaluate a checkpoint against a dataset's test split and an attack (default: its own)."""
+                        train_cfg: TrainConfig | None = None,
+                        spec: TeacherSpec | None = None) -> dict[str, Any]:
+    """Evaluate a checkpoint against a dataset's test split and an attack (default: its own).
+
+    ``spec`` describes a bare weights file (architecture, classes, channels, input normalisation).
+    The evaluation runs in fp32 unless ``train_cfg.amp`` is ``"on"``.
+
+    Raises:
+        KDGuardError: as :func:`kdguard.checkpoint.load_model`; no dataset known; a bad attack.
+    """
     train_cfg = train_cfg or TrainConfig()
     resolve_device(train_cfg.device, setting="--device")  # `kdguard evaluate --device`: fail before loading
-    model, manifest = load_model(checkpoint)
+    model, manifest = load_teacher(checkpoint, spec)
     if data_cfg is None:
         name = manifest.get("dataset", {}).get("name")
         if not name:

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..attacks import AttackSpec
-from ..checkpoint import load_model, model_spec, save_model
+from ..checkpoint import load_teacher, model_spec, save_model
 from ..config import AttackConfig, TrainConfig, to_dict
 from ..data import ImageDataset, load_dataset
 from ..errors import KDGuardError
@@ -145,7 +145,7 @@ def prepare_datafree(job: DataFreeJob) -> DataFreeSetup:
         KDGuardError: unreadable teacher, no dataset named, or a teacher that does not match
             the dataset's classes or channels.
     """
-    teacher, t_manifest = load_model(job.teacher)
+    teacher, t_manifest = load_teacher(job.teacher, job.teacher_spec)
     dataset = job.data.name or t_manifest.get("dataset", {}).get("name")
     if not dataset:
         raise KDGuardError("the teacher's manifest names no dataset", "set data.name=NAME")

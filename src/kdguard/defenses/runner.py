@@ -18,7 +18,7 @@ from typing import Any
 from torch import nn
 
 from ..attacks import AttackSpec
-from ..checkpoint import load_model, model_spec, read_manifest, save_model
+from ..checkpoint import load_teacher, model_spec, read_manifest, save_model
 from ..config import AttackConfig, TrainConfig, to_dict
 from ..data import ImageDataset
 from ..errors import KDGuardError, check_range
@@ -32,9 +32,11 @@ from .config import AUTO_DATASET, DefenseJob
 
 def _check_model_dir(job: DefenseJob) -> dict[str, Any]:
     manifest = read_manifest(job.model)  # raises for a missing path / directory without weights
-    if not manifest or not manifest.get("model", {}).get("arch"):
+    model_entry = manifest.get("model") if isinstance(manifest.get("model"), dict) else {}
+    if not model_entry.get("arch") and not job.teacher_spec.arch:
         raise KDGuardError(f"model {job.model!r} has no manifest.json naming its architecture",
-                           "point model= (--model) to a kdguard run directory from train-teacher or distill")
+                           "point --model to a kdguard run directory, or pass --teacher-arch NAME "
+                           "--num-classes K for a bare weights file")
     if Path(job.out).resolve() == Path(job.model).resolve():
         raise KDGuardError(f"out={job.out!r} is the poisoned model's own directory",
                            "write the defended model to another directory (out=...)")
@@ -125,7 +127,7 @@ def prepare_defense(job: DefenseJob) -> DefenseContext:
         job.data = replace(job.data, name=name)
     out = prepare_run(job.out, job, job.seed, parents=("model",))
 
-    model, manifest = load_model(job.model)
+    model, manifest = load_teacher(job.model, job.teacher_spec)
     data = load_splits(job.data, seed=job.seed)
     k_model = manifest["model"].get("num_classes")
     if k_model != data.train.num_classes:

@@ -130,6 +130,7 @@ class TargetConfig:
 @dataclass
 class BadEncoderJob:
     encoder: str = MISSING                 # clean SSL checkpoint (run directory of ssl-pretrain)
+    teacher_spec: TeacherSpec = field(default_factory=TeacherSpec)  # for a bare encoder weights file
     shadow: SSLDataConfig = field(default_factory=SSLDataConfig)  # BadEncoder CIFAR-10: the whole train split
     targets: list[TargetConfig] = field(default_factory=lambda: [TargetConfig()])
     lambda1: float = 1.0                   # weight of L1 (reference embeddings kept)
@@ -162,6 +163,7 @@ class ProbeConfig:
 @dataclass
 class ProbeJob:
     encoder: str = MISSING                 # SSL checkpoint to evaluate
+    teacher_spec: TeacherSpec = field(default_factory=TeacherSpec)  # for a bare encoder weights file
     datasets: list[str] = field(default_factory=lambda: ["cifar10", "gtsrb"])
     root: Optional[str] = None
     targets: list[TargetConfig] = field(default_factory=list)  # empty = the attack in the encoder's manifest

@@ -231,7 +231,7 @@ def run_grid(job: GridJob) -> GridResult:
 
 def run_defend(job: DefendJob) -> GridResult:
     """One defence run (a single cell of the grid) plus the poisoned encoder's reference row."""
-    grid = GridJob(encoder=job.encoder, data=job.data, teachers=[job.teacher], students=[job.student],
+    grid = GridJob(encoder=job.encoder, teacher_spec=job.teacher_spec, data=job.data, teachers=[job.teacher], students=[job.student],
                    losses=[job.loss], cells="factorial", probe_teachers=False, probe_students=False,
                    defense=job.defense, datasets=list(job.datasets), probe=job.probe, seed=job.seed, out=job.out)
     return run_grid(grid)

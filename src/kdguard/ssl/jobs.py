@@ -138,7 +138,7 @@ def run_badencoder_job(job: BadEncoderJob) -> SSLResult:
     done = _finished(out, job)
     if done is not None:
         return done
-    clean, clean_manifest = load_ssl_model(job.encoder)
+    clean, clean_manifest = load_ssl_model(job.encoder, job.teacher_spec)
     shape = tuple(clean.encoder.input_shape)
     shadow = load_split(job.shadow.name, "train", job.shadow.root, shape, limit=job.shadow.limit, seed=job.seed)
     targets = build_targets(job.targets, shape, root=job.shadow.root, seed=job.seed)
@@ -237,7 +237,7 @@ def run_probe_job(job: ProbeJob) -> SSLResult:
         KDGuardError: not an SSL checkpoint, unknown datasets or triggers.
     """
     out = prepare_run(job.out, job, job.seed, parents=("encoder",))
-    model, manifest = load_ssl_model(job.encoder)
+    model, manifest = load_ssl_model(job.encoder, job.teacher_spec)
     shape = tuple(model.encoder.input_shape)
     targets = (build_targets(job.targets, shape, root=job.root, with_references=False) if job.targets
                else targets_from_manifest(manifest))

@@ -28,8 +28,8 @@ from omegaconf import MISSING
 from safetensors.torch import save_file
 from torch import nn
 
-from ...checkpoint import load_model, model_spec, save_model
-from ...config import AttackConfig, DataConfig, TrainConfig, to_dict
+from ...checkpoint import load_teacher, model_spec, save_model
+from ...config import AttackConfig, DataConfig, TeacherSpec, TrainConfig, to_dict
 from ...data import ImageDataset
 from ...errors import KDGuardError, check_range
 from ...io import atomic_write, read_json, write_json
@@ -134,6 +134,7 @@ class RobustKDDistillConfig:
 @dataclass
 class RobustKDJob:
     teacher: str = MISSING                 # teacher run directory or weights file
+    teacher_spec: TeacherSpec = field(default_factory=TeacherSpec)  # for a bare weights file
     pair: Optional[str] = None             # a presets.PAIRS name; gives the student when unset
     student: Optional[str] = None          # student architecture (default: the pair's, else resnet8)
     data: DataConfig = field(default_factory=DataConfig)  # name defaults to the teacher's dataset
@@ -202,7 +203,7 @@ def run_robustkd(job: RobustKDJob) -> RunResult:
     student_name = _student_name(job)  # settings are checked before any work is done
     if job.detox.enabled and not job.detox.load:
         job.detox.objective()
-    teacher, t_manifest = load_model(job.teacher)
+    teacher, t_manifest = load_teacher(job.teacher, job.teacher_spec)
     t_dataset = t_manifest.get("dataset", {}).get("name")
     if job.data.name == DEFAULT_DATASET and t_dataset and t_dataset != DEFAULT_DATASET:
         job.data.name = t_dataset  # the teacher's dataset unless one is named
@@ -282,6 +283,7 @@ class TriggerJob:
     """Learn the ``robustkd_blend`` trigger on a clean teacher (``trigger_opt.py``)."""
 
     teacher: str = MISSING                 # a CLEAN teacher run directory or weights file
+    teacher_spec: TeacherSpec = field(default_factory=TeacherSpec)  # for a bare weights file
     data: DataConfig = field(default_factory=DataConfig)  # name defaults to the teacher's dataset
     fraction: float = 0.1                  # share of the training split used (reference: all of it)
     paths: Optional[list[str]] = None      # null = the teacher's stages preset
@@ -306,7 +308,7 @@ def run_trigger_job(job: TriggerJob) -> tuple[Path, RobustKDBlend]:
     Raises:
         KDGuardError: bad settings, an unreadable teacher or a dataset that does not match it.
     """
-    model, manifest = load_model(job.teacher)
+    model, manifest = load_teacher(job.teacher, job.teacher_spec)
     name = manifest.get("dataset", {}).get("name")
     if job.data.name == DEFAULT_DATASET and name and name != DEFAULT_DATASET:
         job.data.name = name
