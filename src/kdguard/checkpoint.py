@@ -314,7 +314,8 @@ def _spec_int(spec: dict[str, Any], key: str, default: int | None, source: str) 
     value = spec.get(key, default)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).strip().isdigit():
+    if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).strip().isdigit() \
+            or int(value) < 1:
         raise KDGuardError(f"{source} gives {key} {value!r}, not a positive integer",
                            f"pass --{key.replace('_', '-')} explicitly")
     return int(value)
@@ -372,13 +373,22 @@ def load_model(path: str | Path, *, arch: str | None = None, num_classes: int | 
     if arch is None:
         refuse_code_from_file(spec.get("arch"), what="architecture", source=source,
                               fix=f"pass --teacher-arch {spec.get('arch')}")
+    for key, value in (("num_classes", num_classes), ("in_channels", in_channels)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            flag = key.replace("_", "-")
+            raise KDGuardError(f"{key} {value!r} is not a positive integer",
+                               f"pass --{flag} with the value the model was built with, e.g. --{flag} "
+                               f"{10 if key == 'num_classes' else 3}")
     for key, value in (("arch", arch), ("num_classes", num_classes), ("in_channels", in_channels),
                        ("mean", mean), ("std", std), ("options", options)):
         if value is not None:
             spec[key] = value
-    if not spec.get("arch") or not spec.get("num_classes"):
+    if not spec.get("arch"):
         raise KDGuardError(f"checkpoint {str(path)!r} has no manifest naming its architecture",
                            "pass --teacher-arch NAME and --num-classes K")
+    if spec.get("num_classes") is None:
+        raise KDGuardError(f"checkpoint {str(path)!r} has no manifest giving its number of classes",
+                           "pass --num-classes K")
     n_classes = _spec_int(spec, "num_classes", None, source)
     channels = _spec_int(spec, "in_channels", 3, source)
     arch_options = spec.get("options") or {}

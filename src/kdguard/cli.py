@@ -267,11 +267,30 @@ def _load_command_modules() -> None:
 def main(argv: Optional[list[str]] = None) -> int:
     """Run the CLI on ``argv`` (default ``sys.argv[1:]``) and return the exit code."""
     _load_command_modules()
+    group = typer.main.get_command(app)
     try:
-        app(args=argv, prog_name="kdguard")
+        # not standalone: click's usage errors reach us instead of printing a multi-line box
+        result = group.main(args=argv, prog_name="kdguard", standalone_mode=False)
+    except typer.TyperException as e:  # unknown option or command, missing or malformed argument
+        return _usage_error(e)
+    except typer.Abort:
+        print("error: aborted", file=sys.stderr)
+        return 1
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    return 0
+    return result if isinstance(result, int) and not isinstance(result, bool) else 0
+
+
+def _usage_error(e: "typer.TyperException") -> int:
+    """Print a click usage error as one ``error: …`` line naming the help to read; exit code 2."""
+    ctx = getattr(e, "ctx", None)
+    if ctx is not None and type(e).__name__ == "NoArgsIsHelpError":  # bare `kdguard`: help, not an error
+        print(ctx.get_help())
+        return 0
+    message = " ".join(e.format_message().split())
+    where = ctx.command_path if ctx is not None else "kdguard"
+    print(f"error: {message} (see `{where} --help`)", file=sys.stderr)
+    return 2
 
 
 def run() -> None:

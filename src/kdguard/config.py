@@ -232,6 +232,17 @@ def build_config(schema: type[T], yaml_path: str | Path | None = None,
         msg = str(e).splitlines()[0]
         raise KDGuardError(f"invalid configuration: {msg}",
                            "check key names and value types against `kdguard <command> --help`") from None
+    except TypeError:  # OmegaConf merges a dict onto a list this way: `targets.0.target=3`
+        indexed = next((o.partition("=")[0] for o in overrides or ()
+                        if any(part.isdigit() for part in o.partition("=")[0].split("."))), None)
+        if indexed is None:
+            raise KDGuardError("invalid configuration: a setting holds a mapping where a list belongs, "
+                               "or a list where a mapping belongs",
+                               "check key names and value types against `kdguard <command> --help`") from None
+        head = indexed.split(".")[0]
+        raise KDGuardError(f"invalid configuration: override {indexed!r} sets one item of the list "
+                           f"{head!r}; kdguard sets a list whole",
+                           f"write the whole list in YAML flow style: {head}='[...]'") from None
 
 
 def to_yaml(cfg: Any) -> str:

@@ -121,8 +121,10 @@ def write_run_report(out: Path, *, title: str, rows: Sequence[Row], history: dic
     if attack is not None and sample is not None:
         plot_trigger_preview(out / "trigger_preview.png", sample, attack.trigger)
         params = attack.trigger.params()
-        parts += [f"## Attack", "", f"Trigger `{params.get('name')}`, target class {attack.target}, "
-                  f"{attack.label_mode}, {attack.poisoning}, poison rate {attack.poison_rate}.", "",
+        how = (f"{attack.label_mode}, {attack.poisoning}, poison rate {attack.poison_rate}"
+               if attack.poison_rate is not None  # an imported teacher: its poisoning is not known
+               else "the trigger evaluated; how the teacher was poisoned is unknown")
+        parts += ["## Attack", "", f"Trigger `{params.get('name')}`, target class {attack.target}, {how}.", "",
                   "![trigger preview](trigger_preview.png)", ""]
     if any(history.values()):
         plot_curves(out / "curves.png", history)

@@ -21,27 +21,12 @@ import kdguard
 
 SRC = Path(kdguard.__file__).resolve().parent
 
-# Options other agents are adding to the CLI right now (teacher architecture flags on every
-# teacher-taking command; run-directory flags). The lead deletes this set once they have landed.
-PENDING_CLI_OPTIONS = {"--teacher-arch", "--num-classes", "--in-channels", "--teacher-input-norm",
-                       "--resume", "--overwrite"}
-
 # Flags quoted in messages that are not kdguard options, each with the tool it belongs to.
 NOT_KDGUARD_FLAGS: dict[str, str] = {}
 
 # ``key=`` text that is not a job key, with why.
 NOT_JOB_KEYS: dict[str, str] = {
     "key": "the placeholder of the override syntax `key=value` (kdguard/config.py)",
-}
-
-# Messages in files owned by other agents that name a Python argument where a CLI user needs the
-# job key (attack.label_mode=..., attack.poisoning=...) or should use call syntax
-# (load_poisoned(..., spec=...), build_trigger(..., image_shape=...)). Reported to the lead, who
-# deletes an entry once its message is fixed.
-PENDING_MESSAGE_FIXES = {
-    ("kdguard/attacks/poison.py", "label_mode"), ("kdguard/attacks/poison.py", "poisoning"),
-    ("kdguard/attacks/poison.py", "spec"), ("kdguard/attacks/poison.py", "image_shape"),
-    ("kdguard/attacks/triggers/base.py", "image_shape"), ("kdguard/attacks/triggers/validate.py", "image_shape"),
 }
 
 # ``--flag`` as a whole word (``--\0`` or ``--teacher-\0``, built at run time, are not read)
@@ -286,7 +271,7 @@ def test_the_patterns_read_flags_and_keys_only():
 
 
 def test_every_suggested_flag_is_a_kdguard_option():
-    opts = cli_options() | PENDING_CLI_OPTIONS | set(NOT_KDGUARD_FLAGS)
+    opts = cli_options() | set(NOT_KDGUARD_FLAGS)
     bad = {flag: where for flag, where in suggested(FLAG_RE).items() if flag not in opts}
     assert not bad, f"messages suggest options that no kdguard command has: {bad}"
 
@@ -295,7 +280,6 @@ def test_every_suggested_key_is_a_job_setting():
     paths, open_prefixes = job_keys()
     bad = {}
     for key, where in suggested_keys().items():
-        where = [w for w in where if (w.rsplit(":", 1)[0], key) not in PENDING_MESSAGE_FIXES]
         if where and not key_exists(key, paths, open_prefixes) and key not in NOT_JOB_KEYS:
             bad[key] = where
     assert not bad, f"messages suggest settings that no job has: {bad}"
@@ -316,5 +300,3 @@ def test_allow_lists_hold_only_words_still_quoted():
     flags, keys = suggested(FLAG_RE), suggested_keys()
     assert set(NOT_KDGUARD_FLAGS) <= set(flags), set(NOT_KDGUARD_FLAGS) - set(flags)
     assert set(NOT_JOB_KEYS) <= set(keys), set(NOT_JOB_KEYS) - set(keys)
-    quoted = {(w.rsplit(":", 1)[0], key) for key, where in keys.items() for w in where}
-    assert PENDING_MESSAGE_FIXES <= quoted, f"fixed already, delete: {PENDING_MESSAGE_FIXES - quoted}"

@@ -156,7 +156,8 @@ def test_records_state_a_poison_rate_only_when_known(teacher_dir, tmp_path):
     record = read_json(foreign / "manifest.json")["attack"]
     assert record["poison_rate"] is None and record["config"]["poison_rate"] is None
     assert record["trigger"]["name"] == "blend" and record["target"] == 2
-    assert "poison rate None" in (foreign / "report.md").read_text()
+    report = (foreign / "report.md").read_text()
+    assert "how the teacher was poisoned is unknown" in report and "poison rate" not in report
 
     # a student of that run inherits "unknown", not the blend preset's 10 %
     chained = tmp_path / "chained"

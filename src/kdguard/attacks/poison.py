@@ -89,8 +89,8 @@ class AttackSpec:
         self.preset_rate = _rate(self.preset_rate)
         if self.poisoning == "clean_label" and self.label_mode == "all_to_all":
             raise KDGuardError("clean-label poisoning cannot be all-to-all",
-                               "use label_mode='all_to_one' with a target class, or "
-                               "poisoning='dirty_label'")
+                               "set attack.label_mode=all_to_one with a target class, or "
+                               "attack.poisoning=dirty_label")
         if not self.name:
             self.name = self.trigger.name
 
@@ -279,7 +279,7 @@ class PoisonedDataset:
         if spec is None:
             if record.get("attack") is None:
                 raise KDGuardError(f"poison index file {str(path)!r} records no attack",
-                                   "pass spec= explicitly")
+                                   "pass the attack: PoisonedDataset.load(path, ds, spec=AttackSpec(...))")
             spec = AttackSpec.from_params(record["attack"])
         poisoned = apply_poison(ds, spec, record["poison_indices"])
         return PoisonedDataset(poisoned.dataset, poisoned.original_labels,
@@ -394,7 +394,7 @@ def _check_shape(ds: ImageDataset, spec: AttackSpec) -> None:
         raise KDGuardError(
             f"trigger {spec.trigger.name!r} was built for images {spec.trigger.image_shape} but "
             f"dataset {ds.name!r} has images {tuple(ds.shape)}",
-            "build the trigger with image_shape=dataset.shape")
+            "build the trigger with build_trigger(name, image_shape=dataset.shape)")
     if spec.label_mode == "all_to_one" and spec.target >= ds.num_classes:
         raise KDGuardError(f"attack target {spec.target} is not a class of dataset {ds.name!r} "
                            f"({ds.num_classes} classes)",

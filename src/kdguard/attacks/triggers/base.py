@@ -143,7 +143,7 @@ class Trigger(ABC):
                 f"trigger {self.name!r} was built for images of shape {self.image_shape} "
                 f"(C, H, W) but got a tensor of shape {tuple(x.shape)}",
                 "pass N×C×H×W or C×H×W images of that shape, or build the trigger with "
-                "image_shape=dataset.shape")
+                "build_trigger(name, image_shape=dataset.shape)")
         batch = x if x.dim() == 4 else x.unsqueeze(0)
         if batch.is_floating_point() and batch.numel():
             low, high = torch.aminmax(batch)

@@ -67,7 +67,7 @@ def as_image_shape(value: Any) -> tuple[int, int, int]:
         value = tuple(value)
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) != 3:
         raise KDGuardError(f"trigger image_shape {value!r} is not (C, H, W)",
-                           "give three ints, e.g. image_shape=(3, 32, 32) (dataset.shape)")
+                           "give three ints, e.g. build_trigger(name, image_shape=(3, 32, 32)) (dataset.shape)")
     c, h, w = (as_int("trigger", "image_shape", v, 1) for v in value)
     return c, h, w
 
