@@ -1,6 +1,6 @@
 """ABD on the demo's setting across seeds: how stable is the demo's ZSKT + ABD row?
 
-The demo teacher (LeNet-5, BadNets grid 10 %, embedded MNIST, ``kdguard.demo.demo_jobs``) is
+The demo teacher (LeNet-5, BadNets grid 10 %, embedded MNIST, ``kdguard.jobs.demo.demo_jobs``) is
 trained once (or taken from ``--teacher``). Each variant then distils a LeNet-5 student by ZSKT
 for ``--rounds`` pseudo-batches, exactly as ``kdguard demo`` does (``demo_datafree_job``), once
 per seed; the seed sets the generator's and the student's initialisation and the latent draws.
@@ -19,9 +19,8 @@ import time
 from pathlib import Path
 from statistics import mean
 
-from kdguard.datafree import run_datafree
-from kdguard.demo import DEMO_ABD, demo_datafree_job, demo_jobs
-from kdguard.pipeline import train_teacher
+from kdguard.jobs import run_datafree, train_teacher
+from kdguard.jobs.demo import DEMO_ABD, demo_datafree_job, demo_jobs
 from seed_table import seed_table, selected
 
 #: name → overrides on top of the demo's ZSKT job (later overrides win)

@@ -1,6 +1,6 @@
 """Self-Retrospection settings on the demo's setting: one ZSKT run, SR variants of its last rounds.
 
-The demo teacher (LeNet-5, BadNets grid 10 %, embedded MNIST, ``kdguard.demo.demo_jobs``) is
+The demo teacher (LeNet-5, BadNets grid 10 %, embedded MNIST, ``kdguard.jobs.demo.demo_jobs``) is
 distilled by ZSKT for ``--rounds`` pseudo-batches (generator width 16, as the demo) and stopped
 (checkpointed) where the SR phase would start. Each variant copies that checkpoint and finishes
 the run with ``abd.mode=sr`` and its settings, so all variants share the first rounds exactly
@@ -29,9 +29,8 @@ from pathlib import Path
 
 import yaml
 
-from kdguard.datafree import build_datafree_job, fork_datafree_run, run_datafree, stopped_run_config
-from kdguard.demo import demo_jobs
-from kdguard.pipeline import train_teacher
+from kdguard.jobs import build_datafree_job, fork_datafree_run, run_datafree, stopped_run_config, train_teacher
+from kdguard.jobs.demo import demo_jobs
 from kdguard.rundir import adopt_copy
 from seed_table import seed_table, selected
 

@@ -27,37 +27,35 @@ from pathlib import Path
 
 import torch
 
-import kdguard.datafree.run as datafree_run
-from kdguard.abd import vaccine as vaccine_module
-from kdguard.datafree import fork_datafree_run, run_datafree
 from kdguard.datafree.loop import saved_round
+from kdguard.jobs import abd_extensions, fork_datafree_run, run_datafree
 
 
 class ShuffledPassTimer:
-    """Wraps ``ShufflingVaccine.shuffled_logits`` to time its calls (seconds, with and without
-    gradient) for the duration of a ``with`` block."""
+    """Times the shuffled-teacher passes (seconds and calls, with and without gradient) of the
+    Shuffling Vaccine of one run: pass it as ``run_datafree(job, extensions=timer)``; it builds the
+    job's ABD (:func:`kdguard.jobs.abd_extensions`) and wraps that vaccine's ``shuffled_logits``."""
 
     def __init__(self) -> None:
         self.seconds = {"no_grad": 0.0, "grad": 0.0}
         self.calls = {"no_grad": 0, "grad": 0}
 
-    def __enter__(self) -> ShuffledPassTimer:
-        self._original = vaccine_module.ShufflingVaccine.shuffled_logits
-        timer, original = self, self._original
+    def __call__(self, job, setup):
+        plugin = abd_extensions(job, setup)
+        vaccine = plugin.vaccine if plugin is not None else None
+        if vaccine is not None:
+            original, timer = vaccine.shuffled_logits, self
 
-        def timed(vaccine, x, *, grad=False):
-            t0 = time.perf_counter()
-            out = original(vaccine, x, grad=grad)
-            key = "grad" if grad else "no_grad"
-            timer.seconds[key] += time.perf_counter() - t0
-            timer.calls[key] += 1
-            return out
+            def timed(x, *, grad=False):
+                t0 = time.perf_counter()
+                out = original(x, grad=grad)
+                key = "grad" if grad else "no_grad"
+                timer.seconds[key] += time.perf_counter() - t0
+                timer.calls[key] += 1
+                return out
 
-        vaccine_module.ShufflingVaccine.shuffled_logits = timed
-        return self
-
-    def __exit__(self, *exc) -> None:
-        vaccine_module.ShufflingVaccine.shuffled_logits = self._original
+            vaccine.shuffled_logits = timed  # this run's vaccine object only
+        return plugin
 
 
 def continue_run(args: argparse.Namespace, mode: str, repeat: int, start: int, rounds: int) -> dict:
@@ -69,10 +67,10 @@ def continue_run(args: argparse.Namespace, mode: str, repeat: int, start: int, r
     if args.data_root:  # the test set of the final evaluation
         overrides.append(f"data.root={args.data_root}")
     job = fork_datafree_run(args.run, out, overrides)
-    with ShuffledPassTimer() as timer:
-        t0 = time.perf_counter()
-        result = run_datafree(job)
-        wall = time.perf_counter() - t0
+    timer = ShuffledPassTimer()
+    t0 = time.perf_counter()
+    result = run_datafree(job, extensions=timer, threads=args.threads)
+    wall = time.perf_counter() - t0
     sv = (result.metrics.get("abd") or {}).get("sv") or {}
     shutil.rmtree(out, ignore_errors=True)
     return {"mode": mode, "repeat": repeat, "start_round": start, "rounds": rounds, "wall_seconds": wall,
@@ -95,8 +93,7 @@ def main() -> None:
     if not all((Path(args.run) / f).exists() for f in ("datafree_state.pt", "config.yaml")):
         ap.error(f"--run {args.run}: no datafree_state.pt and config.yaml there; pass a data-free run directory")
     if args.threads:
-        torch.set_num_threads(args.threads)
-        datafree_run.configure_threads = lambda *a, **k: None  # the run would reset it to every core
+        torch.set_num_threads(args.threads)  # the runs set it again (threads=args.threads)
     start = saved_round(args.run)
     if args.warmup:  # the first call of a process pays for loading data and warming caches
         continue_run(args, args.modes[0], -1, start, 1)

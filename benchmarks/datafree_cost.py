@@ -31,13 +31,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from kdguard.abd import ShufflingVaccine, build_abd, retrospection
 from kdguard.checkpoint import load_model
-from kdguard.datafree import (
-    DataFreeJob,
-    DataFreeLoop,
-    MethodContext,
-    build_method,
-    preset_values,
-)
+from kdguard.datafree import DataFreeLoop, MethodContext, build_method, preset_values
+from kdguard.jobs import DataFreeABDJob
 from kdguard.models import build_model
 from kdguard.runtime import autocast, configure_threads, machine_label, resolve_device
 
@@ -80,8 +75,8 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, reps: i
     return 2 * n**3 / best / 1e9
 
 
-def make_job(method: str, args: argparse.Namespace) -> DataFreeJob:
-    job = DataFreeJob(teacher="unused", method=method, preset="none", student=args.student)
+def make_job(method: str, args: argparse.Namespace) -> DataFreeABDJob:
+    job = DataFreeABDJob(teacher="unused", method=method, preset="none", student=args.student)
     for section, values in preset_values(method, args.preset).items():
         if isinstance(values, dict):
             for key, value in values.items():

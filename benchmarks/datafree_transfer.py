@@ -44,8 +44,6 @@ from pathlib import Path
 import torch
 from filelock import FileLock
 
-import kdguard.datafree.run as datafree_run
-from kdguard import pipeline
 from kdguard.abd import SelfRetrospection
 from kdguard.config import (
     AttackConfig,
@@ -57,13 +55,16 @@ from kdguard.config import (
     TrainConfig,
 )
 from kdguard.checkpoint import environment_info
-from kdguard.datafree import build_datafree_job, run_datafree
+from kdguard.jobs import build_datafree_job, distill, run_datafree, train_teacher
 from kdguard.datafree.loop import saved_round
 from kdguard.errors import KDGuardError
 from kdguard.io import atomic_write, write_json, write_text
 from kdguard.report import metrics_table
 from kdguard.rundir import adopt_copy
 from kdguard.runtime import cpu_name
+
+#: torch's intra-op threads of every run (``--threads``; None: the library's default)
+THREADS: int | None = None
 
 #: table → attack → student methods. "transfer": the data-free issue's table; "abd": the ABD
 #: issue's headline table (undefended ZSKT, ZSKT + ABD and clean KD for five triggers, CMI ± ABD
@@ -504,7 +505,7 @@ def start_from_prefix(job, base: str, teacher: str, cfg: dict, out: Path, attack
             return
         if (saved_round(prefix) or 0) < start:
             run_datafree(build_datafree_job(None, datafree_overrides(base, teacher, cfg, prefix, seed, progress)
-                                            + [f"schedule.stop_after={start}"]))
+                                            + [f"schedule.stop_after={start}"]), threads=THREADS)
         shutil.copytree(prefix, s_out, dirs_exist_ok=True)
         adopt_copy(s_out, job, source=prefix, parents=("teacher",))  # the copy continues as this cell
 
@@ -514,12 +515,12 @@ def student_stage(method: str, teacher: str, cfg: dict, out: Path, attack: str, 
     s_out = cell_dir(out, attack, method, seed)
     if method == "clean_kd":
         job = clean_kd_job(teacher, cfg, str(s_out), seed)
-        return cached(s_out, lambda: pipeline.distill(job))
+        return cached(s_out, lambda: distill(job, threads=THREADS))
     job = build_datafree_job(None, datafree_overrides(method, teacher, cfg, s_out, seed, progress))
     base = shared_prefix(method, methods)
     if base is not None:
         start_from_prefix(job, base, teacher, cfg, out, attack, seed, progress)
-    return cached(s_out, lambda: run_datafree(job))
+    return cached(s_out, lambda: run_datafree(job, threads=THREADS))
 
 
 def main() -> None:
@@ -548,9 +549,9 @@ def main() -> None:
     if not (args.smoke or args.data_root or args.list):
         ap.error("--data-root is required for the CIFAR-10 protocol (or use --smoke)")
     if args.threads:
+        global THREADS
+        THREADS = args.threads  # every run of this process sets it (the jobs' threads=)
         torch.set_num_threads(args.threads)
-        for module in (pipeline, datafree_run):  # the run functions would reset it to every core
-            module.configure_threads = lambda *a, **k: None
     protocol = PROTOCOLS[args.table]
     if args.list:
         print("\n".join(f"{attack}:{m}" for attack, methods in protocol.items() for m in methods))
@@ -582,7 +583,7 @@ def main() -> None:
                     add_from_ledger(summary, ledger, attack, method, seed)
                 continue
             t0 = time.perf_counter()
-            t_metrics = cached(Path(t_job.out), lambda job=t_job: pipeline.train_teacher(job))
+            t_metrics = cached(Path(t_job.out), lambda job=t_job: train_teacher(job, threads=THREADS))
             if ledger is not None:
                 record_teacher(ledger, Path(t_job.out))
             teacher = {**{k: t_metrics.get(k) for k in ("ca", "asr")}, "sha256": teacher_sha256(Path(t_job.out))}

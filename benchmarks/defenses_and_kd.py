@@ -5,7 +5,7 @@ The measurement of issue 3: on CIFAR-10 with the foundation's poisoned ResNet-20
 
 * the ResNet-8 student trained on the clean share alone (``ce``, the control);
 * a fresh ResNet-8 student distilled with each registered KD loss
-  (``kdguard.distill.methods.KD_METHODS``: kd, at, fitnet, ..., via ``kdguard.pipeline.distill``);
+  (``kdguard.distill.methods.KD_METHODS``: kd, at, fitnet, ..., via ``kdguard.jobs.distill``);
 * the data-available defences FT, FP and NAD applied to the poisoned teacher itself
   (``kdguard.defenses.run_defense``).
 
@@ -47,9 +47,11 @@ from kdguard.checkpoint import read_manifest
 from kdguard.config import (AttackConfig, DataConfig, DistillJob, KDConfig, OptimConfig, TeacherJob,
                             TrainConfig)
 from kdguard.data.batches import num_batches
-from kdguard.defenses import DEFENSES, DefenseJob, run_defense
+from kdguard.defenses import DEFENSES, DefenseJob
+from kdguard.jobs import run_defense
 from kdguard.distill.methods import KD_METHODS
-from kdguard.pipeline import clean_subset, distill, load_splits, train_teacher
+from kdguard.data import clean_subset, load_splits
+from kdguard.jobs import distill, train_teacher
 
 
 @dataclass

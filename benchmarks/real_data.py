@@ -21,7 +21,7 @@ from pathlib import Path
 
 from kdguard.config import (AttackConfig, DataConfig, DistillJob, KDConfig, OptimConfig, TeacherJob,
                             TrainConfig)
-from kdguard.pipeline import distill, train_teacher
+from kdguard.jobs import distill, train_teacher
 from kdguard.report import metrics_table
 from kdguard.runtime import machine_label
 

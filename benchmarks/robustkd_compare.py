@@ -53,17 +53,10 @@ from kdguard.config import (
     TeacherJob,
     TrainConfig,
 )
-from kdguard.defenses import AUTO_DATASET, DefenseJob, NADConfig, run_defense
-from kdguard.defenses.robustkd import (
-    DetoxConfig,
-    RobustKDDistillConfig,
-    RobustKDJob,
-    TriggerJob,
-    run_robustkd,
-    run_trigger_job,
-)
+from kdguard.defenses import AUTO_DATASET, DefenseJob, NADConfig
+from kdguard.defenses.robustkd import DetoxConfig, RobustKDDistillConfig, RobustKDJob, TriggerJob
 from kdguard.io import write_json
-from kdguard.pipeline import train_teacher
+from kdguard.jobs import run_defense, run_robustkd, run_trigger_job, train_teacher
 from kdguard.runtime import configure_threads, machine_label
 
 METHODS = ("ce_only", "kd", "ofd", "nad", "fine_pruning", "robustkd", "robustkd_adv")

@@ -38,7 +38,9 @@ from kdguard.config import DataConfig, TrainConfig
 from kdguard.data import to_float
 from kdguard.defenses.robustkd import DetoxConfig
 from kdguard.io import write_json
-from kdguard.pipeline import attack_from_manifest, clean_subset, evaluate_model, load_splits, make_attack
+from kdguard.attacks import attack_from_manifest, make_attack
+from kdguard.data import clean_subset, load_splits
+from kdguard.runs import evaluate_model
 from kdguard.runtime import configure_threads, machine_label, resolve_device
 
 VARIANTS = {

@@ -40,8 +40,9 @@ from kdguard.ssl.config import (AugmentConfig, BadEncoderJob, DefenseConfig, Enc
                                 ProbeConfig, SSLDataConfig, TargetConfig, adam_schedule)
 from kdguard.ssl.badencoder import targets_from_manifest
 from kdguard.ssl.encoder import load_ssl_model
-from kdguard.ssl.grid import cached_probe, run_grid
-from kdguard.ssl.jobs import load_downstream, probe_table, run_badencoder_job, run_pretrain
+from kdguard.jobs import run_badencoder_job, run_grid, run_pretrain
+from kdguard.ssl.downstream import load_downstream, probe_table
+from kdguard.ssl.grid import cached_probe
 from kdguard.runtime import machine_label
 
 #: downstream dataset → (target class, trigger position) of its backdoor
@@ -109,16 +110,6 @@ def jobs(args: argparse.Namespace) -> tuple[PretrainJob, BadEncoderJob, GridJob]
     return pretrain, badencoder, grid
 
 
-def use_threads(n: int) -> None:
-    """Pin torch to ``n`` threads: the jobs otherwise raise it to all cores at their start."""
-    import kdguard.ssl.grid
-    import kdguard.ssl.jobs
-
-    torch.set_num_threads(n)
-    for module in (kdguard.ssl.jobs, kdguard.ssl.grid):
-        module.configure_threads = lambda _n=None: torch.set_num_threads(n)
-
-
 def baseline_probes(grid: GridJob) -> dict[str, dict]:
     """Downstream results of the clean and the poisoned encoder, both probed with the poisoned
     encoder's triggers (so the clean row shows the trigger's chance ASR), cached where the grid
@@ -150,16 +141,16 @@ def main() -> None:
                     help="torch threads per process (default: all cores; use 1 on a machine busy with other jobs)")
     args = ap.parse_args()
     if args.threads:
-        use_threads(args.threads)
+        torch.set_num_threads(args.threads)  # also for the probes below; each job sets it (threads=)
     if args.smoke:
         args.scale = "smoke"
         if args.out == ap.get_default("out"):
             args.out = "runs/bench_ssl_smoke"
     t0 = time.perf_counter()
     pretrain, badencoder, grid = jobs(args)
-    clean = run_pretrain(pretrain)
+    clean = run_pretrain(pretrain, threads=args.threads)
     print(f"pretrain: {json.dumps(clean.metrics)}")
-    poisoned = run_badencoder_job(badencoder)
+    poisoned = run_badencoder_job(badencoder, threads=args.threads)
     print(f"badencoder: {json.dumps(poisoned.metrics)}")
     probes = baseline_probes(grid)
     probe_md = probe_table(list(probes.items()), list(args.datasets))
@@ -168,7 +159,7 @@ def main() -> None:
     if weak:
         print(f"\nwarning: BadEncoder ASR is below 80 % on {', '.join(weak)}; raise --badencoder-epochs "
               "(a finished stage continues from its train_state.pt when only the epochs grow)")
-    result = run_grid(grid)
+    result = run_grid(grid, threads=args.threads)
     print("\n## Defence grid\n\n" + result.table)
     met = [r["label"] for r in result.rows if r.get("meets_goal")]
     verdict = (f"cells meeting the goal (mean ASR < {100 * grid.asr_goal:.0f} %, CA cost <= "

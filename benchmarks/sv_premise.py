@@ -42,7 +42,7 @@ from kdguard.abd.vaccine import divergence_per_sample
 from kdguard.checkpoint import load_model
 from kdguard.data import load_dataset
 from kdguard.errors import KDGuardError
-from kdguard.pipeline import attack_from_manifest, make_attack
+from kdguard.attacks import attack_from_manifest, make_attack
 
 
 @torch.inference_mode()

@@ -27,9 +27,9 @@ from pathlib import Path
 
 import torch
 
-from kdguard.datafree.config import build_datafree_job
+from kdguard.jobs import build_datafree_job
 from kdguard.datafree.methods import build_method
-from kdguard.datafree.run import prepare_datafree
+from kdguard.jobs import prepare_datafree
 from kdguard.runtime import seed_everything
 
 
@@ -62,7 +62,7 @@ def rebuild_run(run: Path, data_root: str | None = None):
 
     Returns:
         ``(job, setup, parts, state)``: the run's job, its
-        :class:`~kdguard.datafree.run.DataFreeSetup`, the method's parts, and the checkpoint dict.
+        :class:`~kdguard.jobs.datafree.DataFreeSetup`, the method's parts, and the checkpoint dict.
     """
     job = build_datafree_job(run / "config.yaml", [f"data.root={data_root}"] if data_root else [])
     seed_everything(job.seed)  # as the run did before building its student and generator

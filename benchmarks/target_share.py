@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from kdguard.checkpoint import load_model, read_manifest
 from kdguard.config import DataConfig
 from kdguard.data.batches import iterate_batches, to_float
-from kdguard.pipeline import load_splits
+from kdguard.data import load_splits
 
 
 @torch.inference_mode()

@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-from types import ModuleType
-
 import torch
 from torch import nn
 
@@ -61,23 +56,3 @@ def cli_error(args: list[str], capsys) -> str:
 
 #: overrides for a seconds-long CLI training run on the embedded MNIST digits
 CLI_FAST = ["train.epochs=1", "train.batch_size=64", "train.progress=false", "data.val_fraction=0.05"]
-
-
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def load_benchmark(name: str) -> ModuleType:
-    """The script ``benchmarks/<name>.py`` imported as a module (benchmarks are not a package).
-
-    It is registered in ``sys.modules`` (a script's dataclasses look their module up) and runs
-    with ``benchmarks/`` on the path (scripts import their siblings, e.g. ``seed_table``).
-    """
-    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(BENCHMARKS))
-    return module

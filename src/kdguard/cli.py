@@ -1,4 +1,4 @@
-"""The ``kdguard`` command line: a thin front over :mod:`kdguard.pipeline`.
+"""The ``kdguard`` command line: a thin front over :mod:`kdguard.jobs`.
 
 Every command takes an optional YAML ``--config`` and dotted ``key=value`` overrides. Problems
 with the input print one line ``error: …`` on stderr and exit with code 2.
@@ -6,110 +6,27 @@ with the input print one line ``error: …`` on stderr and exit with code 2.
 
 from __future__ import annotations
 
-import functools
-import inspect
 import json
 import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Optional, TypeVar
+from typing import Optional
 
 import typer
-from rich.console import Console
 
+from .commands._app import (CONFIG, DATA_ROOT, IN_CHANNELS, INPUT_NORM, NUM_CLASSES, OVERRIDES, TEACHER_ARCH, app,
+                            command, console, print_metrics, teacher_spec_overrides, with_overrides)
 from .errors import KDGuardError
-
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Knowledge distillation from teachers that may be backdoored.")
-console = Console()
-F = TypeVar("F", bound=Callable)
-
-
-RUN_DIR_OPTIONS = {
-    "resume": typer.Option(False, "--resume", help="Continue the run in out= although its settings differ: "
-                                                   "only a longer training (train.epochs, schedule.rounds)"),
-    "overwrite": typer.Option(False, "--overwrite", help="Remove what out= holds and start the run over"),
-}
-
-
-def command(name: str) -> Callable[[F], F]:
-    """Register a CLI command whose :class:`KDGuardError` becomes ``error: …`` and exit code 2.
-
-    Every command also gets ``--resume`` and ``--overwrite`` and runs inside
-    :func:`kdguard.rundir.run_policy`, which decides what happens to an ``out=`` that holds
-    another run (commands that write no run directory ignore them).
-    """
-
-    def deco(fn: F) -> F:
-        @functools.wraps(fn)
-        def guarded(*args, resume: bool = False, overwrite: bool = False, **kwargs):
-            from .rundir import run_policy
-
-            try:
-                with run_policy(resume=resume, overwrite=overwrite):
-                    return fn(*args, **kwargs)
-            except KDGuardError as e:
-                print(f"error: {e}", file=sys.stderr)
-                raise typer.Exit(2) from None
-
-        sig = inspect.signature(fn, eval_str=True)
-        extra = [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=v, annotation=bool)
-                 for k, v in RUN_DIR_OPTIONS.items()]
-        guarded.__signature__ = sig.replace(parameters=[*sig.parameters.values(), *extra])
-        guarded.__annotations__ = {**getattr(fn, "__annotations__", {}), **{k: bool for k in RUN_DIR_OPTIONS}}
-        app.command(name)(guarded)
-        return fn
-
-    return deco
-
-OVERRIDES = typer.Argument(None, help="Config overrides as key=value, e.g. train.epochs=30 model=resnet20")
-CONFIG = typer.Option(None, "--config", "-c", help="YAML config file")
-DATA_ROOT = typer.Option(None, "--data-root", help="Directory holding the datasets (sets data.root)")
-TEACHER_ARCH = typer.Option(
-    None, "--teacher-arch", "--arch",
-    help="Architecture of a bare weights file: a registry name (kdguard list), wrn-D-K, or "
-         "pkg.module:factory from your own code (sets teacher_spec.arch; never read from a file)")
-NUM_CLASSES = typer.Option(None, "--num-classes", help="Classes of a bare weights file's model "
-                                                       "(sets teacher_spec.num_classes)")
-IN_CHANNELS = typer.Option(None, "--in-channels", help="Input channels of a bare weights file's model, 1 or 3 "
-                                                       "(sets teacher_spec.in_channels)")
-INPUT_NORM = typer.Option(
-    None, "--teacher-input-norm", "--input-norm",
-    help="For a model that expects normalised tensors: MEAN/STD (e.g. 0.4914,0.4822,0.4465/0.247,0.2435,0.2616) "
-         "or imagenet|cifar10|half; kdguard feeds it (x-mean)/std of [0,1] images (sets teacher_spec.input_norm)")
-
-
-def teacher_spec_overrides(arch: Optional[str], num_classes: Optional[int], in_channels: Optional[int],
-                           input_norm: Optional[str]) -> list[str]:
-    """``teacher_spec.*=`` overrides for the bare-weights options that were given."""
-    values = {"teacher_spec.arch": arch, "teacher_spec.num_classes": num_classes,
-              "teacher_spec.in_channels": in_channels, "teacher_spec.input_norm": input_norm}
-    return [f"{k}={v}" for k, v in values.items() if v is not None]
-
-
-def _overrides(items: Optional[list[str]], **extra: Optional[str]) -> list[str]:
-    out = list(items or [])
-    out += [f"{k}={v}" for k, v in extra.items() if v is not None]
-    return out
-
-
-def _print_metrics(metrics: dict) -> None:
-    """One line: CA, ASR with its no-trigger rate beside it, ASR-all, RA (in %)."""
-    labels = {"ca": "CA", "asr": "ASR", "asr_no_trigger": "no-trigger", "asr_all": "ASR_ALL", "ra": "RA"}
-    console.print("  ".join(f"{label}={100 * metrics[k]:.2f}%" for k, label in labels.items()
-                            if metrics.get(k) is not None))
-
 
 @command("train-teacher")
 def train_teacher_cmd(overrides: Optional[list[str]] = OVERRIDES, config: Optional[Path] = CONFIG,
                       data_root: Optional[str] = DATA_ROOT) -> None:
     """Train a teacher, clean or poisoned by an attack (default: BadNets 10 % on embedded MNIST)."""
     from .config import TeacherJob, build_config
-    from .pipeline import train_teacher
+    from .jobs import train_teacher
 
-    job = build_config(TeacherJob, config, _overrides(overrides, **{"data.root": data_root}))
+    job = build_config(TeacherJob, config, with_overrides(overrides, **{"data.root": data_root}))
     result = train_teacher(job)
-    _print_metrics(result.metrics)
+    print_metrics(result.metrics)
     console.print(f"run directory: {result.run_dir}")
 
 
@@ -125,7 +42,7 @@ def distill_cmd(overrides: Optional[list[str]] = OVERRIDES, config: Optional[Pat
     """Distil a student from a teacher checkpoint: on clean data, or data-free (--method zskt ...)."""
     from .commands.datafree import datafree_method_requested, distill_datafree_from_cli
     from .config import DistillJob, build_config
-    from .pipeline import distill
+    from .jobs import distill
 
     overrides = [*(overrides or []),
                  *teacher_spec_overrides(teacher_arch, num_classes, in_channels, teacher_input_norm)]
@@ -134,9 +51,9 @@ def distill_cmd(overrides: Optional[list[str]] = OVERRIDES, config: Optional[Pat
         return
     if method:
         overrides = [*(overrides or []), f"kd.method={method}"]
-    job = build_config(DistillJob, config, _overrides(overrides, teacher=teacher, **{"data.root": data_root}))
+    job = build_config(DistillJob, config, with_overrides(overrides, teacher=teacher, **{"data.root": data_root}))
     result = distill(job)
-    _print_metrics(result.metrics)
+    print_metrics(result.metrics)
     console.print(f"run directory: {result.run_dir}")
 
 
@@ -166,7 +83,8 @@ def evaluate_cmd(
     """Evaluate a checkpoint: CA, ASR (non-target), ASR-all, RA and counts."""
     from .checkpoint import read_manifest
     from .config import AttackConfig, DataConfig, TeacherSpec, TrainConfig
-    from .pipeline import attack_from_manifest, evaluate_checkpoint
+    from .attacks import attack_from_manifest
+    from .jobs import evaluate_checkpoint
 
     if attack and attack_from:
         raise KDGuardError("--attack and --attack-from both name an attack", "give only one of them")
@@ -197,7 +115,7 @@ def evaluate_cmd(
     if as_json:
         sys.stdout.write(json.dumps(metrics, indent=2) + "\n")
     else:
-        _print_metrics(metrics)
+        print_metrics(metrics)
 
 
 def _trigger_params(params: dict, items: list[str]) -> dict:
@@ -227,7 +145,7 @@ def _trigger_params(params: dict, items: list[str]) -> dict:
 @command("demo")
 def demo_cmd(out: Optional[Path] = typer.Option(None, help="Run directory (default runs/demo-<time>)")) -> None:
     """The main job: poisoned teacher → distilled student → CA/ASR table and report."""
-    from .demo import run_demo
+    from .jobs.demo import run_demo
 
     run_demo(out, console=console)
 

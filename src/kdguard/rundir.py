@@ -1,13 +1,13 @@
 """Run directories that cannot lie about what they hold.
 
 Every job writes one run directory (``out=``). :func:`open_run` (behind
-:func:`kdguard.pipeline.prepare_run`, so every job gets it) makes sure that the files there were
+:meth:`kdguard.runs.RunContext.open`, so every job gets it) makes sure that the files there were
 made by the job being run, and that no other process writes there at the same time:
 
 ``run.json``
-    the run's identity: ``fingerprint`` (sha256 of the job's class name, its resolved config
-    without :data:`IGNORED_KEYS`, the sha256 of every parent weights file and the kdguard
-    version), the ``config`` and ``parents`` it was computed from, ``created``, and
+    the run's identity: ``fingerprint`` (sha256 of the job's kind (:func:`job_kind`), its
+    resolved config without :data:`IGNORED_KEYS`, the sha256 of every parent weights file and
+    the kdguard version), the ``config`` and ``parents`` it was computed from, ``created``, and
     ``extensions`` (each ``--resume`` that lengthened training: key, from, to, time).
 ``.kdguard.lock``
     a ``filelock`` lock, taken without waiting while the job runs.
@@ -238,6 +238,14 @@ def weights_digest(path: str | Path) -> str | None:
     return h.hexdigest()
 
 
+def job_kind(job: Any) -> str:
+    """The job's kind in its run identity: the class attribute ``RUN_KIND`` when the class sets
+    one (a schema composed of others keeps the kind of the job it extends), else the class name.
+    A class moved to another module keeps its kind, so its run directories stay valid."""
+    kind = getattr(type(job), "RUN_KIND", None)
+    return kind if isinstance(kind, str) else type(job).__name__
+
+
 def job_record(job: Any, *, parents: Iterable[str] = (), volatile: Iterable[str] = ()) -> dict[str, Any]:
     """The identity part of ``run.json`` for ``job`` (a structured-config dataclass)."""
     from .config import to_dict
@@ -250,7 +258,7 @@ def job_record(job: Any, *, parents: Iterable[str] = (), volatile: Iterable[str]
         path = config.get(key)
         if path:
             parent_info[key] = {"path": str(path), "sha256": weights_digest(path)}
-    body = {"job": type(job).__name__, "config": ident,
+    body = {"job": job_kind(job), "config": ident,
             "parents": {k: v["sha256"] for k, v in parent_info.items()}, "kdguard": __version__}
     digest = hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":"), default=str).encode())
     return {"format": FORMAT, "job": body["job"], "fingerprint": digest.hexdigest(), "kdguard": __version__,

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from kdguard.abd import SelfRetrospection, frozen_bn_statistics, universal_perturbation
-from kdguard.datafree.config import SelfRetrospectionConfig
+from kdguard.abd import SelfRetrospectionConfig
 from kdguard.datafree.losses import kl_per_sample
 from kdguard.datafree.student import (
     DistillObjective,

@@ -6,7 +6,7 @@ import json
 
 from rich.console import Console
 
-from kdguard.demo import DEMO_ABD, abd_verdict, demo_datafree_job, run_demo
+from kdguard.jobs.demo import DEMO_ABD, abd_verdict, demo_datafree_job, run_demo
 
 
 def test_demo_runs_all_four_models_and_writes_one_report(tmp_path):

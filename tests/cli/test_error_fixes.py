@@ -43,8 +43,8 @@ FLAG_VALUE_RE = re.compile(r"--[a-z][a-z0-9-]* \S+")
 DOTTED_RE = re.compile(r"(?<![\w.\-/\0])([a-z_][a-z0-9_]*(?:\.[a-z0-9_]+)+)(?![\w(/\0])")
 FILE_SUFFIXES = (".safetensors", ".json", ".jsonl", ".yaml", ".yml", ".pt", ".png", ".md", ".gz", ".py")
 
-JOB_MODULES = ("kdguard.config", "kdguard.datafree.config", "kdguard.defenses",
-               "kdguard.defenses.robustkd.run", "kdguard.ssl.config")
+JOB_MODULES = ("kdguard.config", "kdguard.datafree.config", "kdguard.jobs.datafree", "kdguard.defenses",
+               "kdguard.defenses.robustkd.config", "kdguard.jobs.import_teacher", "kdguard.ssl.config")
 
 
 # -- messages in the source ----------------------------------------------------------------------

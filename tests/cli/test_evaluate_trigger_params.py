@@ -11,8 +11,8 @@ import pytest
 from helpers import CLI_FAST, cli_error
 from PIL import Image
 
-import kdguard.pipeline as pipeline
-from kdguard.attacks import poison_dataset
+import kdguard.jobs.supervised as supervised
+from kdguard.attacks import attack_from_manifest, attack_record, make_attack, poison_dataset
 from kdguard.attacks.triggers import FilePatch
 from kdguard.cli import main
 from kdguard.config import AttackConfig
@@ -25,13 +25,13 @@ from kdguard.io import read_json, write_json
 def seen_attacks(monkeypatch):
     """The attack specs that `evaluate` measured (evaluate_model still runs)."""
     seen = []
-    original = pipeline.evaluate_model
+    original = supervised.evaluate_model
 
     def spy(model, test, attack, **kw):
         seen.append(attack)
         return original(model, test, attack, **kw)
 
-    monkeypatch.setattr(pipeline, "evaluate_model", spy)
+    monkeypatch.setattr(supervised, "evaluate_model", spy)
     return seen
 
 
@@ -168,12 +168,12 @@ def test_records_state_a_poison_rate_only_when_known(teacher_dir, tmp_path):
 def test_poisoning_resolves_the_preset_rate_and_records_it():
     from helpers import make_blobs
 
-    spec = pipeline.make_attack(AttackConfig(name="badnets_square", params={"size": 2}), (1, 12, 12), 4)
+    spec = make_attack(AttackConfig(name="badnets_square", params={"size": 2}), (1, 12, 12), 4)
     assert spec.poison_rate is None and spec.preset_rate == 0.1
-    assert pipeline.attack_record(AttackConfig(name="badnets_square"), spec)["poison_rate"] is None
+    assert attack_record(AttackConfig(name="badnets_square"), spec)["poison_rate"] is None
     poisoned = poison_dataset(make_blobs(40), spec, seed=0)
     assert poisoned.num_poisoned == 4 and spec.poison_rate == 0.1
-    explicit = pipeline.make_attack(AttackConfig(name="sig", poison_rate=0.5), (1, 12, 12), 4)
+    explicit = make_attack(AttackConfig(name="sig", poison_rate=0.5), (1, 12, 12), 4)
     assert explicit.poison_rate == 0.5
 
 
@@ -181,13 +181,13 @@ def test_attack_from_manifest_takes_the_recorded_rate_and_files(tmp_path):
     pattern = tmp_path / "p.npy"
     np.save(pattern, np.ones((2, 2), np.float32))
     cfg = AttackConfig(name="patch", params={"pattern_file": "p.npy"})  # relative, as typed
-    spec = pipeline.make_attack(AttackConfig(name="patch", params={"pattern_file": str(pattern)}), (1, 6, 6), 2)
-    record = json.loads(json.dumps(pipeline.attack_record(cfg, spec)))
-    back = pipeline.attack_from_manifest({"attack": record})
+    spec = make_attack(AttackConfig(name="patch", params={"pattern_file": str(pattern)}), (1, 6, 6), 2)
+    record = json.loads(json.dumps(attack_record(cfg, spec)))
+    back = attack_from_manifest({"attack": record})
     assert back.params["pattern_file"] == str(pattern.resolve())
     assert back.params["pattern_sha256"] == spec.trigger.pattern_sha256 and back.poison_rate is None
     np.save(pattern, np.zeros((2, 2), np.float32))
     with pytest.raises(Exception, match="changed since the trigger was recorded"):
-        pipeline.make_attack(back, (1, 6, 6), 2)
+        make_attack(back, (1, 6, 6), 2)
     record["poison_rate"] = 0.05
-    assert pipeline.attack_from_manifest({"attack": record}).poison_rate == 0.05
+    assert attack_from_manifest({"attack": record}).poison_rate == 0.05

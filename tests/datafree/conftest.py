@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdguard.datafree import DataFreeJob, MethodContext, validate_job
+from kdguard.datafree import MethodContext
+from kdguard.jobs import DataFreeABDJob, validate_datafree_job
 from kdguard.models.common import Normalize
 
 SHAPE = (3, 8, 8)
@@ -51,10 +52,10 @@ def make_student(seed: int = 1) -> SmallNet:
     return SmallNet(width=4)
 
 
-def tiny_job(method: str, **overrides) -> DataFreeJob:
-    """A job with tiny sizes for ``method``; ``overrides`` replace top-level sections' fields,
-    e.g. ``tiny_job("cmi", cmi={"adv": 0.0})``."""
-    job = DataFreeJob(teacher="unused", method=method, preset="none")
+def tiny_job(method: str, **overrides) -> DataFreeABDJob:
+    """A job (with the ``abd`` section) with tiny sizes for ``method``; ``overrides`` replace
+    top-level sections' fields, e.g. ``tiny_job("cmi", cmi={"adv": 0.0})``."""
+    job = DataFreeABDJob(teacher="unused", method=method, preset="none")
     job.schedule.rounds = 3
     job.schedule.generator_steps = 2
     job.schedule.student_steps = 2
@@ -74,7 +75,7 @@ def tiny_job(method: str, **overrides) -> DataFreeJob:
         target = getattr(job, section)
         for key, value in values.items():
             setattr(target, key, value)
-    validate_job(job)
+    validate_datafree_job(job)
     return job
 
 

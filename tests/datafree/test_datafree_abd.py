@@ -9,9 +9,8 @@ import warnings
 import pytest
 import torch
 
-from kdguard.abd import SelfRetrospection, ShufflingVaccine, VaccineWeighting, build_abd
+from kdguard.abd import ABDConfig, SelfRetrospection, ShufflingVaccine, VaccineWeighting, build_abd
 from kdguard.datafree import DataFreeLoop, build_method
-from kdguard.datafree.config import ABDConfig
 
 
 def _abd(kit, mode, method="zskt", **sv):

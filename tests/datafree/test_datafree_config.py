@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from kdguard.commands.datafree import datafree_method_requested, translate_overrides
-from kdguard.datafree import METHOD_NAMES, build_datafree_job, preset_values
+from kdguard.datafree import METHOD_NAMES, preset_values
+from kdguard.jobs import build_datafree_job
 from kdguard.errors import KDGuardError
 
 

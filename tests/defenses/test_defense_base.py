@@ -9,7 +9,7 @@ from helpers import make_blobs
 from kdguard.config import build_config
 from kdguard.defenses import DEFENSES, Defense, DefenseJob, clean_subset
 from kdguard.errors import KDGuardError
-from kdguard.pipeline import SplitData
+from kdguard.data import SplitData
 
 
 def test_registered_defences_declare_their_needs():

@@ -15,7 +15,9 @@ from kdguard.config import AttackConfig, DataConfig, TrainConfig, to_dict
 from kdguard.defenses.robustkd import FeatureDetox
 from kdguard.io import read_json
 from kdguard.models import build_model
-from kdguard.pipeline import evaluate_model, load_splits, make_attack
+from kdguard.attacks import make_attack
+from kdguard.data import load_splits
+from kdguard.runs import evaluate_model
 
 FAST = ["student=lenet5", "clean_fraction=0.05", "detox.epochs=1", "detox.batch_size=64", "train.epochs=1",
         "train.batch_size=64", "train.progress=false"]

@@ -139,7 +139,7 @@ def test_library_defaults_match_the_robustkd_job_defaults():
     """`detoxify()` and `DetoxObjective()` called bare give what `kdguard robustkd` runs."""
     import inspect
 
-    from kdguard.defenses.robustkd.run import DetoxConfig
+    from kdguard.defenses.robustkd import DetoxConfig
 
     cfg = DetoxConfig()
     assert cfg.objective() == DetoxObjective()

@@ -6,9 +6,10 @@ data-free method of :mod:`kdguard.datafree`. See ``docs/abd.md``.
   weighting, verification).
 * :mod:`.hypergrad`: :func:`fixed_point_hypergradient` (implicit differentiation, I-BAU style).
 * :mod:`.retrospection`: :class:`SelfRetrospection` (universal perturbation + unlearning).
-* :mod:`.plugin`: :func:`build_abd` from the job's ``abd`` section.
+* :mod:`.config`: :class:`ABDConfig`, the job's ``abd`` section; :mod:`.plugin`: :func:`build_abd` from it.
 """
 
+from .config import ABDConfig, SelfRetrospectionConfig, ShufflingVaccineConfig, validate_abd
 from .hypergrad import fixed_point_hypergradient
 from .plugin import ABDPlugin, build_abd
 from .retrospection import (
@@ -30,8 +31,8 @@ from .vaccine import (
 )
 
 __all__ = [
-    "ABDPlugin", "SelfRetrospection", "ShuffledTeacher", "ShufflingVaccine", "VaccineWeighting",
+    "ABDConfig", "ABDPlugin", "SelfRetrospection", "SelfRetrospectionConfig", "ShuffledTeacher", "ShufflingVaccine", "ShufflingVaccineConfig", "VaccineWeighting",
     "build_abd", "divergence_per_sample", "execution_order", "fixed_point_hypergradient",
     "frozen_bn_statistics", "permute_input_channels", "select_shuffle_layers", "tail_ratio",
-    "universal_perturbation",
+    "universal_perturbation", "validate_abd",
 ]

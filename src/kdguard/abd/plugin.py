@@ -11,8 +11,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..datafree.config import ABDConfig
 from ..datafree.loop import DataFreeExtensions
+from .config import ABDConfig
 from .retrospection import SelfRetrospection
 from .shuffle import ShuffledTeacher
 from .vaccine import ShufflingVaccine, VaccineWeighting

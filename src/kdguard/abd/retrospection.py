@@ -57,7 +57,7 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..datafree.config import SelfRetrospectionConfig
+from .config import SelfRetrospectionConfig
 from ..datafree.losses import kl_per_sample
 from ..datafree.student import StudentStepContext, default_student_step, frozen
 from .hypergrad import fixed_point_hypergradient
@@ -153,7 +153,7 @@ class SelfRetrospection:
     docstring and logs ``sr_unlearn`` (ℓ_out) besides the method's losses.
 
     Args:
-        cfg: :class:`~kdguard.datafree.config.SelfRetrospectionConfig`.
+        cfg: :class:`~kdguard.abd.config.SelfRetrospectionConfig`.
         seed: seeds the choice of perturbed samples (checkpointed).
     """
 

@@ -18,7 +18,7 @@ from typing import Optional
 
 import typer
 
-from ..cli import (CONFIG, DATA_ROOT, IN_CHANNELS, INPUT_NORM, NUM_CLASSES, TEACHER_ARCH, command, console,
+from ._app import (CONFIG, DATA_ROOT, IN_CHANNELS, INPUT_NORM, NUM_CLASSES, TEACHER_ARCH, command, console,
                    teacher_spec_overrides)
 
 OVERRIDES = typer.Argument(None, help="Config overrides as key=value, e.g. schedule.rounds=500 "
@@ -64,7 +64,7 @@ def distill_datafree_from_cli(overrides: Optional[list[str]] = None, config: Opt
     Raises:
         KDGuardError: any configuration or run problem (the CLI turns it into ``error: ...``).
     """
-    from ..datafree import build_datafree_job, run_datafree
+    from ..jobs.datafree import build_datafree_job, run_datafree
 
     items = translate_overrides(overrides)
     for key, value in (("teacher", teacher), ("method", method), ("preset", preset),

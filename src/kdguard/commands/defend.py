@@ -15,8 +15,8 @@ from typing import Optional
 
 import typer
 
-from ..cli import (CONFIG, DATA_ROOT, IN_CHANNELS, INPUT_NORM, NUM_CLASSES, OVERRIDES, TEACHER_ARCH, _overrides,
-                   _print_metrics, command, console, teacher_spec_overrides)
+from ._app import (CONFIG, DATA_ROOT, IN_CHANNELS, INPUT_NORM, NUM_CLASSES, OVERRIDES, TEACHER_ARCH, with_overrides,
+                   print_metrics, command, console, teacher_spec_overrides)
 
 
 @command("defend")
@@ -28,11 +28,12 @@ def defend_cmd(overrides: Optional[list[str]] = OVERRIDES, config: Optional[Path
                teacher_input_norm: Optional[str] = INPUT_NORM) -> None:
     """Defend a poisoned model with clean data: method=ft (fine-tuning), fp (fine-pruning) or nad."""
     from ..config import build_config
-    from ..defenses import DefenseJob, run_defense
+    from ..defenses import DefenseJob
+    from ..jobs.defend import run_defense
 
     overrides = [*(overrides or []),
                  *teacher_spec_overrides(teacher_arch, num_classes, in_channels, teacher_input_norm)]
-    job = build_config(DefenseJob, config, _overrides(overrides, model=model, **{"data.root": data_root}))
+    job = build_config(DefenseJob, config, with_overrides(overrides, model=model, **{"data.root": data_root}))
     result = run_defense(job)
-    _print_metrics(result.metrics)
+    print_metrics(result.metrics)
     console.print(f"run directory: {result.run_dir}")

@@ -6,7 +6,7 @@ Example::
         --num-classes 10 --teacher-input-norm cifar10 data.name=cifar10 --data-root ../shared/data \
         out=runs/their-teacher
 
-See :mod:`kdguard.foreign`.
+See :mod:`kdguard.jobs.import_teacher`.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from typing import Optional
 
 import typer
 
-from ..cli import (CONFIG, DATA_ROOT, IN_CHANNELS, INPUT_NORM, NUM_CLASSES, OVERRIDES, TEACHER_ARCH, _overrides,
-                   _print_metrics, command, console, teacher_spec_overrides)
+from ._app import (CONFIG, DATA_ROOT, IN_CHANNELS, INPUT_NORM, NUM_CLASSES, OVERRIDES, TEACHER_ARCH, with_overrides,
+                   print_metrics, command, console, teacher_spec_overrides)
 
 
 @command("import-teacher")
@@ -29,13 +29,13 @@ def import_teacher_cmd(overrides: Optional[list[str]] = OVERRIDES, config: Optio
                        teacher_input_norm: Optional[str] = INPUT_NORM) -> None:
     """Turn a teacher's bare weights file into a kdguard run directory (weights digest, source, metrics)."""
     from ..config import build_config
-    from ..foreign import ImportJob, import_teacher
+    from ..jobs.import_teacher import ImportJob, import_teacher
 
     overrides = [*(overrides or []),
                  *teacher_spec_overrides(teacher_arch, num_classes, in_channels, teacher_input_norm)]
-    job = build_config(ImportJob, config, _overrides(overrides, teacher=teacher, **{"data.root": data_root}))
+    job = build_config(ImportJob, config, with_overrides(overrides, teacher=teacher, **{"data.root": data_root}))
     result = import_teacher(job)
     if result.metrics is not None:
-        _print_metrics(result.metrics)
+        print_metrics(result.metrics)
     console.print(f"sha256 {result.manifest['imported']['sha256']}")
     console.print(f"run directory: {result.run_dir}")

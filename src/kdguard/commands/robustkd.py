@@ -18,7 +18,7 @@ from typing import Optional
 
 import typer
 
-from ..cli import (CONFIG, DATA_ROOT, IN_CHANNELS, INPUT_NORM, NUM_CLASSES, OVERRIDES, TEACHER_ARCH, command,
+from ._app import (CONFIG, DATA_ROOT, IN_CHANNELS, INPUT_NORM, NUM_CLASSES, OVERRIDES, TEACHER_ARCH, command,
                    console, teacher_spec_overrides)
 from ..defenses.robustkd import trigger_opt  # noqa: F401  (registers the robustkd_blend trigger)
 
@@ -41,7 +41,8 @@ def robustkd_cmd(overrides: Optional[list[str]] = OVERRIDES, config: Optional[Pa
                  teacher_input_norm: Optional[str] = INPUT_NORM) -> None:
     """RobustKD: detoxify a (possibly backdoored) teacher's features, then distil a student with OFD."""
     from ..config import build_config
-    from ..defenses.robustkd.run import RobustKDJob, run_robustkd
+    from ..defenses.robustkd import RobustKDJob
+    from ..jobs.robustkd import run_robustkd
 
     overrides = [*(overrides or []),
                  *teacher_spec_overrides(teacher_arch, num_classes, in_channels, teacher_input_norm)]
@@ -62,7 +63,8 @@ def robustkd_trigger_cmd(overrides: Optional[list[str]] = OVERRIDES, config: Opt
                          teacher_input_norm: Optional[str] = INPUT_NORM) -> None:
     """Learn RobustKD's optimised blended trigger (pattern + mask ≤ 0.2) on a clean teacher."""
     from ..config import build_config
-    from ..defenses.robustkd.run import TriggerJob, run_trigger_job
+    from ..defenses.robustkd import TriggerJob
+    from ..jobs.robustkd import run_trigger_job
 
     overrides = [*(overrides or []),
                  *teacher_spec_overrides(teacher_arch, num_classes, in_channels, teacher_input_norm)]

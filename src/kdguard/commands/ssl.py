@@ -13,7 +13,7 @@ from typing import Optional
 
 import typer
 
-from ..cli import (CONFIG, DATA_ROOT, IN_CHANNELS, INPUT_NORM, OVERRIDES, TEACHER_ARCH, _overrides, command,
+from ._app import (CONFIG, DATA_ROOT, IN_CHANNELS, INPUT_NORM, OVERRIDES, TEACHER_ARCH, with_overrides, command,
                    console, teacher_spec_overrides)
 
 ENCODER = typer.Option(None, "--encoder", help="SSL encoder checkpoint directory (sets encoder=)")
@@ -25,9 +25,9 @@ def ssl_pretrain_cmd(overrides: Optional[list[str]] = OVERRIDES, config: Optiona
     """Pre-train a clean image encoder with SimCLR (default: ResNet-18 on CIFAR-10)."""
     from ..config import build_config
     from ..ssl.config import PretrainJob
-    from ..ssl.jobs import run_pretrain
+    from ..jobs.ssl import run_pretrain
 
-    job = build_config(PretrainJob, config, _overrides(overrides, **{"data.root": data_root}))
+    job = build_config(PretrainJob, config, with_overrides(overrides, **{"data.root": data_root}))
     result = run_pretrain(job)
     m = result.metrics
     knn = f"  kNN acc={100 * m['knn_acc']:.2f}%" if m.get("knn_acc") is not None else ""
@@ -43,11 +43,11 @@ def badencoder_cmd(overrides: Optional[list[str]] = OVERRIDES, config: Optional[
     """Backdoor a clean encoder with BadEncoder (Jia et al., S&P 2022)."""
     from ..config import build_config
     from ..ssl.config import BadEncoderJob
-    from ..ssl.jobs import run_badencoder_job
+    from ..jobs.ssl import run_badencoder_job
 
     overrides = [*(overrides or []), *teacher_spec_overrides(teacher_arch, None, in_channels, teacher_input_norm)]
     job = build_config(BadEncoderJob, config,
-                       _overrides(overrides, encoder=encoder, **{"shadow.root": data_root}))
+                       with_overrides(overrides, encoder=encoder, **{"shadow.root": data_root}))
     result = run_badencoder_job(job)
     console.print("  ".join(f"{k}={v:.4f}" for k, v in result.metrics.items() if k in ("l0", "l1", "l2")))
     console.print(f"run directory: {result.run_dir}")
@@ -61,10 +61,11 @@ def ssl_probe_cmd(overrides: Optional[list[str]] = OVERRIDES, config: Optional[P
     """Downstream CA / ASR / ASR-all of an encoder through a probe trained on frozen features."""
     from ..config import build_config
     from ..ssl.config import ProbeJob
-    from ..ssl.jobs import probe_table, run_probe_job
+    from ..jobs.ssl import run_probe_job
+    from ..ssl.downstream import probe_table
 
     overrides = [*(overrides or []), *teacher_spec_overrides(teacher_arch, None, in_channels, teacher_input_norm)]
-    job = build_config(ProbeJob, config, _overrides(overrides, encoder=encoder, root=data_root))
+    job = build_config(ProbeJob, config, with_overrides(overrides, encoder=encoder, root=data_root))
     result = run_probe_job(job)
     console.print(probe_table([(Path(job.encoder).name, result.metrics["results"])], list(job.datasets)))
     console.print(f"run directory: {result.run_dir}")
@@ -78,10 +79,10 @@ def ssl_defend_cmd(overrides: Optional[list[str]] = OVERRIDES, config: Optional[
     """Distil a poisoned encoder into a student (one teacher / student / loss) and probe it."""
     from ..config import build_config
     from ..ssl.config import DefendJob
-    from ..ssl.grid import run_defend
+    from ..jobs.ssl import run_defend
 
     overrides = [*(overrides or []), *teacher_spec_overrides(teacher_arch, None, in_channels, teacher_input_norm)]
-    job = build_config(DefendJob, config, _overrides(overrides, encoder=encoder, **{"data.root": data_root}))
+    job = build_config(DefendJob, config, with_overrides(overrides, encoder=encoder, **{"data.root": data_root}))
     result = run_defend(job)
     console.print(result.table)
     console.print(f"run directory: {result.run_dir}")
@@ -95,10 +96,10 @@ def ssl_grid_cmd(overrides: Optional[list[str]] = OVERRIDES, config: Optional[Pa
     """Run the teachers × students × losses study (or a subset) and write one table."""
     from ..config import build_config
     from ..ssl.config import GridJob
-    from ..ssl.grid import run_grid
+    from ..jobs.ssl import run_grid
 
     overrides = [*(overrides or []), *teacher_spec_overrides(teacher_arch, None, in_channels, teacher_input_norm)]
-    job = build_config(GridJob, config, _overrides(overrides, encoder=encoder, **{"data.root": data_root}))
+    job = build_config(GridJob, config, with_overrides(overrides, encoder=encoder, **{"data.root": data_root}))
     result = run_grid(job)
     console.print(result.table)
     console.print(f"run directory: {result.run_dir}")

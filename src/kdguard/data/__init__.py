@@ -8,6 +8,7 @@ from .loaders import CIFAR10_CLASSES, GTSRB_CLASSES, register_imagefolder
 from .cache import CACHE_ENV, KNOWN_MD5, ArrayCache, download, resolve_cache_dir, verify_md5
 from .augment import Augment, random_crop, random_hflip
 from .batches import iterate_batches, num_batches, to_float
+from .splits import SplitData, clean_subset, load_splits, make_augment
 
 __all__ = [
     "ImageDataset", "DATASETS", "DEFAULT_DATASET", "SPLITS", "DATA_ROOT_ENV", "CACHE_ENV",
@@ -15,4 +16,5 @@ __all__ = [
     "register_imagefolder", "CIFAR10_CLASSES", "GTSRB_CLASSES",
     "ArrayCache", "KNOWN_MD5", "verify_md5", "download", "resolve_cache_dir",
     "Augment", "random_crop", "random_hflip", "iterate_batches", "num_batches", "to_float",
+    "SplitData", "clean_subset", "load_splits", "make_augment",
 ]

@@ -13,8 +13,10 @@ defences plug into.
 * :mod:`.loop`: :class:`DataFreeLoop` (schedule, monitoring, resumable checkpoints) and
   :class:`DataFreeExtensions` (the hooks for defences); :mod:`.collapse`:
   :class:`ClassShareMonitor`, the label-free check that synthesis has not collapsed onto one class.
-* :mod:`.methods`: :data:`DATAFREE_METHODS`; :mod:`.run`: :func:`run_datafree`, :func:`prepare_datafree`,
-  :func:`fork_datafree_run` (continue a copy of a checkpointed run with other settings).
+* :mod:`.methods`: :data:`DATAFREE_METHODS`; :mod:`.summary`: :func:`synthesis_summary`,
+  :func:`plot_datafree_curves` (what a run's history says).
+
+The job that runs a method (and composes ABD into it) is :mod:`kdguard.jobs.datafree`.
 
 See ``docs/datafree.md``.
 """
@@ -26,19 +28,18 @@ from .hooks import BNStatistics
 from .loop import DataFreeExtensions, DataFreeLoop, RoundRecord
 from .methods import DATAFREE_METHODS, MethodContext, MethodParts, build_method
 from .presets import PRESET_SCALES, preset_values
-from .run import (DataFreeSetup, fork_datafree_run, prepare_datafree, run_datafree, stopped_run_config,
-                  synthesis_summary)
+from .summary import plot_datafree_curves, synthesis_summary
 from .student import (DistillObjective, StudentStepContext, TeacherOutputs, default_student_step,
                       mean_weighting)
 from .synthesizers import (CMISynthesizer, DeepInversionSynthesizer, GeneratorRegularizer,
                            GeneratorSynthesizer, ProxySynthesizer, Synthesizer)
 
 __all__ = [
-    "BNStatistics", "ClassShareMonitor", "CMISynthesizer", "ConvGenerator", "DATAFREE_METHODS", "DataFreeExtensions", "DataFreeSetup",
+    "BNStatistics", "ClassShareMonitor", "CMISynthesizer", "ConvGenerator", "DATAFREE_METHODS", "DataFreeExtensions",
     "DataFreeJob", "DataFreeLoop", "DeepInversionSynthesizer", "DistillObjective",
     "GeneratorRegularizer", "GeneratorSynthesizer", "METHOD_NAMES", "MethodContext", "MethodParts",
     "PRESET_SCALES", "ProxySynthesizer", "RoundRecord", "StudentStepContext", "Synthesizer",
     "TeacherOutputs", "build_datafree_job", "build_generator", "build_method", "default_student_step",
-    "fork_datafree_run", "mean_weighting", "prepare_datafree", "preset_values", "reinitialize", "run_datafree",
-    "stopped_run_config", "SynthesisCollapseWarning", "synthesis_summary", "validate_job",
+    "mean_weighting", "plot_datafree_curves", "preset_values", "reinitialize",
+    "SynthesisCollapseWarning", "synthesis_summary", "validate_job",
 ]

@@ -166,78 +166,6 @@ class OODOptions:
 
 
 @dataclass
-class ShufflingVaccineConfig:
-    """ABD's Shuffling Vaccine (Hong et al. 2023, §4.1; ABD ``syn_vaccine.py``), see ``docs/abd.md``."""
-
-    coef: float = 0.1                      # --shuf_teacher / --shufl_coef (all shipped sweeps)
-    ensemble: int = 3                      # --n_shuf_ens: shuffled copies whose logits are averaged
-    layers: int = 5                        # --n_shuf_layer: last k convolutions by execution order
-                                           # (negative: the first |k| from the input side)
-    form: str = "auto"                     # auto | generator (regulariser on synthesis) | student
-                                           # (OOD: KD on unsuspicious, push away on suspicious);
-                                           # auto = student for ood, generator otherwise
-    shuffle_grad: bool = True              # gradients flow through the shuffled teacher
-                                           # (reference default; false = --no_shuf_grad, cheaper)
-    verify_batches: int = 0                # --pseudo_test_batches (CIFAR-10 sweeps 0, GTSRB 50);
-                                           # 0 = switch SV on at once
-    verify_skip: int = 10                  # the first batches are not cached (reference: 10)
-    tail_threshold: float = 0.02           # tail ratio (log10 KL < mean − 3σ) needed to switch on
-    max_trials: int = 8                    # re-shuffles tried before SV stays off
-
-
-@dataclass
-class SelfRetrospectionConfig:
-    """ABD's Self-Retrospection (Hong et al. 2023, §4.2; ABD ``unlearn.py``), see ``docs/abd.md``."""
-
-    phase: float = 0.02                    # share of the round budget at the end that runs SR
-                                           # (reference: resume at pb79399 of 8e4 / epoch 197 of 200)
-    lr: float = 5e-4                       # learning rate reset at the phase start (--sup_resume_lr),
-                                           # cosine to 0 over the phase
-    reset_optimizer: bool = True           # fresh optimiser state at the phase start (ZSKT resume)
-    perturb_model: str = "teacher"         # teacher | student: the model δ is synthesised against
-                                           # (ABD sweeps: teacher; ZSKT code default: student)
-    inner_steps: int = 10                  # --inner_round: Adam steps on δ
-    inner_lr: float = 0.1                  # --pert_lr (δ in normalised input units, as the reference)
-    l2: float = 1e-3                       # λ of the ‖δ‖² term of the inner problem
-    share: float = 0.02                    # share of each batch that gets δ (--hg_out_portion) ...
-    min_count: int = 8                     # ... but at least this many samples (the reference
-                                           # rounds 2 % of 128 down to 2, and to 0 below 50)
-    weight: float = 1.0                    # weight of the unlearning term
-    divergence: str = "kl"                 # kl: KL at τ = 1 summed over classes | method: the
-                                           # method's own KD divergence, as the references (ZSKT:
-                                           # τ 1, ÷K, i.e. K× weaker; CMI: τ 20 with τ²)
-    outer_reduction: str = "batch"         # batch: sum over the perturbed samples ÷ batch size
-                                           # (the reference's batchmean) | perturbed: mean over
-                                           # them (N/|B| times stronger; too strong at lr 5e-4 in
-                                           # kdguard's measurements, docs/abd.md)
-    detach_clean: bool = True              # clean student logits detached in the outer loss (ZSKT
-                                           # code; the CMI code keeps their gradient)
-    hypergradient: bool = True             # implicit hypergradient through δ*(θ) (--use_hg)
-    hypergradient_steps: int = 5           # K fixed-point iterations
-    hypergradient_step_size: float = 0.1   # step α of the inner gradient-descent map Φ
-    amp: bool = False                      # the unlearning and hypergradient passes under the run's
-                                           # bf16 autocast (~1.5× faster on CPU; hypergradient within
-                                           # ~3 % of float32's) instead of float32
-
-
-@dataclass
-class ABDConfig:
-    """ABD (Hong et al., ICML 2023) as a plug-in of every data-free method: ``abd.mode``."""
-
-    mode: str = "off"                      # off | sv | sr | full (sv + sr)
-    sv: ShufflingVaccineConfig = field(default_factory=ShufflingVaccineConfig)
-    sr: SelfRetrospectionConfig = field(default_factory=SelfRetrospectionConfig)
-
-    @property
-    def uses_sv(self) -> bool:
-        return self.mode in ("sv", "full")
-
-    @property
-    def uses_sr(self) -> bool:
-        return self.mode in ("sr", "full")
-
-
-@dataclass
 class MonitorConfig:
     """Evaluation, image grids and checkpoints during a run (all in rounds)."""
 
@@ -279,7 +207,6 @@ class DataFreeJob:
     deepinv: DeepInvOptions = field(default_factory=DeepInvOptions)
     cmi: CMIOptions = field(default_factory=CMIOptions)
     ood: OODOptions = field(default_factory=OODOptions)
-    abd: ABDConfig = field(default_factory=ABDConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     device: str = "auto"
     amp: str = "auto"                      # bf16 autocast: auto | on | off
@@ -300,12 +227,14 @@ def _peek(cfg: Any, key: str, default: str) -> str:
     return default if value is None else str(value)
 
 
-def build_datafree_job(yaml_path: str | Path | None = None,
-                       overrides: list[str] | None = None) -> DataFreeJob:
+def build_datafree_job(yaml_path: str | Path | None = None, overrides: list[str] | None = None, *,
+                       schema: type[DataFreeJob] = DataFreeJob) -> DataFreeJob:
     """Merge defaults ← preset ← YAML ← ``key=value`` overrides into a typed :class:`DataFreeJob`.
 
     The preset is chosen by the final ``method`` and ``preset`` values (so both may come from
-    the YAML file or the overrides). ``preset=none`` skips the preset layer.
+    the YAML file or the overrides). ``preset=none`` skips the preset layer. ``schema`` is
+    :class:`DataFreeJob` or a subclass that adds sections (the CLI's job adds ABD's ``abd``,
+    :class:`kdguard.jobs.datafree.DataFreeABDJob`).
 
     Raises:
         KDGuardError: missing YAML file, malformed override, unknown key, wrong type, unknown
@@ -315,9 +244,9 @@ def build_datafree_job(yaml_path: str | Path | None = None,
 
     try:
         user = user_layer(yaml_path, overrides, example="schedule.rounds=500")
-        method = _peek(user, "method", DataFreeJob.method)
-        scale = _peek(user, "preset", DataFreeJob.preset)
-        cfg = OmegaConf.structured(DataFreeJob)
+        method = _peek(user, "method", schema.method)
+        scale = _peek(user, "preset", schema.preset)
+        cfg = OmegaConf.structured(schema)
         cfg = OmegaConf.merge(cfg, OmegaConf.create(preset_values(method, scale)), user)
         require_complete(cfg, "pass {key}=VALUE (or --{key}) or set it in the YAML file")
         job = OmegaConf.to_object(cfg)
@@ -383,10 +312,6 @@ def validate_job(job: DataFreeJob) -> None:
     for label, mode in (("dfad.sample", job.dfad.sample), ("dafl.sample", job.dafl.sample)):
         _choice(label, mode, ("fresh", "last"))
     _choice("ood.source", job.ood.source, ("image", "dataset"))
-    validate_abd(job.abd)
-    if job.abd.uses_sv and job.method == "ood" and job.abd.sv.form == "generator":
-        raise KDGuardError("abd.sv.form=generator does nothing with method=ood (proxy images have no "
-                           "generator to regularise)", "use abd.sv.form=auto or student for ood")
     m = job.monitor
     for label, value in (("monitor.every", m.every), ("monitor.grid_every", m.grid_every),
                          ("monitor.checkpoint_every", m.checkpoint_every)):
@@ -396,41 +321,3 @@ def validate_job(job: DataFreeJob) -> None:
     if not 0.0 < m.collapse_share <= 1.0:
         raise KDGuardError(f"monitor.collapse_share={m.collapse_share} is outside (0, 1]",
                            "give a share such as 0.9 (1 disables the collapse warning)")
-
-
-def validate_abd(cfg: ABDConfig) -> None:
-    """Check the ``abd`` section (see :class:`ABDConfig`).
-
-    Raises:
-        KDGuardError: naming the first bad setting and the fix.
-    """
-    _choice("abd.mode", cfg.mode, ("off", "sv", "sr", "full"))
-    sv, sr = cfg.sv, cfg.sr
-    _choice("abd.sv.form", sv.form, ("auto", "generator", "student"))
-    _positive("abd.sv.coef", sv.coef, allow_zero=True)
-    _positive("abd.sv.ensemble", sv.ensemble)
-    if sv.layers == 0:
-        raise KDGuardError("abd.sv.layers 0 shuffles nothing",
-                           "give the number of last convolutions to shuffle, e.g. 5")
-    for label, value in (("abd.sv.verify_batches", sv.verify_batches), ("abd.sv.verify_skip", sv.verify_skip),
-                         ("abd.sv.max_trials", sv.max_trials), ("abd.sv.tail_threshold", sv.tail_threshold)):
-        _positive(label, value, allow_zero=True)
-    if sv.verify_batches and sv.verify_batches <= sv.verify_skip:
-        raise KDGuardError(f"abd.sv.verify_batches {sv.verify_batches} leaves no batch after the "
-                           f"{sv.verify_skip} skipped ones",
-                           "give abd.sv.verify_batches > abd.sv.verify_skip, e.g. abd.sv.verify_batches=50")
-    if not 0.0 < sr.phase <= 1.0:
-        raise KDGuardError(f"abd.sr.phase {sr.phase!r} is not in (0, 1]",
-                           "give the share of the budget at the end that runs SR, e.g. 0.02")
-    if not 0.0 < sr.share <= 1.0:
-        raise KDGuardError(f"abd.sr.share {sr.share!r} is not in (0, 1]", "give e.g. 0.02")
-    _choice("abd.sr.perturb_model", sr.perturb_model, ("teacher", "student"))
-    _choice("abd.sr.outer_reduction", sr.outer_reduction, ("perturbed", "batch"))
-    _choice("abd.sr.divergence", sr.divergence, ("kl", "method"))
-    for label, value in (("abd.sr.lr", sr.lr), ("abd.sr.inner_lr", sr.inner_lr),
-                         ("abd.sr.hypergradient_step_size", sr.hypergradient_step_size)):
-        _positive(label, value)
-    for label, value in (("abd.sr.inner_steps", sr.inner_steps), ("abd.sr.min_count", sr.min_count),
-                         ("abd.sr.l2", sr.l2), ("abd.sr.weight", sr.weight),
-                         ("abd.sr.hypergradient_steps", sr.hypergradient_steps)):
-        _positive(label, value, allow_zero=True)

@@ -2,14 +2,14 @@
 
 Each defence is registered in :data:`DEFENSES` with a :class:`Defense` description (stage
 relative to distillation, default clean-data share, labels, teacher access) and runs as
-``run_defense(DefenseJob(model=RUN_DIR, method="nad", ...)) -> RunResult``, writing a run
+``kdguard.jobs.run_defense(DefenseJob(model=RUN_DIR, method="nad", ...)) -> RunResult``, writing a run
 directory like every other job (``metrics.json``, ``manifest.json`` with role ``"defense"``,
 ``model.safetensors``, ``report.md``). CLI: ``kdguard defend --model RUN_DIR method=nad``.
 """
 
 from __future__ import annotations
 
-from .base import DEFENSES, STAGES, Defense, register_defense, run_defense
+from .base import DEFENSES, STAGES, Defense, register_defense
 from .config import AUTO_DATASET, DefenseJob, FinePruneConfig, NADConfig
 from .runner import DefenseContext, clean_subset, finish_defense, prepare_defense
 from . import finetune, fineprune, nad  # noqa: E402,F401  (register the built-in defences)
@@ -19,4 +19,4 @@ from .nad import NADDistiller, default_betas, resolve_betas
 __all__ = ["AUTO_DATASET", "DEFENSES", "STAGES", "ChannelConsumer", "ChannelPruner", "Defense", "DefenseContext",
            "DefenseJob", "FinePruneConfig", "NADConfig", "NADDistiller", "channel_activations", "clean_subset",
            "default_betas", "find_consumer", "finish_defense", "prepare_defense", "register_defense",
-           "resolve_betas", "run_defense", "select_prune_count"]
+           "resolve_betas", "select_prune_count"]

@@ -9,7 +9,8 @@ Every defence declares
   training set), whether that data must be labelled (``labels``), and whether it needs white-box
   access to the teacher's weights (``teacher_access``).
 
-Defences are registered in :data:`DEFENSES` by name and run with :func:`run_defense`.
+Defences are registered in :data:`DEFENSES` by name; the job that runs one is
+:func:`kdguard.jobs.defend.run_defense`.
 """
 
 from __future__ import annotations
@@ -21,9 +22,8 @@ from typing import TYPE_CHECKING, Any
 from ..errors import KDGuardError
 from ..registry import Registry
 
-if TYPE_CHECKING:  # the runner imports the pipeline; keep this module import-light
-    from ..pipeline import RunResult
-    from .config import DefenseJob
+if TYPE_CHECKING:  # the runner imports the run engine; keep this module import-light
+    from ..runs import RunResult
 
 STAGES = ("before", "during", "after")
 
@@ -40,7 +40,8 @@ class Defense:
         labels: whether the clean data must be labelled.
         teacher_access: whether the defence needs the poisoned model's weights (white box).
         source: the paper (and reference code) the implementation follows.
-        run: ``run(job: DefenseJob) -> RunResult``; writes one run directory.
+        run: ``run(job: DefenseJob, *, threads=None) -> RunResult``; writes one run directory
+            (``threads``: torch's intra-op threads, None for the default).
 
     Raises:
         KDGuardError: an unknown stage or a default clean fraction outside (0, 1].
@@ -53,7 +54,7 @@ class Defense:
     labels: bool
     teacher_access: bool
     source: str
-    run: Callable[["DefenseJob"], "RunResult"]
+    run: Callable[..., "RunResult"]
 
     def __post_init__(self) -> None:
         if self.stage not in STAGES:
@@ -74,24 +75,12 @@ DEFENSES: Registry[Defense] = Registry("defense")
 
 def register_defense(name: str, *, title: str, stage: str, clean_fraction: float, labels: bool,
                      teacher_access: bool, source: str) -> Callable:
-    """Decorator registering ``run(job) -> RunResult`` as defence ``name`` in :data:`DEFENSES`."""
+    """Decorator registering ``run(job, *, threads=None) -> RunResult`` as defence ``name`` in
+    :data:`DEFENSES`."""
 
-    def deco(run: Callable[["DefenseJob"], "RunResult"]) -> Callable:
+    def deco(run: Callable[..., "RunResult"]) -> Callable:
         DEFENSES.add(name, Defense(name=name, title=title, stage=stage, clean_fraction=clean_fraction,
                                    labels=labels, teacher_access=teacher_access, source=source, run=run))
         return run
 
     return deco
-
-
-def run_defense(job: "DefenseJob") -> "RunResult":
-    """Run the defence named by ``job.method`` on the poisoned model ``job.model``.
-
-    Returns the :class:`kdguard.pipeline.RunResult` of the defended model (run directory
-    ``job.out`` with ``metrics.json``, ``manifest.json`` (role ``"defense"``),
-    ``model.safetensors`` and ``report.md``).
-
-    Raises:
-        KDGuardError: unknown method, or any input problem the defence finds.
-    """
-    return DEFENSES.get(job.method).run(job)

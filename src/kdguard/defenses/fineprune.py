@@ -52,7 +52,7 @@ from ..data import to_float
 from ..errors import KDGuardError, check_range
 from ..io import read_json, write_json
 from ..models import stage_paths
-from ..pipeline import RunResult, evaluate_model
+from ..runs import RunResult, evaluate_model
 from ..runtime import eval_mode, resolve_device
 from ..taps import FeatureEditor, FeatureTaps, resolve_module
 from .base import register_defense
@@ -327,7 +327,7 @@ def _check_options(cfg: FinePruneConfig) -> None:
 @register_defense("fp", title="Fine-pruning", stage="before", clean_fraction=0.05, labels=True,
                   teacher_access=True, source="Liu, Dolan-Gavitt & Garg, RAID 2018; stopping rule after "
                   "BackdoorBench fp")
-def run_fineprune(job: DefenseJob) -> RunResult:
+def run_fineprune(job: DefenseJob, *, threads: int | None = None) -> RunResult:
     """Fine-prune the poisoned model ``job.model`` (see the module docstring for the exact rule).
 
     Writes ``prune.json`` (layer, consumer, activations, pruned channels, the pruning curve on
@@ -340,7 +340,7 @@ def run_fineprune(job: DefenseJob) -> RunResult:
     """
     cfg = job.fineprune
     _check_options(cfg)
-    ctx = prepare_defense(job)
+    ctx = prepare_defense(job, threads=threads)
     model = ctx.model
     device = resolve_device(job.train.device)
     model.to(device)

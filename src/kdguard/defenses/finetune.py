@@ -9,7 +9,7 @@ ask for).
 
 from __future__ import annotations
 
-from ..pipeline import RunResult
+from ..runs import RunResult
 from .base import register_defense
 from .config import DefenseJob
 from .runner import prepare_defense, finish_defense
@@ -18,7 +18,7 @@ from .runner import prepare_defense, finish_defense
 @register_defense("ft", title="Fine-tuning", stage="before", clean_fraction=0.05, labels=True,
                   teacher_access=True, source="fine-tuning baseline (Liu et al. 2018; NAD Table 1; "
                   "BackdoorBench ft)")
-def run_finetune(job: DefenseJob) -> RunResult:
+def run_finetune(job: DefenseJob, *, threads: int | None = None) -> RunResult:
     """Fine-tune the poisoned model ``job.model`` on ``job.clean_fraction`` clean labelled data.
 
     The model is trained in place with :class:`kdguard.train.Trainer` (resumable from
@@ -28,6 +28,6 @@ def run_finetune(job: DefenseJob) -> RunResult:
     Raises:
         KDGuardError: see :func:`kdguard.defenses.runner.prepare_defense`.
     """
-    ctx = prepare_defense(job)
+    ctx = prepare_defense(job, threads=threads)
     history = ctx.fit(ctx.model, run_dir=ctx.out, desc="ft")
     return finish_defense(ctx, ctx.model, histories={"fine-tuning": history})

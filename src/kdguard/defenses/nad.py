@@ -33,14 +33,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoint import save_model
-from ..config import to_dict
 from ..distill.base import Distiller
 from ..errors import KDGuardError, unknown_name
-from ..io import write_json
 from ..losses.attention import AT_VARIANTS, attention_loss
 from ..models import build_model, stage_paths
-from ..pipeline import RunResult
+from ..runs import RunResult, build_manifest, save_run
 from ..taps import FeatureTaps
 from .base import register_defense
 from .config import DefenseJob
@@ -135,7 +132,7 @@ class NADDistiller(Distiller):
 
 @register_defense("nad", title="Neural Attention Distillation", stage="before", clean_fraction=0.05,
                   labels=True, teacher_access=True, source="Li et al., ICLR 2021 (bboylyg/NAD)")
-def run_nad(job: DefenseJob) -> RunResult:
+def run_nad(job: DefenseJob, *, threads: int | None = None) -> RunResult:
     """NAD on the poisoned model ``job.model``: fine-tuned teacher, then attention distillation.
 
     Phase 1 trains in ``job.out/nad_teacher`` (``job.train`` with ``nad.teacher_epochs`` epochs;
@@ -153,7 +150,7 @@ def run_nad(job: DefenseJob) -> RunResult:
         raise unknown_name("attention-transfer variant", cfg.variant, AT_VARIANTS)
     if not cfg.p > 0:
         raise KDGuardError(f"nad.p={cfg.p!r} must be > 0", "use nad.p=2 as in NAD")
-    ctx = prepare_defense(job)
+    ctx = prepare_defense(job, threads=threads)
     ds = ctx.data.train
     if cfg.student:
         student = build_model(cfg.student, num_classes=ds.num_classes, in_channels=ds.channels,
@@ -170,10 +167,9 @@ def run_nad(job: DefenseJob) -> RunResult:
     t_dir = ctx.out / TEACHER_DIR
     t_history = ctx.fit(teacher, run_dir=t_dir, desc="nad-teacher", train_cfg=t_train)
     t_metrics = ctx.test_metrics(teacher)
-    save_model(t_dir, teacher, {"role": "nad_teacher", "seed": job.seed, "config": to_dict(job),
-                                "poisoned_model": str(job.model), "model": ctx.spec(teacher),
-                                "dataset": ctx.dataset_record(), "metrics": t_metrics})
-    write_json(t_dir / "metrics.json", t_metrics)
+    save_run(t_dir, teacher, build_manifest("nad_teacher", job, head={"seed": job.seed},
+                                            links={"poisoned_model": str(job.model)}, model=ctx.spec(teacher),
+                                            dataset=ctx.dataset_record(), metrics=t_metrics))
 
     distiller = NADDistiller(student, teacher, student_paths=s_paths, teacher_paths=t_paths,
                              betas=list(cfg.betas), p=cfg.p, variant=cfg.variant)

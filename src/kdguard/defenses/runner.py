@@ -1,10 +1,11 @@
 """The scaffolding every data-available defence shares: load, split, train, evaluate, record.
 
-:func:`prepare_defense` validates the job, loads the poisoned model and its attack from the run
-directory's manifest, loads the splits and takes the defender's clean subset exactly as
-:func:`kdguard.pipeline.distill` does. :func:`finish_defense` evaluates the defended model once on
-the test split and writes the same artefacts as every other run (``model.safetensors``,
-``manifest.json`` with role ``"defense"``, ``metrics.json`` with the usual keys, ``report.md``).
+:func:`prepare_defense` validates the job, opens its run directory (:class:`kdguard.runs.RunContext`),
+loads the poisoned model and its attack from the run directory's manifest, loads the splits and
+takes the defender's clean subset exactly as distillation does (:func:`kdguard.data.clean_subset`).
+:func:`finish_defense` evaluates the defended model once on the test split and writes the same
+artefacts as every other run (``model.safetensors``, ``manifest.json`` with role ``"defense"``,
+``metrics.json`` with the usual keys, ``report.md``).
 """
 
 from __future__ import annotations
@@ -18,13 +19,11 @@ from typing import Any
 from torch import nn
 
 from ..attacks import AttackSpec
-from ..checkpoint import load_teacher, model_spec, read_manifest, save_model
-from ..config import AttackConfig, TrainConfig, to_dict
-from ..data import ImageDataset
+from ..checkpoint import read_manifest
+from ..config import AttackConfig, TrainConfig
+from ..data import ImageDataset, SplitData, clean_subset, load_splits, make_augment
 from ..errors import KDGuardError, check_range
-from ..io import write_json
-from ..pipeline import (RunResult, SplitData, attack_from_manifest, attack_record, clean_subset, prepare_run,
-                        evaluate_model, load_splits, make_attack, make_augment, val_evaluator)
+from ..runs import RunContext, RunResult, dataset_model_spec, dataset_record, val_evaluator
 from ..train import EpochRecord, Trainer
 from .base import DEFENSES, Defense
 from .config import AUTO_DATASET, DefenseJob
@@ -50,7 +49,7 @@ class DefenseContext:
     Attributes:
         job: the job (with ``data.name`` resolved from the manifest when it was ``"auto"``).
         defense: the registry entry being run.
-        out: the run directory (created; ``config.yaml`` written).
+        run: the open run directory (:class:`kdguard.runs.RunContext`).
         data: train (without validation) / validation / test splits.
         clean: the defender's clean subset (uint8 images, int64 labels).
         model: the poisoned model, loaded in eval mode (defences may train it in place).
@@ -62,7 +61,7 @@ class DefenseContext:
 
     job: DefenseJob
     defense: Defense
-    out: Path
+    run: RunContext
     data: SplitData
     clean: ImageDataset
     model: nn.Module
@@ -71,6 +70,11 @@ class DefenseContext:
     attack: AttackSpec | None
     poisoned_metrics: dict[str, Any]
     t0: float = field(default_factory=time.perf_counter)
+
+    @property
+    def out(self) -> Path:
+        """The run directory."""
+        return self.run.out
 
     @property
     def arch(self) -> str:
@@ -98,19 +102,21 @@ class DefenseContext:
 
     def test_metrics(self, model: nn.Module) -> dict[str, Any]:
         """CA/ASR/ASR-all/RA and counts of ``model`` on the test split (one pass)."""
-        return evaluate_model(model, self.data.test, self.attack, train_cfg=self.job.train).to_dict()
+        return self.run.evaluate(model, self.data.test, self.attack, self.job.train)
 
     def spec(self, model: nn.Module) -> dict[str, Any]:
-        ds = self.data.train
-        return model_spec(model, num_classes=ds.num_classes, in_channels=ds.channels, mean=ds.mean, std=ds.std)
+        """The manifest's ``model`` entry of ``model`` (trained on this dataset)."""
+        return dataset_model_spec(model, self.data.train)
 
     def dataset_record(self) -> dict[str, Any]:
-        ds = self.data.train
-        return {"name": ds.name, "shape": list(ds.shape), "classes": list(ds.classes)}
+        """The manifest's ``dataset`` entry."""
+        return dataset_record(self.data.train)
 
 
-def prepare_defense(job: DefenseJob) -> DefenseContext:
+def prepare_defense(job: DefenseJob, *, threads: int | None = None) -> DefenseContext:
     """Validate ``job``, create its run directory and load everything the defence needs.
+
+    ``threads``: torch's intra-op threads for the run (None: ``$KDGUARD_NUM_THREADS``, else all cores).
 
     Raises:
         KDGuardError: unknown method; clean fraction outside (0, 1]; a model directory without a
@@ -125,19 +131,19 @@ def prepare_defense(job: DefenseJob) -> DefenseContext:
         if not name:
             raise KDGuardError(f"the manifest of {job.model!r} names no dataset", "pass data.name=NAME")
         job.data = replace(job.data, name=name)
-    out = prepare_run(job.out, job, job.seed, parents=("model",))
+    run = RunContext.open(job, parents=("model",), threads=threads)
 
-    model, manifest = load_teacher(job.model, job.teacher_spec)
+    model, manifest = run.load_teacher(job.model, job.teacher_spec)
     data = load_splits(job.data, seed=job.seed)
     k_model = manifest["model"].get("num_classes")
     if k_model != data.train.num_classes:
         raise KDGuardError(f"model has {k_model} classes but dataset {data.train.name!r} has "
                            f"{data.train.num_classes}", "defend on the model's own dataset (data.name)")
-    attack_cfg = job.attack if job.attack is not None else attack_from_manifest(manifest)
-    attack = make_attack(attack_cfg, data.train.shape, data.train.num_classes)
+    attack_cfg, attack = run.attack(job.attack, manifest, data.train.shape, data.train.num_classes)
     clean = clean_subset(data, job.clean_fraction, job.seed)
-    ctx = DefenseContext(job=job, defense=defense, out=out, data=data, clean=clean, model=model,
-                         manifest=manifest, attack_cfg=attack_cfg, attack=attack, poisoned_metrics={})
+    ctx = DefenseContext(job=job, defense=defense, run=run, data=data, clean=clean, model=model,
+                         manifest=manifest, attack_cfg=attack_cfg, attack=attack, poisoned_metrics={},
+                         t0=run.t0)
     same_setting = job.attack is None and manifest.get("dataset", {}).get("name") == data.train.name
     recorded = manifest.get("metrics") or {}
     ctx.poisoned_metrics = recorded if same_setting and "ca" in recorded else ctx.test_metrics(model)
@@ -162,22 +168,17 @@ def finish_defense(ctx: DefenseContext, model: nn.Module, *, histories: dict[str
     metrics["seconds"] = time.perf_counter() - ctx.t0
     metrics["n_defense"] = len(ctx.clean)
     metrics["method"] = ctx.defense.name
-    manifest = {
-        "role": "defense", "seed": job.seed, "config": to_dict(job), "defense": ctx.defense.needs(),
-        "poisoned_model": str(job.model), "model": ctx.spec(model), "dataset": ctx.dataset_record(),
-        "attack": attack_record(ctx.attack_cfg, ctx.attack), "metrics": metrics,
-        "poisoned_metrics": ctx.poisoned_metrics, **(extra_manifest or {}),
-    }
-    save_model(ctx.out, model, manifest)
-    write_json(ctx.out / "metrics.json", metrics)
-    from ..report import write_run_report
-
+    ctx.run.save(model, ctx.run.manifest(
+        "defense", head={"seed": job.seed},
+        links={"defense": ctx.defense.needs(), "poisoned_model": str(job.model)},
+        model=ctx.spec(model), dataset=ctx.dataset_record(), attack=(ctx.attack_cfg, ctx.attack),
+        metrics=metrics, tail={"poisoned_metrics": ctx.poisoned_metrics, **(extra_manifest or {})}))
     arch = getattr(model, "arch", None) or ctx.arch
     rows = [("poisoned", ctx.arch, ctx.poisoned_metrics), *extra_rows,
             (f"defended ({ctx.defense.name})", arch, metrics)]
     intro = (f"Defence **{ctx.defense.title}** ({ctx.defense.source}) on `{job.model}` with "
              f"{len(ctx.clean)} labelled clean training images (clean_fraction={job.clean_fraction}).")
-    write_run_report(ctx.out, title=f"Defence {ctx.defense.name} of {ctx.arch} on {ctx.data.train.name}",
-                     rows=rows, history=histories, attack=ctx.attack, sample=ctx.data.test,
-                     notes="\n\n".join(p for p in (intro, notes) if p))
+    ctx.run.report(title=f"Defence {ctx.defense.name} of {ctx.arch} on {ctx.data.train.name}",
+                   rows=rows, history=histories, attack=ctx.attack, sample=ctx.data.test,
+                   notes="\n\n".join(p for p in (intro, notes) if p))
     return RunResult(ctx.out, metrics, model, metrics["seconds"])

@@ -3,7 +3,7 @@
 Pipeline: SimCLR pre-training of a clean encoder (:mod:`.simclr`) → BadEncoder attack
 (:mod:`.badencoder`) → downstream probes with CA / ASR (:mod:`.probe`) → distillation defence with
 4 teachers × 3 students × 6 losses (:mod:`.defense`, :mod:`.stage_losses`) → the study table
-(:mod:`.grid`). Jobs and their typed configs: :mod:`.jobs`, :mod:`.config`; CLI commands in
+(:mod:`.grid`). Typed configs: :mod:`.config`; the jobs: :mod:`kdguard.jobs.ssl`; CLI commands in
 :mod:`kdguard.commands.ssl`; guide in ``docs/ssl.md``.
 
 ==============  ===================================================================================
@@ -20,7 +20,8 @@ data            :func:`to_encoder_input` (resize / channel conversion), subsets
 stage_losses    the six distillation losses per stage pair (:data:`LOSSES`, :class:`StageLoss`)
 defense         teachers, students, :class:`EncoderDistiller`, :func:`distill_encoder`, fine-pruning
 cache           models cached with the settings that built them
-grid            :func:`run_grid` (the study), :func:`run_defend` (one cell)
+downstream      backdoor targets from configs, probes on several datasets, :func:`probe_table`
+grid            the study's cells (:func:`grid_cells`), cached probes, rows and table
 ==============  ===================================================================================
 """
 
@@ -31,8 +32,8 @@ from .badencoder import BackdoorTarget, badencoder_terms, run_badencoder, select
 from .data import to_encoder_input
 from .defense import STUDENTS, TEACHERS, EncoderDistiller, distill_encoder, prepare_student, prepare_teacher
 from .encoder import Encoder, ProjectionHead, SSLModel, build_ssl_model, load_ssl_model, save_ssl_model
-from .grid import grid_cells, run_defend, run_grid
-from .jobs import run_badencoder_job, run_pretrain, run_probe_job
+from .downstream import build_targets, evaluate_downstream, load_downstream, probe_table, summarize
+from .grid import grid_cells
 from .loop import SSLLoop
 from .probe import knn_accuracy, probe_encoder
 from .simclr import nt_xent, train_simclr
@@ -40,9 +41,9 @@ from .stage_losses import LOSSES, StageLoss, feature_kd_loss
 
 __all__ = [
     "LOSSES", "STUDENTS", "TEACHERS", "BackdoorTarget", "Encoder", "EncoderDistiller", "ProjectionHead",
-    "SSLLoop", "SSLModel", "SimCLRAugment", "StageLoss", "badencoder_terms", "build_ssl_model",
-    "distill_encoder", "feature_kd_loss", "grid_cells", "knn_accuracy", "load_ssl_model", "nt_xent",
-    "prepare_student", "prepare_teacher", "probe_encoder", "run_badencoder", "run_badencoder_job",
-    "run_defend", "run_grid", "run_pretrain", "run_probe_job", "save_ssl_model", "select_references",
+    "SSLLoop", "SSLModel", "SimCLRAugment", "StageLoss", "badencoder_terms", "build_ssl_model", "build_targets",
+    "distill_encoder", "evaluate_downstream", "feature_kd_loss", "grid_cells", "knn_accuracy", "load_downstream",
+    "load_ssl_model", "nt_xent", "probe_table",
+    "prepare_student", "prepare_teacher", "probe_encoder", "run_badencoder", "save_ssl_model", "select_references", "summarize",
     "to_encoder_input", "train_simclr",
 ]

@@ -1,12 +1,13 @@
-"""The study of paper 1 (Han et al. 2024): teachers × students × losses, one table of downstream CA/ASR.
+"""The study of paper 1 (Han et al. 2024): its cells, cached probes, rows and table.
 
-``run_grid`` prepares every teacher and student variant once (cached under ``<out>/prep``), distils
-one defended encoder per cell (``<out>/cells/<teacher>-<student>-<loss>``), probes every encoder on
-the downstream datasets with the backdoor targets recorded in the poisoned encoder's manifest, and
-writes ``grid.md`` and ``grid.json``. Every piece is cached with the settings it was built with:
-re-running the same command resumes (interrupted trainings continue from ``train_state.pt``),
-adding a loss or a dataset computes only what is new, and a cache built with other settings is
-refused rather than silently reused.
+The job that runs the study, :func:`kdguard.jobs.ssl.run_grid`, prepares every teacher and
+student variant once (cached under ``<out>/prep``), distils one defended encoder per cell
+(``<out>/cells/<teacher>-<student>-<loss>``), probes every encoder on the downstream datasets with
+the backdoor targets recorded in the poisoned encoder's manifest, and writes ``grid.md`` and
+``grid.json``. Every piece is cached with the settings it was built with: re-running the same
+command resumes (interrupted trainings continue from ``train_state.pt``), adding a loss or a
+dataset computes only what is new, and a cache built with other settings is refused rather than
+silently reused.
 
 Cells: ``factorial`` runs every combination; ``one_at_a_time`` runs the base cell (the first teacher,
 student and loss, e.g. paper 1's best: fine-tuned / warm-up / AT) and varies one component at a time.
@@ -22,22 +23,18 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config import to_dict
 from ..errors import KDGuardError, unknown_name
-from ..io import read_json, write_json, write_text
-from ..pipeline import prepare_run
-from .badencoder import BackdoorTarget, targets_from_manifest
-from .cache import cached_model, fingerprint, plain_settings
-from .config import DefendJob, GridJob, ProbeConfig
-from .data import fraction_subset, load_split
-from .defense import STUDENTS, TEACHERS, distill_encoder, prepare_student, prepare_teacher
-from .encoder import Encoder, load_ssl_model
-from .jobs import Downstream, evaluate_downstream, load_downstream, summarize
+from ..io import read_json, write_json
+from .badencoder import BackdoorTarget
+from .cache import fingerprint, plain_settings
+from .config import GridJob, ProbeConfig
+from .defense import STUDENTS, TEACHERS
+from .downstream import Downstream, evaluate_downstream, summarize
+from .encoder import Encoder
 from .stage_losses import LOSSES
 
 CELL_MODES = ("factorial", "one_at_a_time")
@@ -114,15 +111,10 @@ def fingerprint_indices(indices) -> str:
     return hashlib.sha256(indices.numpy().tobytes()).hexdigest()[:16]
 
 
-@dataclass
-class GridResult:
-    run_dir: Path
-    rows: list[dict[str, Any]]
-    table: str
-
-
-def _row(label: str, kind: str, results: dict, reference: dict | None, job: GridJob,
-         cell: Cell | None = None) -> dict[str, Any]:
+def grid_row(label: str, kind: str, results: dict, reference: dict | None, job: GridJob,
+             cell: Cell | None = None) -> dict[str, Any]:
+    """One row of the study's table: per-dataset results, their means, the CA cost against
+    ``reference`` (the poisoned encoder's means) and, for a cell, whether it meets the goal."""
     summary = summarize(results)
     row: dict[str, Any] = {"label": label, "kind": kind, "results": results, **summary,
                            "teacher": cell.teacher if cell else None, "student": cell.student if cell else None,
@@ -140,7 +132,7 @@ def _pct(v: float | None) -> str:
 
 
 def grid_table(rows: list[dict[str, Any]], datasets: list[str]) -> str:
-    """Markdown table of :func:`run_grid`'s rows: per dataset ``CA / ASR / ASR-all`` (%), means, CA cost."""
+    """Markdown table of the study's rows (:func:`kdguard.jobs.ssl.run_grid`): per dataset ``CA / ASR / ASR-all`` (%), means, CA cost."""
     head = ("| encoder | teacher | student | loss | " + " | ".join(f"{d} CA / ASR / ASR-all %" for d in datasets)
             + " | mean CA % | mean ASR % | mean ASR-all % | CA cost (pts) | goal |")
     lines = [head, "|---" * (len(datasets) + 9) + "|"]
@@ -155,83 +147,3 @@ def grid_table(rows: list[dict[str, Any]], datasets: list[str]) -> str:
                      + " | ".join(cells) + f" | {_pct(r['mean_ca'])} | {_pct(r['mean_asr'])} | "
                      f"{_pct(r['mean_asr_all'])} | {'' if cost is None else f'{100 * cost:.2f}'} | {goal} |")
     return "\n".join(lines)
-
-
-def run_grid(job: GridJob) -> GridResult:
-    """Run the teacher × student × loss study (or a subset) on a poisoned encoder; see the module doc.
-
-    Raises:
-        KDGuardError: unknown component names, a checkpoint that is not an SSL encoder, a cache
-            built with other settings, missing data.
-    """
-    t_start = time.perf_counter()
-    cells = grid_cells(list(job.teachers), list(job.students), list(job.losses), job.cells)
-    # every cell, probe and prepared model below is cached with (and checked against) its own
-    # settings, so which of them a run selects does not make the directory another run
-    out = prepare_run(job.out, job, job.seed, parents=("encoder", "clean_encoder"),
-                      volatile=("teachers", "students", "losses", "cells", "probe_teachers",
-                                "probe_students", "datasets", "asr_goal", "ca_cost_goal"))
-    poisoned, manifest = load_ssl_model(job.encoder, job.teacher_spec)
-    clean_model = load_ssl_model(job.clean_encoder)[0] if job.clean_encoder else None  # fail before probing
-    targets = targets_from_manifest(manifest)
-    shape = tuple(poisoned.encoder.input_shape)
-    pool = load_split(job.data.name, "train", job.data.root, shape, limit=job.data.limit, seed=job.seed)
-    clean, indices = fraction_subset(pool, job.defense.clean_fraction, job.seed)
-    write_json(out / "clean_subset.json", {"dataset": pool.name, "pool_size": len(pool),
-                                           "indices": indices.tolist()})
-    datasets = list(job.datasets)
-    downstream = load_downstream(datasets, job.data.root, shape)
-    identity = {"encoder": fingerprint(poisoned), "clean_indices": fingerprint_indices(indices),
-                "pool": len(pool), "data": job.data}
-
-    def probe(directory: Path, encoder: Encoder) -> dict:
-        return cached_probe(directory, encoder, downstream, targets, job.probe, job.seed)
-
-    poisoned_results = probe(out / "baselines" / "poisoned", poisoned.encoder)
-    reference = summarize(poisoned_results)
-    rows = [_row("poisoned encoder", "baseline", poisoned_results, None, job)]
-    if clean_model is not None:
-        rows.insert(0, _row("clean encoder", "baseline", probe(out / "baselines" / "clean", clean_model.encoder),
-                            reference, job))
-    prep = out / "prep"
-    teachers = {}
-    for kind in dict.fromkeys(c.teacher for c in cells):
-        teachers[kind] = prepare_teacher(kind, poisoned, clean.images, job.defense, cache=prep, seed=job.seed,
-                                         identity=identity)
-        if job.probe_teachers and kind != "poisoned":
-            rows.append(_row(f"teacher: {kind}", "teacher",
-                             probe(prep / f"teacher_{kind}", teachers[kind].encoder), reference, job))
-    if job.probe_students and any(c.student == "warmup" for c in cells):
-        # separates what SimCLR on the clean subset does alone from what the distillation adds
-        warm = prepare_student("warmup", poisoned, clean.images, job.defense, cache=prep, seed=job.seed,
-                               identity=identity)
-        rows.append(_row("student: warmup (before distillation)", "student",
-                         probe(prep / "student_warmup", warm.encoder), reference, job))
-    for cell in cells:
-        teacher = teachers[cell.teacher]
-        settings = {**identity, "cell": cell.name, "seed": job.seed, "defense": job.defense,
-                    "teacher_kind": cell.teacher, "student_kind": cell.student}
-
-        def build(d: Path, cell: Cell = cell, teacher=teacher):
-            student = prepare_student(cell.student, poisoned, clean.images, job.defense, cache=prep,
-                                      seed=job.seed, identity=identity)
-            distill_encoder(student, teacher, clean.images, cell.loss, job.defense, run_dir=d, seed=job.seed,
-                            desc=f"distill[{cell.name}]")
-            return student
-
-        defended = cached_model(out / "cells" / cell.name, settings, build, "defended_encoder")
-        rows.append(_row(cell.name, "cell", probe(out / "cells" / cell.name, defended.encoder), reference,
-                         job, cell))
-    table = grid_table(rows, datasets)
-    write_text(out / "grid.md", table + "\n")
-    write_json(out / "grid.json", {"config": to_dict(job), "rows": rows, "seconds": time.perf_counter() - t_start,
-                                   "asr_goal": job.asr_goal, "ca_cost_goal": job.ca_cost_goal})
-    return GridResult(out, rows, table)
-
-
-def run_defend(job: DefendJob) -> GridResult:
-    """One defence run (a single cell of the grid) plus the poisoned encoder's reference row."""
-    grid = GridJob(encoder=job.encoder, teacher_spec=job.teacher_spec, data=job.data, teachers=[job.teacher], students=[job.student],
-                   losses=[job.loss], cells="factorial", probe_teachers=False, probe_students=False,
-                   defense=job.defense, datasets=list(job.datasets), probe=job.probe, seed=job.seed, out=job.out)
-    return run_grid(grid)

@@ -2,7 +2,7 @@
 
 The function is imported only from a name the user passes on the command line or in a Python
 call (:func:`load_trigger_function`); a name read back from a file (a run manifest, a poison
-index file) is refused before anything is imported (:func:`kdguard.pipeline.attack_from_manifest`,
+index file) is refused before anything is imported (:func:`kdguard.attacks.attack_from_manifest`,
 :func:`~.base.build_trigger`).
 """
 

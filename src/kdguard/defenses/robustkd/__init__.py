@@ -3,8 +3,9 @@
 Compress a possibly backdoored teacher into a small student: replace suspicious teacher features
 by clean-mean features (detoxification, :mod:`.detox`, optimised with :mod:`.objective` by
 :mod:`.optimize`), then distil the detoxified features with OFD (:mod:`.distill`). The job that
-does both is :func:`run_robustkd` (:mod:`.run`); the optimised blended trigger attack of the
-reference code is :mod:`.trigger_opt` (trigger name ``"robustkd_blend"``). The code that
+does both is :func:`kdguard.jobs.run_robustkd` (settings in :mod:`.config`); the optimised
+blended trigger attack of the reference code is :mod:`.trigger_opt` (trigger name
+``"robustkd_blend"``). The code that
 optimises the detox masks was never released: see ``docs/robustkd.md`` for what is known and
 what kdguard decided.
 """
@@ -16,8 +17,7 @@ from .distill import RobustKDDistiller, align_stages, salt_and_pepper
 from .objective import DetoxObjective
 from .optimize import DetoxResult, detoxify
 from .presets import PAIRS, PairPreset, get_pair
-from .run import (DetoxConfig, RobustKDDistillConfig, RobustKDJob, TriggerJob, run_robustkd,
-                  run_trigger_job)
+from .config import DetoxConfig, RobustKDDistillConfig, RobustKDJob, TriggerJob
 from .stats import StageStats, clean_feature_stats, normalized_variance
 from .trigger_opt import RobustKDBlend, TriggerResult, optimize_blend_trigger
 
@@ -25,6 +25,5 @@ __all__ = [
     "DETOX_FILE", "PAIRS", "DetoxConfig", "DetoxHooks", "DetoxObjective", "DetoxResult", "FeatureDetox",
     "PairPreset", "RobustKDBlend", "RobustKDDistillConfig", "RobustKDDistiller", "RobustKDJob",
     "StageDetox", "StageStats", "TriggerJob", "TriggerResult", "align_stages", "clean_feature_stats",
-    "detoxify", "get_pair", "normalized_variance", "optimize_blend_trigger", "run_robustkd",
-    "run_trigger_job", "salt_and_pepper",
+    "detoxify", "get_pair", "normalized_variance", "optimize_blend_trigger", "salt_and_pepper",
 ]

@@ -18,11 +18,12 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from .config import AttackConfig, DataConfig, DistillJob, KDConfig, OptimConfig, TeacherJob, TrainConfig
-from .datafree import DataFreeJob, build_datafree_job, run_datafree
-from .io import write_json, write_text
-from .pipeline import RunResult, distill, train_teacher
-from .report import metrics_table
+from ..config import AttackConfig, DataConfig, DistillJob, KDConfig, OptimConfig, TeacherJob, TrainConfig
+from ..io import write_json, write_text
+from ..report import metrics_table
+from ..runs import RunResult
+from .datafree import DataFreeABDJob, build_datafree_job, run_datafree
+from .supervised import distill, train_teacher
 
 
 def demo_jobs(out: Path, *, data_name: str = "mnist_embedded", data_root: str | None = None,
@@ -50,7 +51,7 @@ DEMO_ABD = ["abd.mode=full", "abd.sr.phase=0.05", "abd.sr.inner_lr=0.3"]
 
 def demo_datafree_job(out: Path, *, abd: bool, rounds: int = 200, data_name: str = "mnist_embedded",
                       data_root: str | None = None, progress: bool = True,
-                      extra: Sequence[str] = ()) -> DataFreeJob:
+                      extra: Sequence[str] = ()) -> DataFreeABDJob:
     """ZSKT from the demo teacher to a LeNet-5 student, with or without ABD.
 
     The ``cpu`` ZSKT preset with a narrower generator (width 16: LeNet-size models need no

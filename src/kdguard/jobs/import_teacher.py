@@ -19,10 +19,13 @@ from typing import Any, Optional
 
 from omegaconf import MISSING
 
-from .checkpoint import MANIFEST, load_teacher, read_manifest, save_model, sha256_file, weights_digest
-from .config import AttackConfig, DataConfig, TeacherSpec, TrainConfig, to_dict
-from .errors import KDGuardError
-from .io import write_json
+from ..attacks import attack_record, make_attack
+from ..checkpoint import MANIFEST, read_manifest, save_model, sha256_file, weights_digest
+from ..config import AttackConfig, DataConfig, TeacherSpec, TrainConfig
+from ..data import load_dataset
+from ..errors import KDGuardError
+from ..io import write_json
+from ..runs import RunContext, dataset_record
 
 
 @dataclass
@@ -44,29 +47,28 @@ class ImportResult:
     metrics: dict[str, Any] | None
 
 
-def import_teacher(job: ImportJob) -> ImportResult:
+def import_teacher(job: ImportJob, *, threads: int | None = None) -> ImportResult:
     """Load ``job.teacher`` as data and write it as a kdguard run directory ``job.out``.
 
     Returns:
         The run directory, the manifest written, and the test metrics (``None`` without a
         dataset). Metrics are fp32: ``ca`` and, with an attack, ``asr`` and its no-trigger rate.
 
+    ``threads``: torch's intra-op threads for the run (None: ``$KDGUARD_NUM_THREADS``, else all cores).
+
     Raises:
         KDGuardError: as :func:`kdguard.checkpoint.load_teacher` (no architecture, weights that
             do not match it, non-finite weights, an import path read from a manifest); a teacher
             whose class count differs from the dataset's; ``out`` equal to the source directory.
     """
-    from .pipeline import attack_record, evaluate_model, make_attack, prepare_run
-    from .data import load_dataset
-
     t0 = time.perf_counter()
     source = Path(job.teacher).expanduser()
-    model, manifest = load_teacher(source, job.teacher_spec)  # validate before writing anything
+    model, manifest = RunContext.load_teacher(source, job.teacher_spec)  # validate before writing anything
     if source.is_dir() and Path(job.out).expanduser().resolve() == source.resolve():
         raise KDGuardError(f"out={job.out!r} is the source directory itself", "write to another out=DIR")
     spec = manifest["model"]
     metrics = None
-    dataset_record = manifest.get("dataset")
+    data_record = manifest.get("dataset")
     attack_cfg = job.attack
     attack = None
     test = None
@@ -77,27 +79,25 @@ def import_teacher(job: ImportJob) -> ImportResult:
                                f"does not match dataset {test.name!r} ({test.num_classes} classes, "
                                f"{test.channels} channels)", "pass the teacher's own dataset as data.name=NAME")
         attack = make_attack(attack_cfg, test.shape, test.num_classes)
-        dataset_record = {"name": test.name, "shape": list(test.shape), "classes": list(test.classes)}
-    out = prepare_run(job.out, job, 0, parents=("teacher",))
+        data_record = dataset_record(test)
+    run = RunContext.open(job, seed=0, parents=("teacher",), threads=threads, t0=t0)
+    out = run.out
     if test is not None:
-        metrics = evaluate_model(model, test, attack, train_cfg=TrainConfig(device=job.device, amp="off")).to_dict()
-        metrics["seconds"] = time.perf_counter() - t0
+        metrics = run.evaluate(model, test, attack, TrainConfig(device=job.device, amp="off"))
+        metrics["seconds"] = run.elapsed()
     record = attack_record(attack_cfg, attack) if attack is not None else None
     if record is not None:
         record["poison_rate"] = None  # the trigger is the user's guess; no poisoning is known
     source_file = source / "model.safetensors" if source.is_dir() else source
-    new_manifest = {
-        "role": "teacher", "imported": {"source": str(source.resolve()), "sha256": sha256_file(source_file),
-                                        "format": source_file.suffix.lstrip(".")},
-        "config": to_dict(job), "model": spec, "dataset": dataset_record, "attack": record,
-        "metrics": metrics,
-    }
-    save_model(out, model, new_manifest)
+    imported = {"source": str(source.resolve()), "sha256": sha256_file(source_file),
+                "format": source_file.suffix.lstrip(".")}
+    save_model(out, model, run.manifest("teacher", head={"imported": imported}, model=spec, dataset=data_record,
+                                        attack=record, metrics=metrics))
     # the digest of the weights as stored here (keys unprefixed, safetensors), for later checks
     written = read_manifest(out)
     written["imported"]["weights_sha256"] = weights_digest(out)
     write_json(out / MANIFEST, written)
     new_manifest = written
     if metrics is not None:
-        write_json(out / "metrics.json", metrics)
+        run.write_metrics(metrics)
     return ImportResult(out, new_manifest, metrics)

@@ -1,4 +1,4 @@
-"""``run_datafree(job)``: teacher checkpoint → data-free student, with CA/ASR/RA at intervals.
+"""The data-free job: teacher checkpoint → data-free student (optionally with ABD), CA/ASR/RA at intervals.
 
 The run directory holds, besides what every kdguard run writes (``config.yaml``,
 ``manifest.json``, ``model.safetensors``, ``metrics.json``, ``report.md``)::
@@ -15,28 +15,73 @@ reported metrics are those of the last round (never the best over the test curve
 from __future__ import annotations
 
 import shutil
-import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from ..abd import ABDConfig, ABDPlugin, build_abd, validate_abd
 from ..attacks import AttackSpec
-from ..checkpoint import load_teacher, model_spec, save_model
-from ..config import AttackConfig, TrainConfig, to_dict
+from ..config import AttackConfig, TrainConfig
 from ..data import ImageDataset, load_dataset
+from ..datafree.config import DataFreeJob, validate_job
+from ..datafree.config import build_datafree_job as build_datafree_base
+from ..datafree.loop import STATE_FILE, DataFreeExtensions, DataFreeLoop, RoundRecord
+from ..datafree.methods import MethodContext, build_method, input_statistics
+from ..datafree.summary import plot_datafree_curves, synthesis_summary
 from ..errors import KDGuardError
-from ..io import write_json
 from ..models import build_model
-from ..pipeline import RunResult, attack_from_manifest, attack_record, evaluate_model, make_attack, prepare_run
-from ..report import save_figure
 from ..rundir import adopt_copy
+from ..runs import RunContext, RunResult, evaluate_model
 from ..runtime import autocast, resolve_device, use_bf16, use_channels_last
-from .config import DataFreeJob, build_datafree_job, validate_job
-from .loop import STATE_FILE, DataFreeExtensions, DataFreeLoop, RoundRecord
-from .methods import MethodContext, build_method, input_statistics
+
+
+@dataclass
+class DataFreeABDJob(DataFreeJob):
+    """The ``kdguard distill-datafree`` job: a data-free run plus ABD's ``abd`` section.
+
+    :class:`~kdguard.datafree.config.DataFreeJob` knows nothing of ABD; this schema composes
+    :class:`~kdguard.abd.config.ABDConfig` into it, so ``abd.mode=full`` and every ``abd.*`` key
+    keep working. Its run identity (:func:`kdguard.rundir.job_record`) is the kind ``DataFreeJob``.
+    """
+
+    RUN_KIND: ClassVar[str] = "DataFreeJob"
+    abd: ABDConfig = field(default_factory=ABDConfig)
+
+
+def validate_datafree_job(job: DataFreeJob) -> None:
+    """Check a data-free job (:func:`kdguard.datafree.config.validate_job`) and its ``abd`` section.
+
+    Raises:
+        KDGuardError: naming the first bad setting and the fix.
+    """
+    validate_job(job)
+    abd = getattr(job, "abd", None)
+    if abd is None:
+        return
+    validate_abd(abd)
+    if abd.uses_sv and job.method == "ood" and abd.sv.form == "generator":
+        raise KDGuardError("abd.sv.form=generator does nothing with method=ood (proxy images have no "
+                           "generator to regularise)", "use abd.sv.form=auto or student for ood")
+
+
+def build_datafree_job(yaml_path: str | Path | None = None,
+                       overrides: list[str] | None = None) -> DataFreeABDJob:
+    """Defaults ← preset ← YAML ← ``key=value`` overrides as a :class:`DataFreeABDJob`, checked.
+
+    See :func:`kdguard.datafree.config.build_datafree_job` (this adds the ``abd`` section).
+
+    Raises:
+        KDGuardError: missing YAML file, malformed override, unknown key, wrong type, unknown
+            method or preset, a missing ``teacher``, or a bad ``abd`` setting.
+    """
+    job = build_datafree_base(yaml_path, overrides, schema=DataFreeABDJob)
+    validate_datafree_job(job)
+    return job  # type: ignore[return-value]
+
 
 def stopped_run_config(run_dir: str | Path) -> Path:
     """The ``config.yaml`` of a checkpointed data-free run (one stopped by ``schedule.stop_after``
@@ -54,7 +99,7 @@ def stopped_run_config(run_dir: str | Path) -> Path:
     return config
 
 
-def fork_datafree_run(run_dir: str | Path, out: str | Path, overrides: list[str]) -> DataFreeJob:
+def fork_datafree_run(run_dir: str | Path, out: str | Path, overrides: list[str]) -> DataFreeABDJob:
     """Copy a checkpointed run to ``out`` (replacing what is there) and return the job that
     continues the copy: the run's own ``config.yaml`` with ``out`` and ``overrides`` on top.
 
@@ -75,42 +120,6 @@ def fork_datafree_run(run_dir: str | Path, out: str | Path, overrides: list[str]
     # the copy is the new job's run now (its run.json says so, and where it was forked from)
     adopt_copy(out, job, source=run_dir, parents=("teacher",))
     return job
-
-
-def synthesis_summary(history: list[RoundRecord]) -> dict[str, Any]:
-    """The last log interval's class-share statistics (:class:`RoundRecord` ``synthesis``) plus
-    ``intervals`` (log intervals with statistics), ``collapsed_intervals`` and
-    ``first_collapse_round`` (the round closing the first collapsed interval, or None)."""
-    logged = [r for r in history if r.synthesis]
-    if not logged:
-        return {}
-    collapsed = [r.round for r in logged if r.synthesis.get("collapsed")]
-    return {**logged[-1].synthesis, "intervals": len(logged), "collapsed_intervals": len(collapsed),
-            "first_collapse_round": collapsed[0] if collapsed else None}
-
-
-def plot_datafree_curves(path: Path, history: list[RoundRecord]) -> Path | None:
-    """CA/ASR (%) on the test split and the student loss over rounds, as one PNG."""
-    from ..report import plt  # headless matplotlib, configured by kdguard.report
-
-    points = [r for r in history if r.eval]
-    if not points:
-        return None
-    rounds = [r.round for r in points]
-    fig, (ax_m, ax_l) = plt.subplots(1, 2, figsize=(10, 3.6))
-    for key, style in (("ca", "-o"), ("asr", "--s")):
-        vals = [r.eval.get(key) for r in points]
-        if any(v is not None for v in vals):
-            ax_m.plot(rounds, [100 * v if v is not None else float("nan") for v in vals], style,
-                      ms=3, label=key.upper())
-    for term in sorted({k for r in points for k in r.student_losses}):
-        ax_l.plot(rounds, [r.student_losses.get(term, float("nan")) for r in points], label=term)
-    ax_m.set(xlabel="round", ylabel="% (test split)", ylim=(-2, 102))
-    ax_l.set(xlabel="round", ylabel="student loss")
-    for ax in (ax_m, ax_l):
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    return save_figure(fig, path)
 
 
 @dataclass
@@ -136,16 +145,17 @@ class DataFreeSetup:
     ctx: MethodContext
 
 
-def prepare_datafree(job: DataFreeJob) -> DataFreeSetup:
+def prepare_datafree(job: DataFreeJob, *, device: torch.device | None = None) -> DataFreeSetup:
     """Load the teacher and the test split, build the student and the method context of ``job``.
 
     Used by :func:`run_datafree` and by tools that restore a run (``benchmarks/synthetic_probe.py``).
+    ``device`` is where the models run (default: ``job.device`` resolved).
 
     Raises:
         KDGuardError: unreadable teacher, no dataset named, or a teacher that does not match
             the dataset's classes or channels.
     """
-    teacher, t_manifest = load_teacher(job.teacher, job.teacher_spec)
+    teacher, t_manifest = RunContext.load_teacher(job.teacher, job.teacher_spec)
     dataset = job.data.name or t_manifest.get("dataset", {}).get("name")
     if not dataset:
         raise KDGuardError("the teacher's manifest names no dataset", "set data.name=NAME")
@@ -156,10 +166,10 @@ def prepare_datafree(job: DataFreeJob) -> DataFreeSetup:
         raise KDGuardError(f"teacher ({t_spec.get('num_classes')} classes, {t_spec.get('in_channels')} "
                            f"channels) does not match dataset {test.name!r} ({test.num_classes} classes, "
                            f"{test.channels} channels)", "set data.name to the teacher's dataset")
-    attack_cfg = job.attack if job.attack is not None else attack_from_manifest(t_manifest)
-    attack = make_attack(attack_cfg, test.shape, test.num_classes)
+    attack_cfg, attack = RunContext.attack(job.attack, t_manifest, test.shape, test.num_classes)
 
-    device = resolve_device(job.device, setting="device")
+    if device is None:
+        device = resolve_device(job.device, setting="device")
     student = build_model(job.student, num_classes=test.num_classes, in_channels=test.channels,
                           mean=test.mean, std=test.std)
     teacher.to(device).eval()
@@ -177,17 +187,43 @@ def prepare_datafree(job: DataFreeJob) -> DataFreeSetup:
     return DataFreeSetup(teacher, t_manifest, test, attack_cfg, attack, student, device, bf16, ctx)
 
 
-def run_datafree(job: DataFreeJob, *, extensions: DataFreeExtensions | None = None) -> RunResult:
+def abd_extensions(job: DataFreeJob, setup: DataFreeSetup) -> ABDPlugin | None:
+    """ABD built from ``job.abd`` for the run ``setup`` describes (the default of
+    :func:`run_datafree`); None when the job has no ``abd`` section or ``abd.mode=off``.
+
+    Raises:
+        KDGuardError: as :func:`kdguard.abd.build_abd` (no layer to shuffle, bad settings).
+    """
+    cfg: ABDConfig | None = getattr(job, "abd", None)
+    if cfg is None or cfg.mode == "off":
+        return None
+    device, bf16 = setup.device, setup.bf16
+    return build_abd(cfg, teacher=setup.teacher, image_shape=setup.test.shape, device=device,
+                     method=job.method, seed=job.seed, input_std=setup.ctx.std,
+                     autocast=lambda: autocast(device, bf16))
+
+
+#: builds a run's defence from its job and set-up: ``None`` or an object with ``extensions``
+#: (:class:`~kdguard.datafree.loop.DataFreeExtensions`) and ``summary()`` (``metrics.json``'s
+#: ``abd`` entry), such as :class:`kdguard.abd.ABDPlugin`
+ExtensionFactory = Callable[[DataFreeJob, DataFreeSetup], Any]
+
+
+def run_datafree(job: DataFreeJob, *, extensions: DataFreeExtensions | ExtensionFactory | None = None,
+                 threads: int | None = None) -> RunResult:
     """Distil ``job.teacher`` into a fresh student without training data; evaluate on the test split.
 
     Args:
         job: the configuration (see :mod:`kdguard.datafree.config`; build it with
-            :func:`~kdguard.datafree.config.build_datafree_job` to get the presets).
-        extensions: defence hooks, see :class:`~kdguard.datafree.loop.DataFreeExtensions`;
-            ``None`` builds ABD from ``job.abd`` (nothing when ``abd.mode=off``).
+            :func:`build_datafree_job` to get the presets and the ``abd`` section).
+        extensions: the defence composed into the run: :class:`~kdguard.datafree.loop.DataFreeExtensions`
+            (hooks used as given), or an :data:`ExtensionFactory` called with the job and its
+            :class:`DataFreeSetup` once the method is built; ``None`` = :func:`abd_extensions`
+            (ABD from ``job.abd``; nothing when ``abd.mode=off`` or the job has no ``abd`` section).
+        threads: torch's intra-op threads for the run (None: ``$KDGUARD_NUM_THREADS``, else all cores).
 
     Returns:
-        :class:`kdguard.pipeline.RunResult` with the final test metrics (keys ``ca``, ``asr``,
+        :class:`kdguard.runs.RunResult` with the final test metrics (keys ``ca``, ``asr``,
         ``asr_all``, ``ra``, ``n_clean``, ``n_backdoor``, … plus ``seconds``, ``rounds``,
         ``method``). Re-running on the same ``out`` resumes from ``datafree_state.pt``.
 
@@ -196,11 +232,11 @@ def run_datafree(job: DataFreeJob, *, extensions: DataFreeExtensions | None = No
             does not match the data set, or a method that cannot run on this teacher (e.g. BN
             matching without BatchNorm layers).
     """
-    validate_job(job)
-    t0 = time.perf_counter()
-    out = prepare_run(job.out, job, job.seed, parents=("teacher",))
+    validate_datafree_job(job)
+    run = RunContext.open(job, parents=("teacher",), threads=threads, device=job.device)
+    out = run.out
 
-    setup = prepare_datafree(job)
+    setup = prepare_datafree(job, device=run.device)
     teacher, t_manifest, test, student = setup.teacher, setup.teacher_manifest, setup.test, setup.student
     attack_cfg, attack, device, bf16, ctx = setup.attack_cfg, setup.attack, setup.device, setup.bf16, setup.ctx
     parts = build_method(job, ctx)
@@ -211,13 +247,9 @@ def run_datafree(job: DataFreeJob, *, extensions: DataFreeExtensions | None = No
         return evaluate_model(model, test, attack, train_cfg=eval_cfg).to_dict()
 
     abd = None
-    if extensions is None and job.abd.mode != "off":
-        from ..abd import build_abd
-
-        abd = build_abd(job.abd, teacher=teacher, image_shape=test.shape, device=device,
-                        method=job.method, seed=job.seed, input_std=ctx.std,
-                        autocast=lambda: autocast(device, bf16))
-        extensions = abd.extensions
+    if extensions is None or not isinstance(extensions, DataFreeExtensions):
+        abd = (extensions or abd_extensions)(job, setup)
+        extensions = abd.extensions if abd is not None else None
     loop = DataFreeLoop(parts.synthesizer, student, teacher, parts.objective,
                         rounds=job.schedule.rounds, student_steps=parts.student_steps,
                         batch_size=job.schedule.batch_size, optim=job.student_optim, device=device,
@@ -227,43 +259,35 @@ def run_datafree(job: DataFreeJob, *, extensions: DataFreeExtensions | None = No
         history = loop.run(stop_after=job.schedule.stop_after)
     finally:
         loop.close()
-    abd_metrics = {} if abd is None else {"abd": {"mode": job.abd.mode, **abd.summary()}}
+    abd_metrics = {} if abd is None else {"abd": {"mode": getattr(getattr(job, "abd", None), "mode", None),
+                                                 **abd.summary()}}
     if loop.round < job.schedule.rounds:  # stopped early on purpose: the run continues later
         partial = dict(history[-1].eval) if history and history[-1].eval else {}
         partial.update(round=loop.round, rounds=job.schedule.rounds, finished=False, **abd_metrics)
-        return RunResult(out, partial, student, time.perf_counter() - t0)
+        return RunResult(out, partial, student, run.elapsed())
 
     final = history[-1] if history and history[-1].round == job.schedule.rounds else None
     # the loop evaluates the last round anyway: reuse it (it is the model being saved)
     metrics = dict(final.eval) if final is not None and final.eval else \
-        evaluate_model(student, test, attack, train_cfg=eval_cfg).to_dict()
-    metrics.update(seconds=time.perf_counter() - t0, method=job.method, rounds=job.schedule.rounds,
+        run.evaluate(student, test, attack, eval_cfg)
+    metrics.update(seconds=run.elapsed(), method=job.method, rounds=job.schedule.rounds,
                    student_updates=job.schedule.rounds * parts.student_steps,
                    train_seconds=sum(r.seconds for r in history))
     metrics.update(abd_metrics)
     if final is not None and final.synthesis:
         metrics["synthesis"] = synthesis_summary(history)
-    t_metrics = t_manifest.get("metrics") or evaluate_model(teacher, test, attack,
-                                                            train_cfg=eval_cfg).to_dict()
-    manifest = {
-        "role": "student", "method": f"datafree/{job.method}", "seed": job.seed,
-        "config": to_dict(job), "teacher": str(job.teacher),
-        "model": model_spec(student, num_classes=test.num_classes, in_channels=test.channels,
-                            mean=test.mean, std=test.std),
-        "dataset": {"name": test.name, "shape": list(test.shape), "classes": list(test.classes)},
-        "attack": attack_record(attack_cfg, attack), "metrics": metrics,
-        "teacher_metrics": t_metrics,
-    }
-    save_model(out, student, manifest)
-    write_json(out / "metrics.json", metrics)
-    _write_report(out, job, t_manifest, t_metrics, metrics, history, attack, test)
+    t_metrics = t_manifest.get("metrics") or run.evaluate(teacher, test, attack, eval_cfg)
+    run.save(student, run.manifest("student", head={"method": f"datafree/{job.method}", "seed": job.seed},
+                                   links={"teacher": str(job.teacher)}, model=student, dataset=test,
+                                   attack=(attack_cfg, attack), metrics=metrics,
+                                   tail={"teacher_metrics": t_metrics}))
+    _write_report(run, job, t_manifest, t_metrics, metrics, history, attack, test)
     return RunResult(out, metrics, student, metrics["seconds"])
 
 
-def _write_report(out: Path, job: DataFreeJob, t_manifest: dict[str, Any], t_metrics: dict[str, Any],
+def _write_report(run: RunContext, job: DataFreeJob, t_manifest: dict[str, Any], t_metrics: dict[str, Any],
                   metrics: dict[str, Any], history: list[RoundRecord], attack, test) -> None:
-    from ..report import write_run_report
-
+    out = run.out
     notes = [f"Data-free method `{job.method}` (preset `{job.preset}`): {job.schedule.rounds} rounds, "
              f"{metrics['student_updates']} student updates of {job.schedule.batch_size} images; "
              "metrics of the last round."]
@@ -294,6 +318,6 @@ def _write_report(out: Path, job: DataFreeJob, t_manifest: dict[str, Any], t_met
         notes += ["", f"Synthetic images (round {int(grids[-1].stem[len('synthetic_r'):])}):", "",
                   f"![synthetic images]({grids[-1].name})"]
     t_arch = t_manifest.get("model", {}).get("arch", "?")
-    write_run_report(out, title=f"Data-free distillation {t_arch} → {job.student} ({job.method}) on {test.name}",
-                     rows=[("teacher", t_arch, t_metrics), (f"student ({job.method})", job.student, metrics)],
-                     history={}, attack=attack, sample=test, notes="\n".join(notes))
+    run.report(title=f"Data-free distillation {t_arch} → {job.student} ({job.method}) on {test.name}",
+               rows=[("teacher", t_arch, t_metrics), (f"student ({job.method})", job.student, metrics)],
+               history={}, attack=attack, sample=test, notes="\n".join(notes))
