@@ -17,6 +17,7 @@ from .commands._app import (CONFIG, DATA_ROOT, IN_CHANNELS, INPUT_NORM, NUM_CLAS
                             command, console, print_metrics, teacher_spec_overrides, with_overrides)
 from .errors import KDGuardError
 
+
 @command("train-teacher")
 def train_teacher_cmd(overrides: Optional[list[str]] = OVERRIDES, config: Optional[Path] = CONFIG,
                       data_root: Optional[str] = DATA_ROOT) -> None:
