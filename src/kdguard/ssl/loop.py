@@ -4,14 +4,15 @@
 labelled batches. Self-supervised jobs need something else per step (two augmented views, triggered
 copies, a frozen reference model), so here a job hands the loop a *step function*
 ``step(indices, loop) -> {name: scalar loss}``; the loop owns everything else, exactly like the
-trainer: per-step learning-rate schedule (:func:`kdguard.train.trainer.lr_factor`, with linear
-warm-up), optimiser (:func:`kdguard.train.trainer.build_optimizer`), bf16 autocast and
+trainer: per-step learning-rate schedule (a :func:`kdguard.optim.lr_scheduler` over
+:func:`kdguard.optim.epoch_factor`, with linear warm-up), optimiser
+(:func:`kdguard.optim.build_optimizer`), bf16 autocast and
 channels_last where they pay off, a shuffled order per epoch from one seeded generator, the
 summed-loss backward pass, per-epoch ``metrics.jsonl`` lines, and an atomic ``train_state.pt`` after
 every epoch from which a restarted run continues (tensors and plain containers only, loaded with
 ``weights_only=True``). On restart ``metrics.jsonl`` is rewritten to hold exactly the restored epochs,
 and a run resumed with more epochs than planned stretches the rest of its schedule over the new
-length (:func:`kdguard.train.trainer.schedule_progress`), as the trainer does.
+length (:func:`kdguard.optim.schedule_progress`), as the trainer does.
 
 Frozen models (the clean encoder of BadEncoder, the teacher of the defence) are passed as
 ``frozen``: they are moved to the device and kept in eval mode, never optimised and never saved.
@@ -33,7 +34,8 @@ from ..config import TrainConfig
 from ..errors import KDGuardError
 from ..io import append_jsonl, atomic_write
 from ..runtime import autocast, resolve_device, use_bf16, use_channels_last
-from ..train.trainer import build_optimizer, extend_schedule, set_lr, sync_history_file
+from ..optim import build_optimizer, clip_gradients, current_lr, epoch_factor, extend_schedule, lr_scheduler
+from ..train.trainer import sync_history_file
 
 STATE_FILE = "train_state.pt"
 HISTORY_FILE = "metrics.jsonl"
@@ -100,6 +102,7 @@ class SSLLoop:
         self.history: list[EpochLog] = []
         self.planned_epochs = cfg.epochs   # the length the restored state was planned for
         self.segments: list[dict[str, float]] = []  # schedule extensions (schedule_progress)
+        self.scheduler: torch.optim.lr_scheduler.LambdaLR | None = None  # built by fit()
 
     # -- state ------------------------------------------------------------------------------
     def _save(self) -> None:
@@ -109,7 +112,8 @@ class SSLLoop:
                  "module": {k: v.detach().cpu().contiguous() for k, v in self.module.state_dict().items()},
                  "optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state(),
                  "history": [asdict(h) for h in self.history], "total_epochs": self.cfg.epochs,
-                 "schedule": [dict(s) for s in self.segments]}
+                 "schedule": [dict(s) for s in self.segments],
+                 "lr_scheduler": self.scheduler.state_dict() if self.scheduler is not None else {}}
         atomic_write(self.run_dir / STATE_FILE, lambda p: torch.save(state, p))
 
     def _resume(self) -> None:
@@ -134,9 +138,6 @@ class SSLLoop:
         self.segments = [dict(s) for s in state.get("schedule", [])]
 
     # -- loop -------------------------------------------------------------------------------
-    def _set_lr(self, step: int, steps_per_epoch: int) -> float:
-        return set_lr(self.optimizer, self.cfg, step, steps_per_epoch, self.segments)
-
     def to_input(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 or float images → float [0, 1] on the loop's device, in the model's layout."""
         x = images.to(self.device, non_blocking=True)
@@ -166,6 +167,8 @@ class SSLLoop:
             self.segments = extend_schedule(self.segments, done_epochs=start, planned_epochs=self.planned_epochs,
                                             steps_per_epoch=steps)
             self.planned_epochs = self.cfg.epochs
+        factor = epoch_factor(self.cfg.optim, epochs=self.cfg.epochs, steps_per_epoch=steps, segments=self.segments)
+        self.scheduler = lr_scheduler(self.optimizer, self.cfg.optim.lr, factor, start=start * steps)
         if self.run_dir is not None:  # the history file holds exactly the restored epochs
             sync_history_file(self.run_dir / HISTORY_FILE, self.desc, [asdict(h) for h in self.history])
         bar = tqdm(range(start, self.cfg.epochs), desc=self.desc, unit="epoch", initial=start,
@@ -179,16 +182,15 @@ class SSLLoop:
             sums: dict[str, torch.Tensor] = {}
             lr = 0.0
             for b in range(steps):
-                lr = self._set_lr(epoch * steps + b, steps)
+                lr = current_lr(self.scheduler)
                 with self.autocast():
                     losses = step(order[b * bs:(b + 1) * bs], self)
                 loss = sum(losses.values())
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                if self.cfg.grad_clip:
-                    nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]],
-                                             self.cfg.grad_clip)
+                clip_gradients(self.optimizer, self.cfg.grad_clip)
                 self.optimizer.step()
+                self.scheduler.step()
                 for k, v in losses.items():
                     sums[k] = sums.get(k, 0) + v.detach().float()
             means = {k: float(v) / steps for k, v in sums.items()}

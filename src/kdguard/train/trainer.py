@@ -13,8 +13,10 @@ continues from the last finished epoch, and its ``metrics.jsonl`` is rewritten t
 restored epochs (a kill between the two writes leaves neither a missing nor a duplicated line).
 
 A resumed run with more epochs than planned (``--resume`` with a larger ``train.epochs``)
-stretches the rest of its schedule over the new length (:func:`schedule_progress`): the
-learning rate continues from where it was and a cosine never rises again.
+stretches the rest of its schedule over the new length (:func:`kdguard.optim.schedule_progress`):
+the learning rate continues from where it was and a cosine never rises again. The learning rate
+is a :func:`kdguard.optim.lr_scheduler` stepped after every optimiser step; its state (the step
+it is at) is saved with the rest.
 
 Chance level: an epoch from the third on (or the last) whose training accuracy is at chance
 (:func:`kdguard.metrics.at_chance`) issues a :class:`ChanceAccuracyWarning` once per run; a loss
@@ -37,92 +39,22 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..config import OptimConfig, TrainConfig
+from ..config import TrainConfig
 from ..data.batches import to_float
 from ..distill.base import Distiller
-from ..errors import KDGuardError, check_range
+from ..errors import KDGuardError
 from ..io import append_jsonl, atomic_write, write_text
 from ..metrics import at_chance
+from ..optim import (build_optimizer, clip_gradients, current_lr, epoch_factor, extend_schedule, lr_scheduler,
+                     schedule_factor)
 from ..runtime import autocast, resolve_device, use_bf16, use_channels_last
 
 STATE_FILE = "train_state.pt"
 HISTORY_FILE = "metrics.jsonl"
 
 
-def lr_factor(cfg: OptimConfig, progress: float) -> float:
-    """Learning-rate multiplier at ``progress`` ∈ [0, 1] of training (per-step schedule).
-
-    ``cosine``: ½(1 + cos πp) (Loshchilov & Hutter 2017, no restarts); ``multistep``: γ^k after
-    the k-th milestone (fractions of training); ``constant``: 1. A linear warm-up over the first
-    ``warmup_epochs`` is applied by the trainer on top.
-    """
-    if cfg.schedule == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
-    if cfg.schedule == "multistep":
-        return cfg.gamma ** sum(progress >= m for m in cfg.milestones)
-    if cfg.schedule == "constant":
-        return 1.0
-    raise KDGuardError(f"unknown schedule {cfg.schedule!r}", "use cosine, multistep or constant")
-
-
 class ChanceAccuracyWarning(UserWarning):
     """Training accuracy at chance level: the run is not learning (often a learning rate too high)."""
-
-
-def schedule_progress(step: int, total: int, segments: Sequence[Mapping[str, float]] = (),
-                      steps_per_epoch: int = 1) -> float:
-    """Where global ``step`` lies on the learning-rate schedule of a run of ``total`` steps, in [0, 1].
-
-    Without extensions this is ``step / total``. A run lengthened on resume carries one segment
-    per extension, ``{"epoch": e, "progress": p_e}`` (``p_e``: the position the schedule had
-    reached at the first step of epoch ``e``, under the length planned before). From that step
-    ``s = e · steps_per_epoch`` on, the rest of the schedule is stretched over the new remaining
-    steps: ``p = p_e + (1 − p_e)(step − s)/(total − s)``. The learning rate so continues from where
-    it was and reaches the schedule's end at the new total: a cosine never rises again, and a run
-    extended after its cosine had ended (``p_e = 1``) trains the added epochs at factor 0.
-    """
-    progress = step / max(total, 1)
-    for seg in segments:
-        start = int(seg["epoch"]) * steps_per_epoch
-        if step >= start:
-            p0 = float(seg["progress"])
-            progress = p0 + (1.0 - p0) * (step - start) / max(total - start, 1)
-    return progress
-
-
-def set_lr(optimizer: torch.optim.Optimizer, cfg: TrainConfig, step: int, steps_per_epoch: int,
-           segments: Sequence[Mapping[str, float]] = ()) -> float:
-    """Set every group's lr for global ``step`` (schedule of :func:`lr_factor` at
-    :func:`schedule_progress` + linear warm-up over ``optim.warmup_epochs``); returns it."""
-    total = cfg.epochs * steps_per_epoch
-    warm = cfg.optim.warmup_epochs * steps_per_epoch
-    progress = schedule_progress(step, total, segments, steps_per_epoch) if segments else step / max(total, 1)
-    factor = lr_factor(cfg.optim, progress)
-    if warm > 0 and step < warm:
-        factor *= (step + 1) / warm
-    lr = cfg.optim.lr * factor
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    return lr
-
-
-def build_optimizer(params: list[nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
-    check_range("learning rate", cfg.lr, 0.0, 10.0, low_open=True)
-    if cfg.name == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
-                               weight_decay=cfg.weight_decay, nesterov=cfg.nesterov and cfg.momentum > 0)
-    if cfg.name == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    raise KDGuardError(f"unknown optimizer {cfg.name!r}", "use sgd or adam")
-
-
-def extend_schedule(segments: list[dict[str, float]], *, done_epochs: int, planned_epochs: int,
-                    steps_per_epoch: int = 1) -> list[dict[str, float]]:
-    """``segments`` plus the extension of a run planned for ``planned_epochs`` that resumes, after
-    ``done_epochs``, with a longer length (see :func:`schedule_progress`)."""
-    p = schedule_progress(done_epochs * steps_per_epoch, planned_epochs * steps_per_epoch, segments,
-                          steps_per_epoch)
-    return [*segments, {"epoch": int(done_epochs), "progress": min(max(p, 0.0), 1.0)}]
 
 
 def sync_history_file(path: Path, stage: str, records: Sequence[Mapping[str, Any]]) -> None:
@@ -206,6 +138,8 @@ class Trainer:
         # the length the restored state was planned for, and the schedule's extensions
         self.planned_epochs = cfg.epochs
         self.segments: list[dict[str, float]] = []
+        self.scheduler: torch.optim.lr_scheduler.LambdaLR | None = None  # built by fit()
+        self._scheduler_step: int | None = None  # the step a restored scheduler was at
         self._warned_chance = False
 
     # -- state ------------------------------------------------------------------------------
@@ -226,6 +160,7 @@ class Trainer:
             "history": [asdict(r) for r in self.history],
             "total_epochs": self.cfg.epochs,
             "schedule": [dict(s) for s in self.segments],
+            "lr_scheduler": self.scheduler.state_dict() if self.scheduler is not None else {},
         }
         atomic_write(self.run_dir / STATE_FILE, lambda p: torch.save(state, p))
 
@@ -254,11 +189,21 @@ class Trainer:
         self.start_epoch = int(state["epoch"])
         self.planned_epochs = int(state.get("total_epochs", self.cfg.epochs))
         self.segments = [dict(s) for s in state.get("schedule", [])]
+        self._scheduler_step = state.get("lr_scheduler", {}).get("last_epoch")
         return True
 
     # -- loop -------------------------------------------------------------------------------
-    def _set_lr(self, step: int, steps_per_epoch: int) -> float:
-        return set_lr(self.optimizer, self.cfg, step, steps_per_epoch, self.segments)
+    def _build_scheduler(self, steps_per_epoch: int) -> None:
+        """The learning-rate scheduler at the first step to run (the restored one's step, else
+        the start epoch's first), over the schedule as extended."""
+        start = self.start_epoch * steps_per_epoch
+        if self._scheduler_step is not None and self._scheduler_step != start:
+            raise KDGuardError(f"training state of {self.desc!r} is inconsistent (scheduler at step "
+                               f"{self._scheduler_step}, epoch {self.start_epoch} × {steps_per_epoch} steps)",
+                               "delete train_state.pt to restart the run from scratch")
+        factor = epoch_factor(self.cfg.optim, epochs=self.cfg.epochs, steps_per_epoch=steps_per_epoch,
+                              segments=self.segments)
+        self.scheduler = lr_scheduler(self.optimizer, self.cfg.optim.lr, factor, start=start)
 
     def _extend_if_longer(self, steps_per_epoch: int) -> None:
         if self.cfg.epochs <= self.planned_epochs or self.start_epoch >= self.cfg.epochs:
@@ -266,7 +211,7 @@ class Trainer:
         self.segments = extend_schedule(self.segments, done_epochs=self.start_epoch,
                                         planned_epochs=self.planned_epochs, steps_per_epoch=steps_per_epoch)
         self.planned_epochs = self.cfg.epochs
-        if self.segments[-1]["progress"] >= 1.0 and lr_factor(self.cfg.optim, 1.0) == 0.0:
+        if self.segments[-1]["progress"] >= 1.0 and schedule_factor(self.cfg.optim, 1.0) == 0.0:
             warnings.warn(f"[{self.desc}] the run's {self.cfg.optim.schedule} schedule had ended at epoch "
                           f"{self.start_epoch}: the added epochs train at learning rate 0; start a new run "
                           "with the longer train.epochs to train them at a real rate", UserWarning, stacklevel=3)
@@ -311,6 +256,7 @@ class Trainer:
         bs = min(self.cfg.batch_size, n)
         steps_per_epoch = n // bs  # drop the last partial batch (BatchNorm on tiny batches is noisy)
         self._extend_if_longer(steps_per_epoch)
+        self._build_scheduler(steps_per_epoch)
         if self.run_dir is not None:  # the history file holds exactly the restored epochs
             sync_history_file(self.run_dir / HISTORY_FILE, self.desc, [asdict(r) for r in self.history])
         num_classes: int | None = None
@@ -337,15 +283,14 @@ class Trainer:
                     xb = self.augment(xb, generator=self.generator)
                 x = to_float(xb, self.device, channels_last=self.channels_last)
                 y = labels[idx].to(self.device, non_blocking=True)
-                lr = self._set_lr(epoch * steps_per_epoch + b, steps_per_epoch)
+                lr = current_lr(self.scheduler)
                 logits, losses = self._step_losses(x, y, idx)
                 loss = sum(losses.values())
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                if self.cfg.grad_clip:
-                    nn.utils.clip_grad_norm_(
-                        [p for g in self.optimizer.param_groups for p in g["params"]], self.cfg.grad_clip)
+                clip_gradients(self.optimizer, self.cfg.grad_clip)
                 self.optimizer.step()
+                self.scheduler.step()
                 for k, v in losses.items():  # accumulate on device: no host sync per step
                     sums[k] = sums.get(k, 0) + v.detach().float()
                 correct += (logits.argmax(1) == y).sum()
