@@ -28,7 +28,8 @@ from .attacks import AttackSpec, backdoor_targets, build_attack, non_target_mask
 from .checkpoint import load_teacher, model_spec, save_model
 from .config import (AttackConfig, DataConfig, DistillJob, TeacherJob, TeacherSpec, TrainConfig, to_dict,
                      to_yaml)
-from .data import Augment, ImageDataset, load_dataset
+from .augment import Augment
+from .data import ImageDataset, load_dataset
 from .distill.base import Distiller, LogitKD
 from .errors import KDGuardError, check_range
 from .io import write_json, write_text

@@ -31,8 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...data.augment import Augment
-from ..augment import random_resized_crop
+from ...augment import Augment, random_resized_crop
 from ...config import OptimConfig
 from ..config import CMIOptions
 from ..generators import ConvGenerator, reinitialize
@@ -104,7 +103,7 @@ class CMISynthesizer(PooledSynthesizer):
         with self.autocast():
             x = self.generator(z)
         x_global = self._global_view(x, generator=self.rng)
-        x_local = random_resized_crop(x, scale=tuple(o.local_scale), flip=True, rng=self.rng)
+        x_local = random_resized_crop(x, scale=tuple(o.local_scale), flip=True, generator=self.rng)
         with self.autocast(), self.bn_stats.recording():
             t_logits = self.teacher(x_global)
             loss_bn = self.bn_stats.loss()

@@ -22,10 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...data.augment import Augment
+from ...augment import Augment, jitter_flip
 from ...config import OptimConfig
 from ..config import DeepInvOptions
-from ..augment import jitter_flip
 from ..hooks import BNStatistics
 from ..losses import js_divergence, total_variation
 from ...optim import build_optimizer, schedule_factor
