@@ -153,6 +153,28 @@ def extend_schedule(segments: list[dict[str, float]], *, done_epochs: int, plann
     return [*segments, {"epoch": int(done_epochs), "progress": min(max(p, 0.0), 1.0)}]
 
 
+def epoch_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, *, epochs: int, steps_per_epoch: int,
+                    start_epoch: int = 0, segments: Sequence[Mapping[str, float]] = (),
+                    saved: Mapping[str, object] | None = None, what: str = "the run") -> LambdaLR:
+    """The :func:`lr_scheduler` of an epoch loop (:func:`epoch_factor`), at the first step of
+    ``start_epoch``.
+
+    Args:
+        saved: the ``state_dict()`` of the scheduler a resumed run saved (``None``/empty: none).
+
+    Raises:
+        KDGuardError: ``saved`` stands at another step than ``start_epoch · steps_per_epoch`` (a
+            training state that does not belong to this data or batch size).
+    """
+    start = start_epoch * steps_per_epoch
+    if saved and int(saved.get("last_epoch", start)) != start:  # type: ignore[call-overload]
+        raise KDGuardError(f"the training state of {what} is inconsistent (its learning-rate schedule is at "
+                           f"step {saved['last_epoch']}, epoch {start_epoch} × {steps_per_epoch} steps = {start})",
+                           "delete train_state.pt to restart the run from scratch")
+    factor = epoch_factor(cfg, epochs=epochs, steps_per_epoch=steps_per_epoch, segments=segments)
+    return lr_scheduler(optimizer, cfg.lr, factor, start=start)
+
+
 def epoch_factor(cfg: OptimConfig, *, epochs: int, steps_per_epoch: int,
                  segments: Sequence[Mapping[str, float]] = ()) -> Callable[[int], float]:
     """The factor at global step ``s`` of an epoch loop of ``epochs × steps_per_epoch`` steps:
