@@ -24,7 +24,8 @@ from their_nets import cifar_resnet
 from kdguard.attacks import build_attack, poison_dataset
 from kdguard.checkpoint import INPUT_NORMS, add_input_normalization
 from kdguard.config import TrainConfig
-from kdguard.data import Augment, load_dataset
+from kdguard.augment import Augment
+from kdguard.data import load_dataset
 from kdguard.runtime import configure_threads, seed_everything
 from kdguard.train import Trainer
 

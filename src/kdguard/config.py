@@ -43,15 +43,21 @@ class AttackConfig:
 
 @dataclass
 class OptimConfig:
+    """One optimiser and its learning-rate schedule (:mod:`kdguard.optim`), for every job:
+    ``train.optim`` of the epoch loops and the data-free ``student_optim``/``generator_optim``."""
+
     name: str = "sgd"                      # sgd | adam
     lr: float = 0.1
-    momentum: float = 0.9
+    momentum: float = 0.9                  # sgd only
     weight_decay: float = 5e-4
-    nesterov: bool = False
+    nesterov: bool = False                 # sgd only
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adam only (PyTorch default)
     schedule: str = "cosine"               # cosine | multistep | constant
     milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])  # fractions of training
-    gamma: float = 0.1
-    warmup_epochs: float = 0.0
+    gamma: float = 0.1                     # multistep decay factor
+    warmup_epochs: float = 0.0             # linear warm-up (epoch loops; data-free runs refuse it)
+    grad_clip: Optional[float] = None      # max global grad norm of a data-free optimiser (ZSKT: 5);
+                                           # epoch loops take train.grad_clip
 
 
 @dataclass

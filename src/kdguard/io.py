@@ -1,4 +1,5 @@
-"""Atomic file writes: a crash mid-write never leaves a truncated checkpoint or report."""
+"""Atomic file writes: a crash mid-write never leaves a truncated checkpoint, report, cache entry
+or download. Every file kdguard writes goes through :func:`atomic_write`."""
 
 from __future__ import annotations
 
@@ -10,15 +11,18 @@ from pathlib import Path
 from typing import Any
 
 
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+def atomic_write(path: str | Path, write: Callable[[Path], None], *, mode: int | None = None) -> Path:
     """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it into place.
 
     ``os.replace`` is atomic on POSIX within one filesystem, so readers see either the old file
     or the complete new one. The temporary file is fsync'ed before the rename and the directory
     after it, so a power loss cannot leave the new name pointing at unwritten data. The file gets
     the mode an ordinary new file would (``0o666`` less the umask: 0644 under the usual 022), not
-    the 0600 of :func:`tempfile.mkstemp`. A killed process can leave a ``.<name>.*.tmp`` behind;
-    :func:`kdguard.rundir.open_run` removes those of a run directory.
+    the 0600 of :func:`tempfile.mkstemp`; ``mode`` overrides it (the dataset cache uses 0o644, as
+    several users may share it). A killed process can leave a ``.<name>.*.tmp`` behind;
+    :func:`kdguard.rundir.open_run` removes those of a run directory. An exception raised by
+    ``write`` (a failed download check, a full disk) removes the temporary file and propagates;
+    the old file at ``path``, if any, is left as it was.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -26,7 +30,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     os.close(fd)
     try:
         write(Path(tmp))
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, 0o666 & ~_umask() if mode is None else mode)
         _fsync(tmp, os.O_RDONLY)
         os.replace(tmp, path)
         _fsync(path.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
@@ -62,8 +66,23 @@ def _umask() -> int:
     return mask
 
 
-def write_text(path: str | Path, text: str) -> Path:
-    return atomic_write(path, lambda p: p.write_text(text))
+def write_text(path: str | Path, text: str, *, mode: int | None = None) -> Path:
+    return atomic_write(path, lambda p: p.write_text(text), mode=mode)
+
+
+def write_bytes(path: str | Path, data: bytes, *, mode: int | None = None) -> Path:
+    return atomic_write(path, lambda p: p.write_bytes(data), mode=mode)
+
+
+def write_npy(path: str | Path, array: Any, *, mode: int | None = None) -> Path:
+    """Write one numpy array in ``.npy`` format (no pickling) atomically."""
+    import numpy as np
+
+    def write(p: Path) -> None:
+        with open(p, "wb") as f:  # a file object: np.save would append ".npy" to a bare path
+            np.save(f, array, allow_pickle=False)
+
+    return atomic_write(path, write, mode=mode)
 
 
 def write_json(path: str | Path, obj: Any) -> Path:

@@ -28,7 +28,7 @@ Rules, in the order they are checked:
   is given and the only difference is a longer training (:data:`EXTENDABLE`: ``train.epochs``,
   data-free ``schedule.rounds``), which is recorded in ``extensions``. The training loops then
   stretch the rest of their learning-rate schedule over the new length (no jump back up, see
-  :func:`kdguard.train.trainer.schedule_progress`).
+  :func:`kdguard.optim.schedule_progress`).
 * files but no ``run.json`` (another tool's directory, or a run of an older kdguard) → refused,
   unless ``--overwrite``, or ``--resume`` for an older run whose ``config.yaml`` matches the job.
 

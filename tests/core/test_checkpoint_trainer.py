@@ -10,7 +10,8 @@ from kdguard.checkpoint import load_state_dict, load_weights_into, save_model
 from kdguard.config import OptimConfig, TrainConfig
 from kdguard.distill import LogitKD
 from kdguard.errors import KDGuardError
-from kdguard.train import Trainer, lr_factor
+from kdguard.optim import schedule_factor
+from kdguard.train import Trainer
 from kdguard.train.trainer import STATE_FILE
 
 from helpers import TinyNet
@@ -64,13 +65,13 @@ def test_corrupt_safetensors_is_a_clear_error(tmp_path):
 
 
 def test_lr_schedules():
-    assert lr_factor(OptimConfig(schedule="cosine"), 0.0) == pytest.approx(1.0)
-    assert lr_factor(OptimConfig(schedule="cosine"), 0.5) == pytest.approx(0.5)
-    assert lr_factor(OptimConfig(schedule="cosine"), 1.0) == pytest.approx(0.0)
+    assert schedule_factor(OptimConfig(schedule="cosine"), 0.0) == pytest.approx(1.0)
+    assert schedule_factor(OptimConfig(schedule="cosine"), 0.5) == pytest.approx(0.5)
+    assert schedule_factor(OptimConfig(schedule="cosine"), 1.0) == pytest.approx(0.0)
     ms = OptimConfig(schedule="multistep", milestones=[0.5, 0.75], gamma=0.1)
-    assert [lr_factor(ms, p) for p in (0.1, 0.5, 0.8)] == pytest.approx([1.0, 0.1, 0.01])
+    assert [schedule_factor(ms, p) for p in (0.1, 0.5, 0.8)] == pytest.approx([1.0, 0.1, 0.01])
     with pytest.raises(KDGuardError, match="schedule"):
-        lr_factor(OptimConfig(schedule="bogus"), 0.3)
+        schedule_factor(OptimConfig(schedule="bogus"), 0.3)
 
 
 def test_training_learns_blobs(blobs):

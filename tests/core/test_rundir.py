@@ -27,8 +27,8 @@ from kdguard.metrics import at_chance, backdoor_metrics
 from kdguard.report import metrics_table, write_run_report
 from kdguard.rundir import open_run, run_policy
 from kdguard.train import Trainer
-from kdguard.train.trainer import (HISTORY_FILE, STATE_FILE, ChanceAccuracyWarning, schedule_progress,
-                                   sync_history_file)
+from kdguard.optim import schedule_progress
+from kdguard.train.trainer import HISTORY_FILE, STATE_FILE, ChanceAccuracyWarning, sync_history_file
 
 
 def _teacher(**kw) -> TeacherJob:
@@ -329,10 +329,9 @@ def test_sync_keeps_other_stages_and_drops_a_cut_line(tmp_path):
 class _LRTrainer(Trainer):
     seen: list[float]
 
-    def _set_lr(self, step, steps_per_epoch):
-        lr = super()._set_lr(step, steps_per_epoch)
-        self.seen.append(lr)
-        return lr
+    def _step_losses(self, x, y, index):  # called once per step, after the scheduler set the lr
+        self.seen.append(self.optimizer.param_groups[0]["lr"])
+        return super()._step_losses(x, y, index)
 
 
 def test_resume_with_more_epochs_continues_the_schedule_without_a_jump(tmp_path):

@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kdguard.data import Augment, ImageDataset, random_crop, random_hflip
+from kdguard.augment import Augment, random_crop, random_hflip
+from kdguard.data import ImageDataset
 from kdguard.errors import KDGuardError
 
 
@@ -44,7 +45,7 @@ def test_crop_offsets_match_generator_draws():
 
 def test_crop_padding_zero_is_identity_and_deterministic():
     x = batch()
-    assert torch.equal(random_crop(x, 0), x)
+    assert torch.equal(random_crop(x, 0, torch.Generator()), x)
     a = random_crop(x, 4, torch.Generator().manual_seed(3))
     b = random_crop(x, 4, torch.Generator().manual_seed(3))
     c = random_crop(x, 4, torch.Generator().manual_seed(4))
@@ -57,9 +58,10 @@ def test_hflip():
     flipped = [torch.equal(out[i], x[i].flip(2)) for i in range(64)]
     kept = [torch.equal(out[i], x[i]) for i in range(64)]
     assert all(f or k for f, k in zip(flipped, kept)) and 10 < sum(flipped) < 54
-    assert torch.equal(random_hflip(random_hflip(x, 1.0), 1.0), x)
-    assert torch.equal(random_hflip(x, 1.0), x.flip(3))
-    assert torch.equal(random_hflip(x, 0.0), x)
+    g = torch.Generator()
+    assert torch.equal(random_hflip(random_hflip(x, 1.0, g), 1.0, g), x)
+    assert torch.equal(random_hflip(x, 1.0, g), x.flip(3))
+    assert torch.equal(random_hflip(x, 0.0, g), x)
     assert torch.equal(random_hflip(x, 0.5, torch.Generator().manual_seed(0)), out)
 
 
@@ -71,13 +73,13 @@ def test_augment_object_and_errors():
     ds = ImageDataset(images=x, labels=torch.zeros(16, dtype=torch.long), classes=("a",),
                       hflip=False)
     no_flip = Augment.for_dataset(ds, crop_padding=0)
-    assert not no_flip.hflip and torch.equal(no_flip(x), x)
+    assert not no_flip.hflip and torch.equal(no_flip(x, seeded()), x)
     with pytest.raises(KDGuardError, match="N×C×H×W"):
-        random_crop(x[0])
+        random_crop(x[0], 4, seeded())
     with pytest.raises(KDGuardError, match="padding -1"):
-        random_crop(x, -1)
+        random_crop(x, -1, seeded())
     with pytest.raises(KDGuardError, match="flip probability 1.5"):
-        random_hflip(x, 1.5)
+        random_hflip(x, 1.5, seeded())
     with pytest.raises(KDGuardError, match="padding"):
         Augment(crop_padding=2.5)
 

@@ -148,3 +148,36 @@ def test_download_verifies_checksum_offline(tmp_path, monkeypatch):
     assert path.read_bytes() == b"pretend archive"
     with pytest.raises(KDGuardError, match="no official download"):
         download("gtsrb", tmp_path / "root")
+
+
+def test_cache_entries_go_through_the_one_atomic_write(tmp_path, monkeypatch):
+    """Every cache file is written by kdguard.io.atomic_write: 0644 whatever the umask (a shared
+    cache), fsync'ed, no temporary left, and a failed write leaves the old entry intact."""
+    from kdguard import io as io_mod
+
+    written = []
+    real = io_mod.atomic_write
+    monkeypatch.setattr(io_mod, "atomic_write",
+                        lambda path, write, **kw: (written.append(path.name), real(path, write, **kw))[1])
+    cache = ArrayCache(tmp_path)
+    arrays = SplitArrays(np.arange(24, dtype=np.uint8).reshape(2, 3, 2, 2), np.array([1, 0], dtype=np.int64),
+                         {"classes": ["a", "b"]})
+    old = os.umask(0o077)
+    try:
+        cache.save("x/key", "train", "fp1", arrays)
+    finally:
+        os.umask(old)
+    assert written == ["train_images.npy", "train_labels.npy", "train.json"]  # the JSON last
+    folder = cache.entry_dir("x/key")
+    assert sorted(p.name for p in folder.iterdir()) == sorted(written)
+    assert all((folder / name).stat().st_mode & 0o777 == 0o644 for name in written)
+
+    def broken(p):
+        p.write_bytes(b"half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        real(folder / "train_images.npy", broken)
+    assert sorted(p.name for p in folder.iterdir()) == sorted(written)
+    hit = cache.load("x/key", "train", "fp1")
+    assert hit is not None and np.array_equal(hit.images, arrays.images)

@@ -10,9 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kdguard.augment import cutmix, fit_images, jitter_flip, random_resized_crop, single_image_patches
 from kdguard.datafree import BNStatistics, build_generator, reinitialize
-from kdguard.datafree.augment import (cutmix, fit_images, jitter_flip, random_resized_crop,
-                                      single_image_patches)
 from kdguard.datafree.grid import image_grid
 from kdguard.datafree.losses import (information_entropy_loss, info_nce, js_divergence, kl_per_sample,
                                      l1_per_sample, negative_masked_kl, total_variation)
@@ -148,11 +147,12 @@ def test_information_entropy_and_tv_and_info_nce_values():
 # -- transforms ----------------------------------------------------------------------------------
 def test_random_resized_crop_is_differentiable_and_full_crop_is_identity():
     x = torch.rand(4, 3, 8, 8, requires_grad=True)
-    out = random_resized_crop(x, scale=(0.25, 1.0), rng=torch.Generator().manual_seed(0))
+    out = random_resized_crop(x, scale=(0.25, 1.0), generator=torch.Generator().manual_seed(0))
     assert out.shape == x.shape
     out.sum().backward()
     assert x.grad is not None and float(x.grad.abs().sum()) > 0
-    same = random_resized_crop(x.detach(), scale=(1.0, 1.0), ratio=(1.0, 1.0), flip=False)
+    same = random_resized_crop(x.detach(), scale=(1.0, 1.0), ratio=(1.0, 1.0), flip=False,
+                               generator=torch.Generator())
     assert torch.allclose(same, x.detach(), atol=1e-5)
 
 
@@ -160,21 +160,21 @@ def test_jitter_flip_and_cutmix_keep_pixels():
     x = torch.arange(2 * 1 * 4 * 4, dtype=torch.float32).view(2, 1, 4, 4)
     out = jitter_flip(x, max_shift=(1, 1), flip=True, host_rng=random.Random(3))
     assert sorted(out.flatten().tolist()) == sorted(x.flatten().tolist())
-    mixed = cutmix(x, beta=0.25, prob=1.0, rng=torch.Generator().manual_seed(0), host_rng=random.Random(1))
+    mixed = cutmix(x, beta=0.25, prob=1.0, generator=torch.Generator().manual_seed(0), host_rng=random.Random(1))
     assert mixed.shape == x.shape and set(mixed.flatten().tolist()) <= set(x.flatten().tolist())
-    assert torch.equal(cutmix(x, beta=0.25, prob=0.0, rng=None, host_rng=random.Random(0)), x)
+    assert torch.equal(cutmix(x, beta=0.25, prob=0.0, generator=torch.Generator(), host_rng=random.Random(0)), x)
     with pytest.raises(KDGuardError):
-        cutmix(x, beta=0.0, prob=1.0, rng=None, host_rng=random.Random(0))
+        cutmix(x, beta=0.0, prob=1.0, generator=torch.Generator(), host_rng=random.Random(0))
 
 
 def test_single_image_patches_shape_range_and_determinism():
     image = (torch.rand(3, 70, 50) * 255).to(torch.uint8)
-    a = single_image_patches(image, 9, (8, 8), rng=torch.Generator().manual_seed(0), chunk=4)
-    b = single_image_patches(image, 9, (8, 8), rng=torch.Generator().manual_seed(0), chunk=4)
+    a = single_image_patches(image, 9, (8, 8), generator=torch.Generator().manual_seed(0), chunk=4)
+    b = single_image_patches(image, 9, (8, 8), generator=torch.Generator().manual_seed(0), chunk=4)
     assert a.shape == (9, 3, 8, 8) and a.dtype == torch.uint8 and torch.equal(a, b)
     assert a.float().std() > 0
     with pytest.raises(KDGuardError):
-        single_image_patches(image.float(), 2, (8, 8), rng=torch.Generator())
+        single_image_patches(image.float(), 2, (8, 8), generator=torch.Generator())
 
 
 def test_fit_images_converts_size_and_channels():

@@ -36,7 +36,9 @@ Hong et al., ICML 2023, §4.2; reference ``UnlearnOptimizer`` (``cmi/datafree/un
 Phase and learning rate: the reference resumes a near-final checkpoint with a fresh optimiser at
 a reset learning rate (5e-4) and a cosine schedule over what is left. kdguard does the same
 inside one run: at the first SR round the optimiser state is cleared (``reset_optimizer``) and
-the learning rate follows ``lr · ½(1 + cos(π·(r − r₀)/(R − r₀)))`` over rounds ``r₀ ≤ r < R``.
+the learning rate follows ``lr · ½(1 + cos(π·(r − r₀)/(R − r₀)))`` over rounds ``r₀ ≤ r < R``
+(a :func:`kdguard.optim.lr_scheduler` over the phase's rounds, which takes over from the loop's
+schedule for each SR round).
 
 The extra student forwards of steps 2–3 run in train mode (batch statistics) with the BN running
 statistics frozen, so unlearning does not move them. They run in float32 (``amp=False``, the
@@ -60,6 +62,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .config import SelfRetrospectionConfig
 from ..datafree.losses import kl_per_sample
 from ..datafree.student import StudentStepContext, default_student_step, frozen
+from ..optim import advance, lr_scheduler
 from .hypergrad import fixed_point_hypergradient
 
 
@@ -166,6 +169,8 @@ class SelfRetrospection:
         self.steps = 0
         self._delta_key: torch.Tensor | None = None
         self._delta: torch.Tensor | None = None
+        self._schedule: torch.optim.lr_scheduler.LambdaLR | None = None
+        self._schedule_at: tuple[int, int, int] | None = None  # (round, rounds, optimiser) it is at
 
     def phase_start(self, total_rounds: int) -> int:
         """First round (0-based) of the SR phase: the last ``max(1, ceil(phase·R))`` rounds."""
@@ -174,10 +179,28 @@ class SelfRetrospection:
     def in_phase(self, round_index: int, total_rounds: int) -> bool:
         return round_index >= self.phase_start(total_rounds)
 
+    def phase_factor(self, total_rounds: int) -> Callable[[int], float]:
+        """The learning-rate factor ½(1 + cos(πk/span)) at the phase's ``k``-th round."""
+        span = max(total_rounds - self.phase_start(total_rounds), 1)
+        return lambda k: 0.5 * (1.0 + math.cos(math.pi * k / span))
+
     def phase_lr(self, round_index: int, total_rounds: int) -> float:
-        start = self.phase_start(total_rounds)
-        span = max(total_rounds - start, 1)
-        return self.cfg.lr * 0.5 * (1.0 + math.cos(math.pi * (round_index - start) / span))
+        """The SR learning rate at ``round_index`` (``lr`` times :meth:`phase_factor`)."""
+        return self.cfg.lr * self.phase_factor(total_rounds)(round_index - self.phase_start(total_rounds))
+
+    def _apply_lr(self, optimizer: torch.optim.Optimizer, round_index: int, total_rounds: int) -> None:
+        """Put the phase's schedule on ``optimizer`` at ``round_index`` (the loop's own schedule
+        set its rate at the round start): stepped on from the previous round, else built there."""
+        at = (round_index, total_rounds, id(optimizer))
+        if at == self._schedule_at:
+            return
+        if (self._schedule is not None and self._schedule_at is not None
+                and (round_index - 1, total_rounds, id(optimizer)) == self._schedule_at):
+            advance(self._schedule)
+        else:
+            self._schedule = lr_scheduler(optimizer, self.cfg.lr, self.phase_factor(total_rounds),
+                                          start=round_index - self.phase_start(total_rounds))
+        self._schedule_at = at
 
     def perturbed_count(self, batch_size: int) -> int:
         return min(batch_size, max(self.cfg.min_count, round(self.cfg.share * batch_size)))
@@ -234,9 +257,7 @@ class SelfRetrospection:
             self.entered = True
             if c.reset_optimizer:
                 ctx.optimizer.state.clear()
-        lr = self.phase_lr(ctx.round_index, ctx.total_rounds)
-        for group in ctx.optimizer.param_groups:
-            group["lr"] = lr
+        self._apply_lr(ctx.optimizer, ctx.round_index, ctx.total_rounds)
 
         x, student = ctx.x, ctx.student
         n = len(x)

@@ -1,4 +1,4 @@
-"""Datasets as in-memory uint8 tensors, their loaders, cache and batched augmentation."""
+"""Datasets as in-memory uint8 tensors, their loaders and cache (augmentation: :mod:`kdguard.augment`)."""
 
 from .dataset import ImageDataset
 from .registry import (DATA_ROOT_ENV, DATASETS, DEFAULT_DATASET, SPLITS, dataset_names,
@@ -6,7 +6,6 @@ from .registry import (DATA_ROOT_ENV, DATASETS, DEFAULT_DATASET, SPLITS, dataset
 from . import loaders  # noqa: E402,F401  (registers the built-in datasets)
 from .loaders import CIFAR10_CLASSES, GTSRB_CLASSES, register_imagefolder
 from .cache import CACHE_ENV, KNOWN_MD5, ArrayCache, download, resolve_cache_dir, verify_md5
-from .augment import Augment, random_crop, random_hflip
 from .batches import iterate_batches, num_batches, to_float
 from .splits import SplitData, clean_subset, load_splits, make_augment
 
@@ -15,6 +14,6 @@ __all__ = [
     "load_dataset", "dataset_names", "default_data_root", "resolve_data_root",
     "register_imagefolder", "CIFAR10_CLASSES", "GTSRB_CLASSES",
     "ArrayCache", "KNOWN_MD5", "verify_md5", "download", "resolve_cache_dir",
-    "Augment", "random_crop", "random_hflip", "iterate_batches", "num_batches", "to_float",
+    "iterate_batches", "num_batches", "to_float",
     "SplitData", "clean_subset", "load_splits", "make_augment",
 ]

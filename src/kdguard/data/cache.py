@@ -10,8 +10,8 @@ therefore kept as ``.npy`` files so later loads take well under a second. One ca
 
 The JSON file is written last and carries a fingerprint of the source files (names, sizes,
 modification times); an entry whose fingerprint no longer matches is stale and gets rebuilt.
-Every file is written to a temporary name in the same folder and moved into place with
-:func:`os.replace`, so a crash or a concurrent writer never leaves a half-written entry.
+Every file is written with :func:`kdguard.io.atomic_write` (a temporary name in the same folder,
+moved into place), so a crash or a concurrent writer never leaves a half-written entry.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import gzip
 import hashlib
 import json
 import os
-import tempfile
 import urllib.request
 import warnings
 from collections.abc import Iterable
@@ -31,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import KDGuardError
+from ..io import atomic_write, write_npy, write_text
 
 CACHE_ENV = "KDGUARD_CACHE"
 """Environment variable naming the cache folder (default ``~/.cache/kdguard``)."""
@@ -84,17 +84,8 @@ class SplitArrays:
     info: dict[str, Any] = field(default_factory=dict)
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Call ``write(fileobj)`` on a temporary file next to ``path``, then move it into place."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a cache may be shared by several users
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+#: a cache may be shared by several users, whatever their umask
+CACHE_FILE_MODE = 0o644
 
 
 class ArrayCache:
@@ -133,12 +124,10 @@ class ArrayCache:
         info = dict(arrays.info, fingerprint=fingerprint, format=CACHE_FORMAT,
                     count=int(arrays.images.shape[0]))
         try:
-            folder.mkdir(parents=True, exist_ok=True)
-            _atomic_write(folder / f"{split}_images.npy", lambda f: np.save(f, arrays.images))
-            _atomic_write(folder / f"{split}_labels.npy", lambda f: np.save(f, arrays.labels))
+            write_npy(folder / f"{split}_images.npy", arrays.images, mode=CACHE_FILE_MODE)
+            write_npy(folder / f"{split}_labels.npy", arrays.labels, mode=CACHE_FILE_MODE)
             # The JSON goes last: it is what makes the entry valid.
-            _atomic_write(folder / f"{split}.json",
-                          lambda f: f.write(json.dumps(info, indent=1).encode()))
+            write_text(folder / f"{split}.json", json.dumps(info, indent=1), mode=CACHE_FILE_MODE)
         except OSError as exc:
             warnings.warn(f"could not write the dataset cache in {folder} ({exc}); "
                           "the data will be decoded again next time", stacklevel=3)
@@ -222,21 +211,18 @@ _CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 def _fetch(urls: Iterable[str], dest: Path, *, gunzip_check: bool, timeout: float) -> Path:
     """Download the first URL that works to ``dest`` (atomically) and verify its md5."""
     errors = []
+    name = dest.stem if gunzip_check else dest.name
     for url in urls:
-        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-        os.close(fd)
-        try:
+        def download_to(tmp: Path, url: str = url) -> None:
             with urllib.request.urlopen(url, timeout=timeout) as resp, open(tmp, "wb") as out:
                 for block in iter(lambda: resp.read(1 << 20), b""):
                     out.write(block)
-            name = dest.stem if gunzip_check else dest.name
-            verify_md5(tmp, KNOWN_MD5[name], gunzip=gunzip_check)
-            os.replace(tmp, dest)
-            return dest
+            verify_md5(tmp, KNOWN_MD5[name], gunzip=gunzip_check)  # a bad file never takes the name
+
+        try:
+            return atomic_write(dest, download_to)
         except (OSError, ValueError) as exc:  # URLError is an OSError; KDGuardError a ValueError
             errors.append(f"{url}: {exc}")
-        finally:
-            Path(tmp).unlink(missing_ok=True)
     raise KDGuardError(f"could not download {dest.name} ({'; '.join(errors)})",
                        f"download it by hand and place it at {dest}")
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from ..config import DataConfig
 from ..errors import check_range
-from .augment import Augment
+from ..augment import Augment
 from .dataset import ImageDataset
 from .registry import load_dataset
 

@@ -7,8 +7,8 @@ defences plug into.
 
 * :mod:`.config`, :mod:`.presets`: :class:`DataFreeJob`, :func:`build_datafree_job` (cpu/paper).
 * :mod:`.synthesizers`: ``synthesize()`` / ``sample(n)`` for ZSKT, DFAD, DAFL, DeepInversion, CMI
-  and OOD proxy data; :mod:`.generators`, :mod:`.hooks`, :mod:`.losses`, :mod:`.augment`,
-  :mod:`.pool` are their parts.
+  and OOD proxy data; :mod:`.generators`, :mod:`.hooks`, :mod:`.losses`, :mod:`.pool`
+  are their parts (their image transforms live in :mod:`kdguard.augment`).
 * :mod:`.student`: the student's loss and the replaceable update step.
 * :mod:`.loop`: :class:`DataFreeLoop` (schedule, monitoring, resumable checkpoints) and
   :class:`DataFreeExtensions` (the hooks for defences); :mod:`.collapse`:

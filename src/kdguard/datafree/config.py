@@ -24,31 +24,20 @@ from typing import Any, Optional
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from ..config import AttackConfig, TeacherSpec, require_complete, user_layer
+from ..config import AttackConfig, OptimConfig, TeacherSpec, require_complete, user_layer
 from ..errors import KDGuardError
 
 #: The data-free methods (the CLI's ``method=``), in the order of the issue.
 METHOD_NAMES = ("zskt", "dfad", "dafl", "deepinv", "cmi", "ood")
 
 
-@dataclass
-class OptimSettings:
-    """One optimiser and its learning-rate schedule over the round budget.
+def datafree_optim(**values: Any) -> OptimConfig:
+    """An :class:`~kdguard.config.OptimConfig` with the data-free defaults: Adam, no weight decay.
 
-    ``schedule`` is evaluated per round at progress ``round / rounds`` (the references step
+    Its ``schedule`` is evaluated per round at progress ``round / rounds`` (the references step
     their schedulers once per pseudo-batch (ZSKT) or per epoch (CMI), i.e. once per round here).
     """
-
-    name: str = "adam"                     # adam | sgd
-    lr: float = 2e-3
-    momentum: float = 0.9                  # sgd only
-    weight_decay: float = 0.0
-    nesterov: bool = False                 # sgd only
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adam only
-    schedule: str = "cosine"               # cosine | multistep | constant
-    milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])  # fractions of the budget
-    gamma: float = 0.1                     # multistep decay factor
-    grad_clip: Optional[float] = None      # max global grad norm (ZSKT: 5 for both nets)
+    return OptimConfig(**{"name": "adam", "lr": 2e-3, "weight_decay": 0.0, **values})
 
 
 @dataclass
@@ -198,8 +187,8 @@ class DataFreeJob:
     data: DataFreeData = field(default_factory=DataFreeData)
     attack: Optional[AttackConfig] = None  # null = the attack recorded in the teacher's manifest
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    student_optim: OptimSettings = field(default_factory=OptimSettings)
-    generator_optim: OptimSettings = field(default_factory=lambda: OptimSettings(lr=1e-3))
+    student_optim: OptimConfig = field(default_factory=datafree_optim)
+    generator_optim: OptimConfig = field(default_factory=lambda: datafree_optim(lr=1e-3))
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     zskt: ZSKTOptions = field(default_factory=ZSKTOptions)
     dfad: DFADOptions = field(default_factory=DFADOptions)
@@ -300,6 +289,9 @@ def validate_job(job: DataFreeJob) -> None:
         if len(opt.betas) != 2 or not all(0.0 <= b < 1.0 for b in opt.betas):
             raise KDGuardError(f"{prefix}.betas {list(opt.betas)!r} is not two values in [0, 1)",
                                "give e.g. [0.9, 0.999]")
+        if opt.warmup_epochs:
+            raise KDGuardError(f"{prefix}.warmup_epochs {opt.warmup_epochs!r}: a data-free run has rounds, "
+                               "not epochs, and no warm-up", f"leave {prefix}.warmup_epochs at 0")
     _choice("generator.kind", job.generator.kind, ("zskt", "dcgan"))
     _choice("generator.output", job.generator.output, ("auto", "sigmoid", "affine", "affine_clamp"))
     _positive("generator.latent_dim", job.generator.latent_dim)

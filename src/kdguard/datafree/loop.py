@@ -3,7 +3,8 @@
 Schedule (documented in ``docs/datafree.md``)::
 
     for round r in 0 .. rounds-1:
-        learning rates ← schedule(r / rounds)            (student and generator/inputs)
+        learning rates ← schedule(r / rounds)            (student: a LambdaLR stepped per round;
+                                                          generator/inputs: the same factor)
         synthesizer.synthesize()                         (generator_steps inside)
         repeat student_steps times:
             x ← synthesizer.sample(batch_size)
@@ -44,16 +45,18 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 
+from ..config import OptimConfig
 from ..distill.probe import GuardedTaps
 from ..errors import KDGuardError
 from ..io import atomic_write, write_text
+from ..optim import advance, build_optimizer, current_lr, lr_scheduler, schedule_factor
 from ..runtime import autocast
 from .collapse import ClassShareMonitor
-from .config import MonitorConfig, OptimSettings
+from .config import MonitorConfig
 from .grid import save_image_grid
-from .optim import build_optimizer, set_lr
 from .student import (DistillObjective, SampleWeighting, StudentStep, StudentStepContext, TeacherOutputs,
                       default_student_step, mean_weighting)
 from .synthesizers.base import GeneratorRegularizer, Synthesizer
@@ -134,7 +137,7 @@ class DataFreeLoop:
 
     def __init__(self, synthesizer: Synthesizer, student: nn.Module, teacher: nn.Module,
                  objective: DistillObjective, *, rounds: int, student_steps: int, batch_size: int,
-                 optim: OptimSettings, device: torch.device, bf16: bool = False,
+                 optim: OptimConfig, device: torch.device, bf16: bool = False,
                  run_dir: str | Path | None = None,
                  evaluate: Callable[[nn.Module], dict[str, Any]] | None = None,
                  monitor: MonitorConfig | None = None, extensions: DataFreeExtensions | None = None,
@@ -149,6 +152,7 @@ class DataFreeLoop:
         self.rounds, self.student_steps, self.batch_size = int(rounds), int(student_steps), int(batch_size)
         self.optim_settings = optim
         self.optimizer = build_optimizer([p for p in student.parameters() if p.requires_grad], optim)
+        self.scheduler: LambdaLR | None = None  # built by run() at the round it starts from
         self.device, self.bf16 = torch.device(device), bool(bf16)
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.evaluate = evaluate
@@ -260,7 +264,8 @@ class DataFreeLoop:
                 "rng": rng, "history": [asdict(r) for r in self.history],
                 "pending_seconds": time.perf_counter() - self._interval_start,
                 "extensions": self._extension_states(), "class_shares": self.class_shares.state_dict(),
-                "schedule": [dict(s) for s in self.segments]}
+                "schedule": [dict(s) for s in self.segments],
+                "lr_scheduler": self.scheduler.state_dict() if self.scheduler is not None else {}}
 
     def save_state(self) -> None:
         if self.run_dir is None:
@@ -317,6 +322,12 @@ class DataFreeLoop:
                 p = p0 + (1 - p0) * Fraction(round_index - start, max(rounds - start, 1))
         return p
 
+    def lr_factor(self, round_index: int) -> float:
+        """The student's learning-rate factor at ``round_index`` (:func:`kdguard.optim.schedule_factor`
+        at :meth:`progress`)."""
+        at = float(self.progress(round_index)) if self.segments else round_index / self.rounds
+        return schedule_factor(self.optim_settings, at)
+
     # -- driver ---------------------------------------------------------------------------------
     def run(self, *, resume: bool = True, stop_after: int | None = None) -> list[RoundRecord]:
         """Run (or continue) the rounds; return the history of records.
@@ -333,6 +344,8 @@ class DataFreeLoop:
         if resume:
             self.try_resume()
         stop = self.rounds if stop_after is None else min(stop_after, self.rounds)
+        self.scheduler = lr_scheduler(self.optimizer, self.optim_settings.lr, lambda r: self.lr_factor(r),
+                                      start=self.round)
         bar = tqdm(total=self.rounds, initial=self.round, desc=self.desc, unit="round",
                    disable=not self.progress, dynamic_ncols=True)
         g_sums: dict[str, torch.Tensor] = {}
@@ -340,18 +353,18 @@ class DataFreeLoop:
         count = 0
         try:
             while self.round < stop:
+                lr = current_lr(self.scheduler)
                 if self.segments:
                     at = self.progress(self.round)
-                    lr = set_lr(self.optimizer, self.optim_settings, float(at))
                     self.synth.set_progress(at.numerator, at.denominator)  # the same position
                 else:
-                    lr = set_lr(self.optimizer, self.optim_settings, self.round / self.rounds)
                     self.synth.set_progress(self.round, self.rounds)
                 for k, v in self.synth.synthesize().items():
                     v = v.detach().float()
                     g_sums[k] = g_sums[k] + v if k in g_sums else v
                 self._student_round(s_sums)
                 self.round += 1
+                advance(self.scheduler)  # an extension (ABD SR) may have set its own rate this round
                 count += 1
                 bar.update(1)
                 evaluate_now = self._due(self.monitor.every)

@@ -25,11 +25,10 @@ import torch
 from torch import nn
 
 from ..data import load_dataset
-from ..data.augment import Augment
+from ..augment import Augment, fit_images, single_image_patches
 from ..errors import KDGuardError
 from ..models.stages import stage_paths
 from ..registry import Registry
-from .augment import fit_images, single_image_patches
 from .config import DataFreeJob
 from .generators import build_generator
 from .student import DistillObjective
@@ -220,7 +219,7 @@ def proxy_images(job: DataFreeJob, ctx: MethodContext) -> torch.Tensor:
     path = o.image or default_proxy_image()
     image = read_image(path, channels=c)
     rng = torch.Generator(device=ctx.device).manual_seed(job.seed + 7919)
-    return single_image_patches(image, o.patches, (h, w), rng=rng, initial_crop=o.initial_crop,
+    return single_image_patches(image, o.patches, (h, w), generator=rng, initial_crop=o.initial_crop,
                                 min_area=o.min_area, rotation=o.rotation, shear=o.shear,
                                 color_prob=o.color_jitter)
 

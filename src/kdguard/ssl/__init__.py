@@ -11,7 +11,6 @@ module          contents
 ==============  ===================================================================================
 encoder         :class:`Encoder` (registry backbone → penultimate features, stage taps, channel
                 mask), :class:`ProjectionHead`, :class:`SSLModel`, checkpoints
-augment         batched SimCLR augmentation (:class:`SimCLRAugment`)
 loop            :class:`SSLLoop`, the resumable training loop of every SSL job
 simclr          :func:`nt_xent`, :func:`train_simclr`
 badencoder      :func:`badencoder_terms`, :func:`run_badencoder`, :class:`BackdoorTarget`
@@ -27,7 +26,7 @@ grid            the study's cells (:func:`grid_cells`), cached probes, rows and 
 
 from __future__ import annotations
 
-from .augment import SimCLRAugment
+from ..augment import SimCLRAugment
 from .badencoder import BackdoorTarget, badencoder_terms, run_badencoder, select_references
 from .data import to_encoder_input
 from .defense import STUDENTS, TEACHERS, EncoderDistiller, distill_encoder, prepare_student, prepare_teacher

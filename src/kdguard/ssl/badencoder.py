@@ -47,7 +47,7 @@ from ..attacks.triggers import Trigger, build_trigger
 from ..config import TrainConfig
 from ..data import ImageDataset
 from ..errors import KDGuardError
-from .augment import SimCLRAugment
+from ..augment import SimCLRAugment
 from .encoder import SSLModel
 from .loop import EpochLog, SSLLoop
 

@@ -25,7 +25,7 @@ from omegaconf import MISSING
 
 from ..config import OptimConfig, TeacherSpec, TrainConfig
 from ..errors import KDGuardError
-from .augment import SimCLRAugment
+from ..augment import SimCLRAugment
 
 
 def adam_schedule(epochs: int, batch_size: int) -> TrainConfig:

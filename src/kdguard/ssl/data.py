@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from ..data import ImageDataset, load_dataset
 from ..errors import KDGuardError, check_range
-from .augment import LUMA
+from ..augment import LUMA
 
 
 def to_encoder_input(images: torch.Tensor, input_shape: Sequence[int]) -> torch.Tensor:

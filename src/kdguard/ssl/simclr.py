@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from ..config import TrainConfig
 from ..errors import KDGuardError
-from .augment import SimCLRAugment
+from ..augment import SimCLRAugment
 from .encoder import SSLModel
 from .loop import EpochLog, SSLLoop
 

@@ -15,10 +15,8 @@ from typing import Any
 
 from ..config import TrainConfig
 from ..errors import KDGuardError
+from ..optim import OPTIMIZERS, SCHEDULES
 from ..runtime import _switch, resolve_device
-
-OPTIMIZERS = ("sgd", "adam")
-SCHEDULES = ("cosine", "multistep", "constant")
 
 
 def _number(value: Any) -> bool:
@@ -34,7 +32,8 @@ def check_train_config(cfg: TrainConfig, key: str = "train") -> None:
     """Check one :class:`TrainConfig` given under the dotted ``key`` (e.g. ``"train"``).
 
     Checks: ``epochs``, ``batch_size``, ``eval_batch_size`` ≥ 1; optimiser ``sgd``/``adam`` with
-    lr in (0, 10], weight decay ≥ 0 (SGD: momentum in [0, 1), Nesterov only with momentum);
+    lr in (0, 10], weight decay ≥ 0 (SGD: momentum in [0, 1), Nesterov only with momentum; Adam:
+    two betas in [0, 1)); the optimiser's own ``grad_clip`` unset (epoch loops take ``grad_clip``);
     schedule ``cosine``/``multistep``/``constant`` with milestones (fractions of training) in
     [0, 1] and gamma > 0; ``warmup_epochs`` ≥ 0; ``grad_clip`` null or > 0; ``amp`` and
     ``channels_last`` auto/on/off; ``device`` a device this machine has.
@@ -54,6 +53,13 @@ def check_train_config(cfg: TrainConfig, key: str = "train") -> None:
         if o.nesterov and o.momentum == 0:
             raise KDGuardError(f"{ok}.nesterov=true needs momentum, but {ok}.momentum=0",
                                f"set {ok}.momentum=0.9 or {ok}.nesterov=false")
+    if o.name == "adam":
+        betas = list(o.betas)
+        _require(len(betas) == 2 and all(_number(b) and 0 <= b < 1 for b in betas), f"{ok}.betas", betas,
+                 "must be two values in [0, 1)", "[0.9,0.999]")
+    if o.grad_clip is not None:
+        raise KDGuardError(f"{ok}.grad_clip={o.grad_clip!r}: a training loop clips with {key}.grad_clip",
+                           f"set {key}.grad_clip={o.grad_clip} instead")
     _require(_number(o.weight_decay) and o.weight_decay >= 0, f"{ok}.weight_decay", o.weight_decay,
              "must be >= 0", "5e-4")
     _require(o.schedule in SCHEDULES, f"{ok}.schedule", o.schedule, f"is not one of {', '.join(SCHEDULES)}",

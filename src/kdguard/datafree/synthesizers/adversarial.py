@@ -34,10 +34,10 @@ from torch import nn
 
 from ...distill.probe import GuardedTaps
 from ...errors import KDGuardError
-from ..config import OptimSettings
+from ...config import OptimConfig
 from ..generators import ConvGenerator
 from ..losses import activation_loss, information_entropy_loss, kl_per_sample, l1_per_sample
-from ..optim import build_optimizer, set_lr
+from ...optim import build_optimizer, set_lr
 from .base import Synthesizer, check_image_batch
 
 
@@ -138,7 +138,7 @@ class GeneratorSynthesizer(Synthesizer):
     name = "generator"
 
     def __init__(self, teacher: nn.Module, student: nn.Module, generator: ConvGenerator,
-                 loss: GeneratorLoss, *, optim: OptimSettings, batch_size: int, steps: int = 1,
+                 loss: GeneratorLoss, *, optim: OptimConfig, batch_size: int, steps: int = 1,
                  student_mode: str = "train", z_per: str = "round", sample_mode: str = "last",
                  **kwargs: Any) -> None:
         super().__init__(teacher, student, **kwargs)

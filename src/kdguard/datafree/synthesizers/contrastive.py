@@ -31,13 +31,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...data.augment import Augment
-from ..augment import random_resized_crop
-from ..config import CMIOptions, OptimSettings
+from ...augment import Augment, random_resized_crop
+from ...config import OptimConfig
+from ..config import CMIOptions
 from ..generators import ConvGenerator, reinitialize
 from ..hooks import BNStatistics
 from ..losses import info_nce, negative_masked_kl
-from ..optim import build_optimizer, schedule_factor
+from ...optim import build_optimizer, schedule_factor
 from ..pool import ImagePool, MemoryBank
 from .base import PooledSynthesizer
 
@@ -77,7 +77,7 @@ class CMISynthesizer(PooledSynthesizer):
     name = "cmi"
 
     def __init__(self, teacher: nn.Module, student: nn.Module, generator: ConvGenerator, *,
-                 options: CMIOptions, optim: OptimSettings, batch_size: int, steps: int,
+                 options: CMIOptions, optim: OptimConfig, batch_size: int, steps: int,
                  augment: Augment | None = None, **kwargs: Any) -> None:
         super().__init__(teacher, student, **kwargs)
         self.generator = generator
@@ -103,7 +103,7 @@ class CMISynthesizer(PooledSynthesizer):
         with self.autocast():
             x = self.generator(z)
         x_global = self._global_view(x, generator=self.rng)
-        x_local = random_resized_crop(x, scale=tuple(o.local_scale), flip=True, rng=self.rng)
+        x_local = random_resized_crop(x, scale=tuple(o.local_scale), flip=True, generator=self.rng)
         with self.autocast(), self.bn_stats.recording():
             t_logits = self.teacher(x_global)
             loss_bn = self.bn_stats.loss()

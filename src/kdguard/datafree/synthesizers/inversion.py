@@ -22,12 +22,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...data.augment import Augment
-from ..config import DeepInvOptions, OptimSettings
-from ..augment import jitter_flip
+from ...augment import Augment, jitter_flip
+from ...config import OptimConfig
+from ..config import DeepInvOptions
 from ..hooks import BNStatistics
 from ..losses import js_divergence, total_variation
-from ..optim import build_optimizer, schedule_factor
+from ...optim import build_optimizer, schedule_factor
 from ..pool import ImagePool
 from .base import PooledSynthesizer
 
@@ -52,7 +52,7 @@ class DeepInversionSynthesizer(PooledSynthesizer):
     name = "deepinv"
 
     def __init__(self, teacher: nn.Module, student: nn.Module, *, options: DeepInvOptions,
-                 optim: OptimSettings, batch_size: int, steps: int, mean: tuple[float, ...],
+                 optim: OptimConfig, batch_size: int, steps: int, mean: tuple[float, ...],
                  std: tuple[float, ...], augment: Augment | None = None, **kwargs: Any) -> None:
         super().__init__(teacher, student, **kwargs)
         self.options = options

@@ -6,7 +6,7 @@ ICLR 2023), with random flip, random crop (pad 4) and CutMix (β = 0.25, probabi
 batch, and the loss KL(T^8 ‖ S^8). kdguard offers the same with either source:
 
 * ``source="image"``: patches of one image file (:func:`read_image`,
-  :func:`~kdguard.datafree.augment.single_image_patches`); the default image is the photograph
+  :func:`~kdguard.augment.single_image_patches`); the default image is the photograph
   ``grace_hopper.jpg`` that matplotlib ships;
 * ``source="dataset"``: the training split of another registered data set (e.g. GTSRB for a
   CIFAR-10 teacher), resized and channel-converted to the teacher's input (labels unused).
@@ -25,9 +25,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import nn
 
-from ...data.augment import Augment
+from ...augment import Augment, cutmix
 from ...errors import KDGuardError
-from ..augment import cutmix
 from ..pool import ImagePool
 from .base import Synthesizer
 
@@ -103,7 +102,7 @@ class ProxySynthesizer(Synthesizer):
     def sample(self, n: int) -> torch.Tensor:
         x = self.augment(self.pool.sample(n, self.rng).float().div_(255.0), generator=self.rng)
         if self.cutmix_prob > 0:
-            x = cutmix(x, beta=self.cutmix_beta, prob=self.cutmix_prob, rng=self.rng,
+            x = cutmix(x, beta=self.cutmix_beta, prob=self.cutmix_prob, generator=self.rng,
                        host_rng=self.host_rng)
         return x
 

@@ -1,10 +1,10 @@
-"""Batched data augmentation on whole ``N×C×H×W`` tensors (CPU or CUDA, uint8 or float).
+"""The standard CIFAR augmentation on whole ``N×C×H×W`` tensors (CPU or CUDA, uint8 or float).
 
-The standard CIFAR recipe of He et al., "Deep Residual Learning for Image Recognition" (CVPR
-2016), Sec. 4.2: pad 4 pixels on each side, take a random crop of the original size, and flip
-horizontally with probability 0.5. Every sample gets its own offsets and flip, drawn in one
-call from ``generator``, so a seeded :class:`torch.Generator` makes the result reproducible.
-No Python loop over samples: crops are two :func:`torch.gather` calls.
+He et al., "Deep Residual Learning for Image Recognition" (CVPR 2016), Sec. 4.2: pad 4 pixels on
+each side, take a random crop of the original size, and flip horizontally with probability 0.5.
+Every sample gets its own offsets and flip, drawn in one call from ``generator``, so a seeded
+:class:`torch.Generator` makes the result reproducible. No Python loop over samples: crops are
+two :func:`torch.gather` calls.
 """
 
 from __future__ import annotations
@@ -12,36 +12,23 @@ from __future__ import annotations
 import torch
 
 from ..errors import KDGuardError, check_range
+from ._random import check_batch, rand, randint
 
 
-def _check_batch(x: torch.Tensor, what: str) -> None:
-    if not isinstance(x, torch.Tensor) or x.dim() != 4:
-        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        raise KDGuardError(f"{what} needs an N×C×H×W tensor, got {shape}",
-                           "pass a whole batch (add a batch dimension with x[None])")
+def _check_padding(padding: int) -> None:
+    if isinstance(padding, bool) or not isinstance(padding, int) or padding < 0:
+        raise KDGuardError(f"crop padding {padding!r} is not a non-negative integer",
+                           "give the padding in pixels, e.g. 4")
 
 
-def _draw(kind: str, n: int, high: int, generator: torch.Generator | None,
-          device: torch.device) -> torch.Tensor:
-    """``n`` random draws made on the generator's device (so any generator works with any
-    tensor) and moved to ``device``: integers in ``[0, high)`` or uniforms in ``[0, 1)``."""
-    where = generator.device if generator is not None else device
-    if kind == "int":
-        values = torch.randint(0, high, (n,), generator=generator, device=where)
-    else:
-        values = torch.rand(n, generator=generator, device=where)
-    return values.to(device)
-
-
-def random_crop(x: torch.Tensor, padding: int = 4,
-                generator: torch.Generator | None = None) -> torch.Tensor:
+def random_crop(x: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
     """Zero-pad each image by ``padding`` pixels per side, then crop it back at a random offset.
 
     Args:
         x: ``N×C×H×W`` tensor, any dtype (uint8 0–255 or float), any device.
         padding: pixels of zero padding per side; offsets are uniform in ``[0, 2·padding]`` for
             rows and columns independently, per sample. ``0`` returns ``x`` unchanged (a copy).
-        generator: source of randomness (CPU or on ``x``'s device); ``None`` = global RNG.
+        generator: source of randomness (CPU or on ``x``'s device).
 
     Returns:
         A new ``N×C×H×W`` tensor, same dtype and device: sample ``i`` is the window
@@ -50,31 +37,28 @@ def random_crop(x: torch.Tensor, padding: int = 4,
     Raises:
         KDGuardError: ``x`` is not 4-D or ``padding`` is not a non-negative integer.
     """
-    _check_batch(x, "random_crop")
-    if isinstance(padding, bool) or not isinstance(padding, int) or padding < 0:
-        raise KDGuardError(f"crop padding {padding!r} is not a non-negative integer",
-                           "give the padding in pixels, e.g. 4")
+    check_batch(x, "random_crop")
+    _check_padding(padding)
     if padding == 0:
         return x.clone()
     n, c, h, w = x.shape
     padded = x.new_zeros(n, c, h + 2 * padding, w + 2 * padding)
     padded[:, :, padding:padding + h, padding:padding + w] = x
-    dy = _draw("int", n, 2 * padding + 1, generator, x.device)
-    dx = _draw("int", n, 2 * padding + 1, generator, x.device)
+    dy = randint(n, 2 * padding + 1, generator, x.device)
+    dx = randint(n, 2 * padding + 1, generator, x.device)
     rows = (dy[:, None] + torch.arange(h, device=x.device)).view(n, 1, h, 1)
     cols = (dx[:, None] + torch.arange(w, device=x.device)).view(n, 1, 1, w)
     band = padded.gather(2, rows.expand(n, c, h, w + 2 * padding))
     return band.gather(3, cols.expand(n, c, h, w))
 
 
-def random_hflip(x: torch.Tensor, p: float = 0.5,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+def random_hflip(x: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
     """Mirror each image left–right with probability ``p``, independently per sample.
 
     Args:
         x: ``N×C×H×W`` tensor, any dtype and device.
         p: flip probability in ``[0, 1]``.
-        generator: source of randomness (CPU or on ``x``'s device); ``None`` = global RNG.
+        generator: source of randomness (CPU or on ``x``'s device).
 
     Returns:
         A new ``N×C×H×W`` tensor, same dtype and device.
@@ -82,9 +66,9 @@ def random_hflip(x: torch.Tensor, p: float = 0.5,
     Raises:
         KDGuardError: ``x`` is not 4-D or ``p`` is outside ``[0, 1]``.
     """
-    _check_batch(x, "random_hflip")
+    check_batch(x, "random_hflip")
     check_range("flip probability", p, 0.0, 1.0)
-    flip = _draw("float", x.shape[0], 0, generator, x.device) < p
+    flip = rand(x.shape[0], generator, x.device) < p
     return torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
 
 
@@ -98,9 +82,7 @@ class Augment:
     """
 
     def __init__(self, crop_padding: int = 4, hflip: bool = True) -> None:
-        if isinstance(crop_padding, bool) or not isinstance(crop_padding, int) or crop_padding < 0:
-            raise KDGuardError(f"crop padding {crop_padding!r} is not a non-negative integer",
-                               "give the padding in pixels, e.g. 4")
+        _check_padding(crop_padding)
         self.crop_padding = crop_padding
         self.hflip = bool(hflip)
 
@@ -109,7 +91,7 @@ class Augment:
         """The augmentation suited to an :class:`~kdguard.data.dataset.ImageDataset`."""
         return cls(crop_padding=crop_padding, hflip=dataset.hflip)
 
-    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         out = random_crop(x, self.crop_padding, generator)
         return random_hflip(out, 0.5, generator) if self.hflip else out
 

@@ -1,0 +1,200 @@
+"""The epoch engine under :class:`~kdguard.train.Trainer` and :class:`~kdguard.ssl.loop.SSLLoop`.
+
+Both loops train a module for ``train.epochs`` epochs over a shuffled order of their items; they
+differ only in what one step computes (cross-entropy or a distiller's terms on labelled batches;
+an SSL step function on index batches) and in what an epoch records. The engine owns the rest:
+
+* device, bf16 autocast and channels_last (:mod:`kdguard.runtime`), decided for ``net``;
+* the optimiser (:func:`kdguard.optim.build_optimizer`) and its learning-rate scheduler
+  (:func:`kdguard.optim.epoch_scheduler`: warm-up, schedule, extensions), one update per step
+  (:meth:`EpochEngine.update`: summed loss, backward, ``train.grad_clip``, step, scheduler step);
+* the seeded :class:`torch.Generator` that shuffles and augments;
+* resumption: ``train_state.pt`` (weights without frozen parts, optimiser, generator, history,
+  planned length, schedule extensions, scheduler state; tensors and plain containers only, read
+  with ``weights_only=True``) written atomically after every epoch, then the epoch's line in
+  ``metrics.jsonl``; a restarted run continues from the last finished epoch and rewrites
+  ``metrics.jsonl`` to the restored epochs; a longer ``train.epochs`` on resume stretches the rest
+  of the schedule (:func:`kdguard.optim.schedule_progress`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import TrainConfig
+from ..errors import KDGuardError
+from ..io import append_jsonl, atomic_write, write_text
+from ..optim import build_optimizer, clip_gradients, epoch_scheduler, extend_schedule
+from ..runtime import autocast, resolve_device, use_bf16, use_channels_last
+
+STATE_FILE = "train_state.pt"
+HISTORY_FILE = "metrics.jsonl"
+
+
+def sync_history_file(path: Path, stage: str, records: Sequence[Mapping[str, Any]]) -> None:
+    """Make the ``stage`` lines of JSON-lines file ``path`` exactly ``records`` (one line each,
+    ``{"stage": stage, **record}``); lines of other stages are kept, unreadable lines (a write
+    cut by a kill) dropped. Written atomically, and only when something changes."""
+    own = [json.dumps({"stage": stage, **r}, default=_plain) for r in records]
+    old = path.read_text().splitlines() if path.exists() else []
+    kept = []
+    for line in old:
+        try:
+            if json.loads(line).get("stage") != stage:
+                kept.append(line)
+        except (ValueError, AttributeError):
+            continue
+    lines = kept + own
+    if lines != old:
+        write_text(path, "".join(line + "\n" for line in lines))
+
+
+def _plain(o: Any) -> Any:
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+class EpochEngine:
+    """Shared state and mechanics of an epoch loop (see the module docstring).
+
+    Subclasses call :meth:`_setup` (device, precision, moving the modules) and then
+    :meth:`_init_optimizer` with the parameters to train, and set ``record_type`` (the dataclass of
+    one history entry, built from its ``asdict``).
+
+    Attributes:
+        frozen_prefixes: state-dict key prefixes that are not part of the run's state (a
+            distiller's ``teacher.``): neither saved nor required on resume.
+        restart_fix: the fix named when ``train_state.pt`` cannot be read.
+    """
+
+    record_type: type = dict
+    frozen_prefixes: tuple[str, ...] = ()
+    restart_fix = "delete it to restart the run from scratch"
+
+    def _setup(self, module: nn.Module, cfg: TrainConfig, *, net: nn.Module, run_dir: str | Path | None,
+               desc: str, movable: Sequence[nn.Module] = ()) -> None:
+        self.module, self.cfg, self.desc = module, cfg, desc
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.device = resolve_device(cfg.device)
+        self.bf16 = use_bf16(cfg.amp, self.device, net)
+        self.channels_last = use_channels_last(cfg.channels_last, self.device, net)
+        for m in [module, *movable]:
+            m.to(self.device)
+            if self.channels_last:
+                m.to(memory_format=torch.channels_last)
+
+    def _init_optimizer(self, params: Iterable[nn.Parameter], seed: int) -> None:
+        self.optimizer = build_optimizer(list(params), self.cfg.optim)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.history: list[Any] = []
+        self.start_epoch = 0
+        # the length the restored state was planned for, and the schedule's extensions
+        self.planned_epochs = self.cfg.epochs
+        self.segments: list[dict[str, float]] = []
+        self.scheduler: torch.optim.lr_scheduler.LambdaLR | None = None  # built by begin()
+        self._saved_scheduler: dict[str, Any] = {}  # the restored scheduler's state
+
+    def autocast(self):
+        """bf16 autocast on the loop's device when it pays off (else a no-op context)."""
+        return autocast(self.device, self.bf16)
+
+    # -- state ------------------------------------------------------------------------------
+    def _frozen(self, key: str) -> bool:
+        return key.startswith(self.frozen_prefixes) if self.frozen_prefixes else False
+
+    def _trainable_state(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu().contiguous() for k, v in self.module.state_dict().items()
+                if not self._frozen(k)}
+
+    def save_state(self) -> None:
+        """Write ``train_state.pt`` atomically (nothing without a run directory)."""
+        if self.run_dir is None:
+            return
+        state = {
+            "epoch": len(self.history),
+            "module": self._trainable_state(),
+            "optimizer": self.optimizer.state_dict(),
+            "generator": self.generator.get_state(),
+            "history": [asdict(r) for r in self.history],
+            "total_epochs": self.cfg.epochs,
+            "schedule": [dict(s) for s in self.segments],
+            "lr_scheduler": self.scheduler.state_dict() if self.scheduler is not None else {},
+        }
+        atomic_write(self.run_dir / STATE_FILE, lambda p: torch.save(state, p))
+
+    def try_resume(self) -> bool:
+        """Load ``train_state.pt`` from ``run_dir`` if present; return whether it resumed.
+
+        Raises:
+            KDGuardError: the file is unreadable or holds another model's weights.
+        """
+        path = self.run_dir / STATE_FILE if self.run_dir else None
+        if path is None or not path.exists():
+            return False
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise KDGuardError(f"cannot read training state {str(path)!r} ({type(e).__name__})",
+                               self.restart_fix) from None
+        own = self.module.state_dict()
+        saved = state["module"]
+        missing = [k for k in own if k not in saved and not self._frozen(k)]
+        unexpected = [k for k in saved if k not in own]
+        reshaped = [k for k in saved if k in own and own[k].shape != saved[k].shape]
+        if missing or unexpected or reshaped:
+            raise KDGuardError(f"training state {str(path)!r} does not match this run's model",
+                               "use a fresh output directory or delete train_state.pt")
+        self.module.load_state_dict(saved, strict=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+        self.history = [self.record_type(**r) for r in state["history"]]
+        self.start_epoch = int(state["epoch"])
+        self.planned_epochs = int(state.get("total_epochs", self.cfg.epochs))
+        self.segments = [dict(s) for s in state.get("schedule", [])]
+        self._saved_scheduler = dict(state.get("lr_scheduler", {}))
+        return True
+
+    # -- loop -------------------------------------------------------------------------------
+    def _extended(self) -> None:
+        """Called after :meth:`begin` lengthened the schedule (a hook for warnings)."""
+
+    def begin(self, steps_per_epoch: int) -> None:
+        """Before the first epoch to run: stretch the schedule if ``train.epochs`` grew, build the
+        scheduler at the start step, and make ``metrics.jsonl`` hold exactly the restored epochs."""
+        if self.planned_epochs < self.cfg.epochs and self.start_epoch < self.cfg.epochs:
+            self.segments = extend_schedule(self.segments, done_epochs=self.start_epoch,
+                                            planned_epochs=self.planned_epochs, steps_per_epoch=steps_per_epoch)
+            self.planned_epochs = self.cfg.epochs
+            self._extended()
+        self.scheduler = epoch_scheduler(self.optimizer, self.cfg.optim, epochs=self.cfg.epochs,
+                                         steps_per_epoch=steps_per_epoch, start_epoch=self.start_epoch,
+                                         segments=self.segments, saved=self._saved_scheduler,
+                                         what=repr(self.desc))
+        if self.run_dir is not None:
+            sync_history_file(self.run_dir / HISTORY_FILE, self.desc, [asdict(r) for r in self.history])
+
+    def update(self, losses: dict[str, torch.Tensor]) -> None:
+        """One optimiser step on the sum of ``losses``: backward, ``train.grad_clip``, step, and
+        the scheduler's step to the next learning rate."""
+        loss = sum(losses.values())
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        clip_gradients(self.optimizer, self.cfg.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+
+    def finish_epoch(self, record: Any) -> None:
+        """Append ``record`` to the history, then write the state, then its ``metrics.jsonl`` line
+        (in this order, so a kill between the two leaves a state that :meth:`begin` reconciles)."""
+        self.history.append(record)
+        self.save_state()
+        if self.run_dir is not None:
+            append_jsonl(self.run_dir / HISTORY_FILE, {"stage": self.desc, **asdict(record)})
