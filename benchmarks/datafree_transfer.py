@@ -706,4 +706,7 @@ def headline_table(cells: list[dict], methods: list[str] | None = None) -> str:
 
 
 if __name__ == "__main__":
+    from kdguard.log import configure_logging
+
+    configure_logging()  # kdguard's progress lines on stderr, as the CLI prints them
     main()

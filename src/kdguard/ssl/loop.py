@@ -19,6 +19,7 @@ Frozen models (the clean encoder of BadEncoder, the teacher of the defence) are 
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -32,8 +33,11 @@ from tqdm.auto import tqdm
 from ..config import TrainConfig
 from ..errors import KDGuardError
 from ..io import append_jsonl, atomic_write
+from ..log import bar_disabled
 from ..runtime import autocast, resolve_device, use_bf16, use_channels_last
 from ..train.trainer import build_optimizer, extend_schedule, set_lr, sync_history_file
+
+logger = logging.getLogger(__name__)
 
 STATE_FILE = "train_state.pt"
 HISTORY_FILE = "metrics.jsonl"
@@ -169,7 +173,7 @@ class SSLLoop:
         if self.run_dir is not None:  # the history file holds exactly the restored epochs
             sync_history_file(self.run_dir / HISTORY_FILE, self.desc, [asdict(h) for h in self.history])
         bar = tqdm(range(start, self.cfg.epochs), desc=self.desc, unit="epoch", initial=start,
-                   total=self.cfg.epochs, disable=not self.cfg.progress, dynamic_ncols=True)
+                   total=self.cfg.epochs, disable=bar_disabled(self.cfg.progress), dynamic_ncols=True)
         for epoch in bar:
             self.module.train()
             for m in self.frozen:
@@ -200,7 +204,7 @@ class SSLLoop:
             self._save()
             if self.run_dir is not None:
                 append_jsonl(self.run_dir / HISTORY_FILE, {"stage": self.desc, **asdict(log)})
-            if self.cfg.progress:
-                summary = " ".join(f"{k}={v:.4f}" for k, v in means.items())
-                tqdm.write(f"[{self.desc}] epoch {epoch + 1}/{self.cfg.epochs} {summary} ({log.seconds:.1f}s)")
+            summary = " ".join(f"{k}={v:.4f}" for k, v in means.items())
+            logger.info(f"[{self.desc}] epoch {epoch + 1}/{self.cfg.epochs} {summary} ({log.seconds:.1f}s)")
+            logger.debug(f"[{self.desc}] epoch {epoch + 1}: lr={lr:.6g} after {steps} steps of {bs}")
         return self.history
