@@ -9,7 +9,7 @@ scale:
 * students: ResNet-8, by ZSKT, CMI and OOD (single-image patches) for BadNets, and by ZSKT for
   Trojan 3×3 and Blend, each next to clean-data KD (20 % of the training split, τ = 6,
   α = 0.95, as ABD's ``kd_distill.py``);
-* data-free budgets: the ``cpu`` preset of each method (see ``kdguard.datafree.presets``);
+* data-free budgets: the ``cpu`` preset of each method (see ``kdguard/configs/datafree/``);
   a ZSKT run takes 36–82 minutes on 2 CPU cores (two AMD EPYC machines, docs/abd.md §3.4).
 
 Every stage is its own run directory; a finished stage (``metrics.json`` present) is skipped
@@ -707,4 +707,7 @@ def headline_table(cells: list[dict], methods: list[str] | None = None) -> str:
 
 
 if __name__ == "__main__":
+    from kdguard.log import configure_logging
+
+    configure_logging()  # kdguard's progress lines on stderr, as the CLI prints them
     main()

@@ -66,4 +66,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    from kdguard.log import configure_logging
+
+    configure_logging()  # kdguard's progress lines on stderr, as the CLI prints them
     main()

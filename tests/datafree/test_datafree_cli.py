@@ -126,3 +126,13 @@ def test_vaccine_generator_form_is_refused_for_ood(setup, tmp_path, capsys):
     err = cli_error(_args("ood", root, teacher, tmp_path / "x") + ["abd.mode=sv", "abd.sv.form=generator"],
                     capsys)
     assert "abd.sv.form" in err
+
+
+def test_resume_with_a_longer_budget_stretches_the_schedule(setup, tmp_path):
+    root, teacher = setup
+    out = tmp_path / "zskt"
+    assert main(_args("zskt", root, teacher, out)) == 0
+    longer = [a if a != "schedule.rounds=2" else "schedule.rounds=4" for a in _args("zskt", root, teacher, out)]
+    assert main([*longer, "--resume"]) == 0
+    state = torch.load(out / "datafree_state.pt", weights_only=False)
+    assert state["round"] == 4 and state["schedule"] == [{"round": 2, "progress": [1, 1]}]

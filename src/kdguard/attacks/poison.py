@@ -37,6 +37,7 @@ import torch
 
 from ..data.dataset import ImageDataset
 from ..errors import KDGuardError, check_range, unknown_name
+from ..presets import load_table
 from .triggers import TRIGGERS, FunctionTrigger, Trigger, build_trigger, load_trigger_function
 from .triggers.validate import as_choice, as_int
 
@@ -414,28 +415,10 @@ class AttackPreset:
     source: str = ""
 
 
+#: Named attacks, from the shipped file ``kdguard/configs/attacks.yaml`` (each entry names its source).
 ATTACK_PRESETS: dict[str, AttackPreset] = {
-    "badnets": AttackPreset("badnets_grid", source="ABD badnet_grid: 3×3 grid, 10 % dirty-label"),
-    "badnets_square": AttackPreset("badnets_square", source="ABD badnet_sq: 4×4 white, 10 %"),
-    "blend": AttackPreset("blend", trigger_params={"alpha": 0.2},
-                          source="ABD blend: alpha 0.2, 10 % (random pattern replaces blend.png)"),
-    "blend_cartoon": AttackPreset("blend", trigger_params={"alpha": 0.2, "style": "cartoon"},
-                                  source="ABD blend: alpha 0.2, 10 % (a seeded flat-colour cartoon "
-                                         "replaces blend.png, a cartoon image)"),
-    "trojan_3x3": AttackPreset("trojan_3x3", source="ABD trojan_3x3, 10 %"),
-    "trojan_8x8": AttackPreset("trojan_8x8", source="ABD trojan_8x8 (9×9 patch), 10 %"),
-    "trojan_wm": AttackPreset("trojan_wm", source="ABD trojan_wm, 10 %"),
-    "sig": AttackPreset("sig", poisoning="clean_label", poison_rate=1.0,
-                        source="Barni et al. 2019 additive sinusoid (delta 20, f 6); clean-label "
-                               "on every target-class image, as ABD's min(10 %, target class)"),
-    "sig_abd": AttackPreset("sig", poisoning="clean_label", poison_rate=1.0,
-                            trigger_params={"mode": "blend", "alpha": 0.2, "frequency": 4.08},
-                            source="ABD sig: 0.8·x + 0.2·sig.png regenerated, clean-label"),
-    "wanet": AttackPreset("wanet", trigger_params={"k": 4, "strength": 0.5},
-                          source="Nguyen & Tran 2021: k 4, s 0.5, 10 % (noise mode not used)"),
-    "l0_inv": AttackPreset("l0_inv", source="ABD l0_inv, 10 %"),
-    "l2_inv": AttackPreset("l2_inv", source="ABD l2_inv, 10 %"),
-}
+    name: AttackPreset(**values)
+    for name, values in load_table("attacks.yaml", AttackPreset, complete=True).items()}
 
 
 def build_attack(name: str | Callable[[torch.Tensor], torch.Tensor], image_shape: tuple[int, int, int],

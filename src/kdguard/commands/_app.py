@@ -24,6 +24,26 @@ console = Console()
 F = TypeVar("F", bound=Callable)
 
 
+@app.callback()
+def global_options(
+        quiet: bool = typer.Option(False, "--quiet", "-q",
+                                   help="Print no progress lines or bars: results, warnings and errors only"),
+        verbose: bool = typer.Option(False, "--verbose", "-v",
+                                     help="Also print debug lines (learning rates, interval losses)")) -> None:
+    """Options before the command (``kdguard --quiet train-teacher ...``): how much progress to print.
+
+    Progress lines go to stderr through :mod:`logging` (:mod:`kdguard.log`); stdout keeps the
+    results. Bars are drawn only on a terminal.
+    """
+    import logging
+
+    from ..log import configure_logging
+
+    if quiet and verbose:
+        raise typer.BadParameter("--quiet and --verbose exclude each other; give one of them")
+    configure_logging(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO)
+
+
 RUN_DIR_OPTIONS = {
     "resume": typer.Option(False, "--resume", help="Continue the run in out= although its settings differ: "
                                                    "only a longer training (train.epochs, schedule.rounds)"),

@@ -5,7 +5,8 @@ teacher's backdoor although no trigger is in the synthetic data; this package ru
 methods faithfully, measures that transfer (CA/ASR/RA at intervals) and is the host that ABD's
 defences plug into.
 
-* :mod:`.config`, :mod:`.presets`: :class:`DataFreeJob`, :func:`build_datafree_job` (cpu/paper).
+* :mod:`.config`: :class:`DataFreeJob`, :func:`build_datafree_job`, :func:`preset_values` (cpu/paper
+  recipes in ``kdguard/configs/datafree/``).
 * :mod:`.synthesizers`: ``synthesize()`` / ``sample(n)`` for ZSKT, DFAD, DAFL, DeepInversion, CMI
   and OOD proxy data; :mod:`.generators`, :mod:`.hooks`, :mod:`.losses`, :mod:`.pool`
   are their parts (their image transforms live in :mod:`kdguard.augment`).
@@ -22,12 +23,11 @@ See ``docs/datafree.md``.
 """
 
 from .collapse import ClassShareMonitor, SynthesisCollapseWarning
-from .config import METHOD_NAMES, DataFreeJob, build_datafree_job, validate_job
+from .config import METHOD_NAMES, PRESET_SCALES, DataFreeJob, build_datafree_job, preset_values, validate_job
 from .generators import ConvGenerator, build_generator, reinitialize
 from .hooks import BNStatistics
 from .loop import DataFreeExtensions, DataFreeLoop, RoundRecord
 from .methods import DATAFREE_METHODS, MethodContext, MethodParts, build_method
-from .presets import PRESET_SCALES, preset_values
 from .summary import plot_datafree_curves, synthesis_summary
 from .student import (DistillObjective, StudentStepContext, TeacherOutputs, default_student_step,
                       mean_weighting)

@@ -2,7 +2,7 @@
 
 A :class:`DataFreeJob` is built in four layers, later ones winning::
 
-    dataclass defaults  ←  preset (method × scale, :mod:`kdguard.datafree.presets`)
+    dataclass defaults  ←  preset (method × scale: ``kdguard/configs/datafree/<method>.yaml``)
                         ←  YAML file  ←  ``key=value`` overrides
 
 so ``kdguard distill-datafree teacher=runs/t method=cmi preset=cpu cmi.adv=0`` starts from the
@@ -26,9 +26,13 @@ from omegaconf.errors import OmegaConfBaseException
 
 from ..config import AttackConfig, OptimConfig, TeacherSpec, require_complete, user_layer
 from ..errors import KDGuardError
+from ..presets import load_table
 
 #: The data-free methods (the CLI's ``method=``), in the order of the issue.
 METHOD_NAMES = ("zskt", "dfad", "dafl", "deepinv", "cmi", "ood")
+
+#: The preset scales (``preset=``): the reference recipes, budgets for 2 CPU cores, or none.
+PRESET_SCALES = ("cpu", "paper", "none")
 
 
 def datafree_optim(**values: Any) -> OptimConfig:
@@ -182,7 +186,7 @@ class DataFreeJob:
     teacher: str = MISSING                 # checkpoint directory (kdguard run) or weights file
     teacher_spec: TeacherSpec = field(default_factory=TeacherSpec)  # for a bare weights file
     method: str = "zskt"                   # zskt | dfad | dafl | deepinv | cmi | ood
-    preset: str = "cpu"                    # cpu | paper | none (see kdguard.datafree.presets)
+    preset: str = "cpu"                    # cpu | paper | none (configs/datafree/<method>.yaml)
     student: str = "resnet8"               # paper: wrn16_1 (ABD); cpu preset: resnet8
     data: DataFreeData = field(default_factory=DataFreeData)
     attack: Optional[AttackConfig] = None  # null = the attack recorded in the teacher's manifest
@@ -203,6 +207,34 @@ class DataFreeJob:
     progress: bool = True
     seed: int = 0
     out: str = "runs/datafree"
+
+
+def preset_values(method: str, scale: str) -> dict[str, Any]:
+    """The nested dict of job values that preset ``scale`` sets for ``method``.
+
+    The recipes are the shipped files ``kdguard/configs/datafree/<method>.yaml``: the entry
+    ``common`` (losses, weights and optimisers of the method's reference code) with the entry
+    ``cpu`` (ResNet-8 student, budgets of at most about 40 minutes on 2 CPU cores) or ``paper``
+    (the reference budgets, WRN-16-1 student) merged on top; each file names its sources.
+
+    Args:
+        method: one of :data:`METHOD_NAMES`.
+        scale: ``"cpu"``, ``"paper"`` or ``"none"`` (returns ``{}``).
+
+    Raises:
+        KDGuardError: unknown method or scale.
+    """
+    if scale not in PRESET_SCALES:
+        raise KDGuardError(f"preset {scale!r} is not one of {', '.join(PRESET_SCALES)}",
+                           "use preset=cpu, preset=paper or preset=none")
+    if method not in METHOD_NAMES:
+        raise KDGuardError(f"data-free method {method!r} is not one of {', '.join(METHOD_NAMES)}",
+                           f"set method= one of: {', '.join(METHOD_NAMES)}")
+    if scale == "none":
+        return {}
+    table = load_table(f"datafree/{method}.yaml", DataFreeJob)
+    merged = OmegaConf.merge(table["common"], table[scale])
+    return OmegaConf.to_container(merged)  # type: ignore[return-value]
 
 
 def _error_from_omegaconf(err: OmegaConfBaseException) -> KDGuardError:
@@ -229,8 +261,6 @@ def build_datafree_job(yaml_path: str | Path | None = None, overrides: list[str]
         KDGuardError: missing YAML file, malformed override, unknown key, wrong type, unknown
             method or preset, or a missing required value (``teacher``).
     """
-    from .presets import preset_values
-
     try:
         user = user_layer(yaml_path, overrides, example="schedule.rounds=500")
         method = _peek(user, "method", schema.method)
@@ -270,8 +300,6 @@ def validate_job(job: DataFreeJob) -> None:
     Raises:
         KDGuardError: naming the first bad setting and the fix.
     """
-    from .presets import PRESET_SCALES
-
     _choice("method", job.method, METHOD_NAMES)
     _choice("preset", job.preset, PRESET_SCALES)
     s = job.schedule

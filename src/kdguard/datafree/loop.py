@@ -35,6 +35,7 @@ ignored) while a generator step back-propagates through it.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import time
 from fractions import Fraction
@@ -52,6 +53,7 @@ from ..config import OptimConfig
 from ..distill.probe import GuardedTaps
 from ..errors import KDGuardError
 from ..io import atomic_write, write_text
+from ..log import bar_disabled
 from ..optim import advance, build_optimizer, current_lr, lr_scheduler, schedule_factor
 from ..runtime import autocast
 from .collapse import ClassShareMonitor
@@ -60,6 +62,8 @@ from .grid import save_image_grid
 from .student import (DistillObjective, SampleWeighting, StudentStep, StudentStepContext, TeacherOutputs,
                       default_student_step, mean_weighting)
 from .synthesizers.base import GeneratorRegularizer, Synthesizer
+
+logger = logging.getLogger(__name__)
 
 STATE_FILE = "datafree_state.pt"
 HISTORY_FILE = "metrics.jsonl"
@@ -161,7 +165,7 @@ class DataFreeLoop:
         self.synth.generator_regularizers.extend(self.ext.generator_regularizers)
         self.student_step: StudentStep = self.ext.student_step or default_student_step
         self.sample_weighting: SampleWeighting = self.ext.sample_weighting or mean_weighting
-        self.progress, self.desc = progress, desc
+        self.show_progress, self.desc = progress, desc
         self.round = 0
         self.history: list[RoundRecord] = []
         # schedule extensions: {"round": s, "progress": [num, den]} (module docstring)
@@ -347,7 +351,7 @@ class DataFreeLoop:
         self.scheduler = lr_scheduler(self.optimizer, self.optim_settings.lr, lambda r: self.lr_factor(r),
                                       start=self.round)
         bar = tqdm(total=self.rounds, initial=self.round, desc=self.desc, unit="round",
-                   disable=not self.progress, dynamic_ncols=True)
+                   disable=bar_disabled(self.show_progress), dynamic_ncols=True)
         g_sums: dict[str, torch.Tensor] = {}
         s_sums: dict[str, torch.Tensor] = {}
         count = 0
@@ -389,9 +393,11 @@ class DataFreeLoop:
                              if k in ("ca", "asr") and v is not None}
                     bar.set_postfix(shown or {k: f"{v:.3g}" for k, v in record.student_losses.items()})
                     if record.eval:
-                        tqdm.write(f"[{self.desc}] round {self.round}/{self.rounds} "
-                                   + " ".join(f"{k}={v:.4f}" for k, v in record.eval.items()
-                                              if isinstance(v, float)))
+                        logger.info(f"[{self.desc}] round {self.round}/{self.rounds} "
+                                    + " ".join(f"{k}={v:.4f}" for k, v in record.eval.items()
+                                               if isinstance(v, float)))
+                    logger.debug(f"[{self.desc}] round {self.round}: lr={lr:.6g} " + " ".join(
+                        f"{k}={v:.4g}" for k, v in {**record.generator_losses, **record.student_losses}.items()))
                 if self._due(self.monitor.grid_every):
                     self._save_grid()
                 if evaluate_now or self._due(self.monitor.checkpoint_every) or self.round == stop:

@@ -10,6 +10,7 @@ minutes on 2 CPU cores.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 from datetime import datetime
@@ -24,6 +25,8 @@ from ..report import metrics_table
 from ..runs import RunResult
 from .datafree import DataFreeABDJob, build_datafree_job, run_datafree
 from .supervised import distill, train_teacher
+
+logger = logging.getLogger(__name__)
 
 
 def demo_jobs(out: Path, *, data_name: str = "mnist_embedded", data_root: str | None = None,
@@ -92,13 +95,13 @@ def run_demo(out: str | Path | None = None, *, console: Console | None = None, r
     t_job, s_job = demo_jobs(out, **kw)
     df_kw = {k: kw[k] for k in ("data_name", "data_root", "progress") if k in kw}
     console.print(f"[bold]kdguard demo[/] → {out}")
-    console.print("1/4 training a BadNets-poisoned LeNet-5 teacher on the embedded MNIST digits")
+    logger.info("1/4 training a BadNets-poisoned LeNet-5 teacher on the embedded MNIST digits")
     teacher = train_teacher(t_job)
-    console.print("2/4 distilling a LeNet-5 student with logit KD on 20 % clean data")
+    logger.info("2/4 distilling a LeNet-5 student with logit KD on 20 % clean data")
     student = distill(s_job)
-    console.print(f"3/4 distilling a LeNet-5 student data-free with ZSKT ({rounds} pseudo-batches)")
+    logger.info(f"3/4 distilling a LeNet-5 student data-free with ZSKT ({rounds} pseudo-batches)")
     zskt = run_datafree(demo_datafree_job(out, abd=False, rounds=rounds, **df_kw))
-    console.print("4/4 the same with the ABD defence (Shuffling Vaccine + Self-Retrospection)")
+    logger.info("4/4 the same with the ABD defence (Shuffling Vaccine + Self-Retrospection)")
     zskt_abd = run_datafree(demo_datafree_job(out, abd=True, rounds=rounds, **df_kw))
     results = {"teacher (BadNets 10 %)": teacher, "student: KD on 20 % clean data": student,
                "student: ZSKT, data-free": zskt, "student: ZSKT + ABD": zskt_abd}

@@ -17,6 +17,7 @@ Frozen models (the clean encoder of BadEncoder, the teacher of the defence) are 
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -29,8 +30,11 @@ from tqdm.auto import tqdm
 
 from ..config import TrainConfig
 from ..errors import KDGuardError
+from ..log import bar_disabled
 from ..optim import current_lr
 from ..train.engine import HISTORY_FILE, STATE_FILE, EpochEngine
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["HISTORY_FILE", "STATE_FILE", "EpochLog", "SSLLoop", "Step"]
 
@@ -113,7 +117,7 @@ class SSLLoop(EpochEngine):
         start = self.start_epoch = len(self.history)
         self.begin(steps)
         bar = tqdm(range(start, self.cfg.epochs), desc=self.desc, unit="epoch", initial=start,
-                   total=self.cfg.epochs, disable=not self.cfg.progress, dynamic_ncols=True)
+                   total=self.cfg.epochs, disable=bar_disabled(self.cfg.progress), dynamic_ncols=True)
         for epoch in bar:
             self.module.train()
             for m in self.frozen:
@@ -135,7 +139,7 @@ class SSLLoop(EpochEngine):
                                    "lower the learning rate (optim.lr) or enable grad_clip")
             log = EpochLog(epoch=epoch + 1, lr=lr, losses=means, seconds=time.perf_counter() - t0)
             self.finish_epoch(log)
-            if self.cfg.progress:
-                summary = " ".join(f"{k}={v:.4f}" for k, v in means.items())
-                tqdm.write(f"[{self.desc}] epoch {epoch + 1}/{self.cfg.epochs} {summary} ({log.seconds:.1f}s)")
+            summary = " ".join(f"{k}={v:.4f}" for k, v in means.items())
+            logger.info(f"[{self.desc}] epoch {epoch + 1}/{self.cfg.epochs} {summary} ({log.seconds:.1f}s)")
+            logger.debug(f"[{self.desc}] epoch {epoch + 1}: lr={lr:.6g} after {steps} steps of {bs}")
         return self.history

@@ -23,6 +23,7 @@ that becomes non-finite stops the run with a :class:`~kdguard.errors.KDGuardErro
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 import warnings
@@ -39,9 +40,12 @@ from ..config import TrainConfig
 from ..data.batches import to_float
 from ..distill.base import Distiller
 from ..errors import KDGuardError
+from ..log import bar_disabled
 from ..metrics import at_chance
 from ..optim import current_lr, schedule_factor
 from .engine import HISTORY_FILE, STATE_FILE, EpochEngine, sync_history_file
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["HISTORY_FILE", "STATE_FILE", "ChanceAccuracyWarning", "EpochRecord", "Trainer", "sync_history_file"]
 
@@ -147,7 +151,7 @@ class Trainer(EpochEngine):
         self.begin(steps_per_epoch)
         num_classes: int | None = None
         epochs = tqdm(range(self.start_epoch, self.cfg.epochs), desc=self.desc, unit="epoch",
-                      initial=self.start_epoch, total=self.cfg.epochs, disable=not self.cfg.progress,
+                      initial=self.start_epoch, total=self.cfg.epochs, disable=bar_disabled(self.cfg.progress),
                       dynamic_ncols=True)
         on_epoch_start = getattr(self.module, "on_epoch_start", None)
         for epoch in epochs:
@@ -160,7 +164,7 @@ class Trainer(EpochEngine):
             seen = 0
             order = torch.randperm(n, generator=self.generator)
             batches = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}", leave=False,
-                           disable=not self.cfg.progress, unit="batch", dynamic_ncols=True)
+                           disable=bar_disabled(self.cfg.progress), unit="batch", dynamic_ncols=True)
             lr = 0.0
             for b in batches:
                 idx = order[b * bs:(b + 1) * bs]
@@ -191,6 +195,7 @@ class Trainer(EpochEngine):
             self._check_chance(record, num_classes)
             summary = " ".join(f"{k}={v:.4f}" for k, v in mean_losses.items())
             val = " ".join(f"{k}={v:.4f}" for k, v in record.val.items() if v is not None)
-            tqdm.write(f"[{self.desc}] epoch {epoch + 1}/{self.cfg.epochs} {summary} "
-                       f"train_acc={record.train_acc:.4f} {val} ({record.seconds:.1f}s)")
+            logger.info(f"[{self.desc}] epoch {epoch + 1}/{self.cfg.epochs} {summary} "
+                        f"train_acc={record.train_acc:.4f} {val} ({record.seconds:.1f}s)")
+            logger.debug(f"[{self.desc}] epoch {epoch + 1}: lr={lr:.6g} after {steps_per_epoch} steps of {bs}")
         return self.history

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from ...data.batches import to_float
 from ...errors import KDGuardError, check_range
+from ...log import bar_disabled
 from ...losses.logit import kd_loss
 from ...runtime import autocast
 from .detox import FeatureDetox
@@ -189,7 +190,7 @@ def detoxify(teacher: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, 
             delta, searched = _search_perturbation(teacher, images, delta, objective, batch_size=batch_size,
                                                    augment=augment, generator=generator, device=device, bf16=bf16)
         with detox.attach(teacher, record=objective.needs_features) as hooks:
-            bar = tqdm(range(epochs), desc="detox", unit="epoch", disable=not progress, dynamic_ncols=True)
+            bar = tqdm(range(epochs), desc="detox", unit="epoch", disable=bar_disabled(progress), dynamic_ncols=True)
             for epoch in bar:
                 e0 = time.perf_counter()
                 sums: dict[str, float] = {}

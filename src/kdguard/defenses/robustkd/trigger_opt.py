@@ -45,6 +45,7 @@ from ...attacks.triggers.validate import as_float
 from ...data.batches import to_float
 from ...errors import KDGuardError, check_range
 from ...io import atomic_write
+from ...log import bar_disabled
 from ...models.stages import stage_paths
 from ...taps import FeatureTaps
 
@@ -274,7 +275,7 @@ def optimize_blend_trigger(model: nn.Module, images: torch.Tensor, *, paths: Seq
                 history.append({"epoch": 0, "loss": float(loss0), "stages": parts0})
             optimizer = torch.optim.Adam([pattern_logits, mask_logits], lr=lr)
             n, bs = len(images), min(batch_size, len(images))
-            bar = tqdm(range(epochs), desc="trigger", unit="epoch", disable=not progress, dynamic_ncols=True)
+            bar = tqdm(range(epochs), desc="trigger", unit="epoch", disable=bar_disabled(progress), dynamic_ncols=True)
             for epoch in bar:
                 t0, total, steps = time.perf_counter(), 0.0, 0
                 stage_sums = dict.fromkeys(paths, 0.0)
