@@ -67,6 +67,11 @@ IGNORED_LEAVES = frozenset({"progress", "device", "eval_batch_size", "feature_ba
 #: Dotted keys that never change results: the directory itself, where a data-free run stops
 #: (it resumes from there exactly) and how often it checkpoints.
 IGNORED_PATHS = frozenset({"out", "schedule.stop_after", "monitor.checkpoint_every"})
+#: Settings added after kdguard 0.1.0, as (section name, key) → the value that reproduces the
+#: behaviour before them: left out of the fingerprint while they hold it, so the run directories
+#: made before they existed keep their identity.
+NEUTRAL_ADDED = {("optim", "betas"): [0.9, 0.999], ("optim", "grad_clip"): None,
+                 ("student_optim", "warmup_epochs"): 0, ("generator_optim", "warmup_epochs"): 0}
 #: All keys left out of the fingerprint (documentation; :func:`identity_config` applies them).
 IGNORED_KEYS = tuple(sorted(IGNORED_PATHS)) + tuple(f"*.{k}" for k in sorted(IGNORED_LEAVES))
 #: Keys ``--resume`` may raise: the length of training (epochs, data-free rounds).
@@ -199,12 +204,21 @@ def resolve_out(out: str | Path) -> Path:
 
 # -- identity --------------------------------------------------------------------------------------
 
+def _same(value: Any, neutral: Any) -> bool:
+    if isinstance(value, (list, tuple)) and isinstance(neutral, list):
+        return list(value) == neutral
+    return value == neutral and type(value) is not bool
+
+
 def _drop(value: Any, path: str, drop: frozenset[str]) -> Any:
     if isinstance(value, dict):
         out = {}
         for k, v in value.items():
             sub = f"{path}.{k}" if path else str(k)
             if str(k) in IGNORED_LEAVES or sub in IGNORED_PATHS or sub in drop:
+                continue
+            section = path.rsplit(".", 1)[-1]
+            if (section, str(k)) in NEUTRAL_ADDED and _same(v, NEUTRAL_ADDED[section, str(k)]):
                 continue
             out[str(k)] = _drop(v, sub, drop)
         return out
@@ -218,7 +232,8 @@ def identity_config(config: dict[str, Any], *, parents: Iterable[str] = (),
     """``config`` (a job as plain containers) without the keys that do not change results.
 
     Drops :data:`IGNORED_PATHS`, every key named as in :data:`IGNORED_LEAVES`, the ``parents``
-    (their paths; their weights' digests stand for them) and the job's own ``volatile`` keys.
+    (their paths; their weights' digests stand for them), the job's own ``volatile`` keys and the
+    :data:`NEUTRAL_ADDED` settings while they hold their neutral value.
     """
     return _drop(config, "", frozenset(parents) | frozenset(volatile))
 

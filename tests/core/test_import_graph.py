@@ -22,9 +22,11 @@ ROOT = Path(__file__).resolve().parents[2] / "src" / "kdguard"
 #: plugs into ``datafree``.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("L0 foundation", ("kdguard", "errors")),
-    ("L0 foundation", ("registry", "trust", "runtime", "io", "taps")),
+    ("L0 foundation", ("registry", "trust", "runtime", "io", "taps", "log", "presets")),
     ("L0 foundation", ("config",)),
-    ("L1 domain", ("data", "losses", "augment")),
+    ("L0 foundation", ("optim",)),
+    ("L1 domain", ("augment",)),
+    ("L1 domain", ("data", "losses")),
     ("L1 domain", ("attacks", "metrics", "models")),
     ("L2 methods", ("checkpoint", "report", "distill", "rundir")),
     ("L2 methods", ("train",)),

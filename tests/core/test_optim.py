@@ -9,7 +9,7 @@ import torch
 
 from kdguard.abd.retrospection import SelfRetrospection
 from kdguard.config import OptimConfig
-from kdguard.datafree.config import SelfRetrospectionConfig
+from kdguard.abd.config import SelfRetrospectionConfig
 from kdguard.errors import KDGuardError
 from kdguard.optim import advance, build_optimizer, current_lr, epoch_factor, lr_scheduler
 
