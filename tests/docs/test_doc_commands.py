@@ -214,3 +214,40 @@ def test_script_command_names_declared_flags(cmd: Command):
     used = {w.split("=", 1)[0] for w in cmd.words[1:] if w.startswith("--")}
     unknown = sorted(used - declared)
     assert not unknown, f"{cmd.where}: {cmd.words[0]} declares no {', '.join(unknown)}"
+
+
+LINK = re.compile(r"\]\(([^)\s]+)\)")
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor of a Markdown heading: lower case, punctuation dropped, spaces → hyphens."""
+    text = heading.strip().lstrip("#").strip().lower()
+    return "".join(c for c in text if c.isalnum() or c in " -_").replace(" ", "-")
+
+
+def _anchors(path: Path) -> set[str]:
+    anchors, fence = set(), False
+    for line in path.read_text().splitlines():
+        if line.strip().startswith("```"):
+            fence = not fence
+        elif not fence and line.startswith("#"):
+            anchors.add(_slug(line))
+    return anchors
+
+
+def test_relative_links_resolve():
+    """Every relative link of README.md and docs/*.md names a file that exists, and an anchor of it."""
+    bad = []
+    for path in DOC_FILES:
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            for target in LINK.findall(line):
+                if re.match(r"[a-z]+:", target):
+                    continue
+                file, _, anchor = target.partition("#")
+                dest = (path.parent / file).resolve() if file else path
+                where = f"{path.relative_to(ROOT)}:{n}"
+                if not dest.exists():
+                    bad.append(f"{where}: no file {file}")
+                elif anchor and dest.suffix == ".md" and anchor not in _anchors(dest):
+                    bad.append(f"{where}: no heading #{anchor} in {file or path.name}")
+    assert not bad, "\n".join(bad)
