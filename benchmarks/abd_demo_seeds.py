@@ -5,7 +5,7 @@ trained once (or taken from ``--teacher``). Each variant then distils a LeNet-5 
 for ``--rounds`` pseudo-batches, exactly as ``kdguard demo`` does (``demo_datafree_job``), once
 per seed; the seed sets the generator's and the student's initialisation and the latent draws.
 Finished runs are cached in ``--out`` and reused. Printed: a Markdown table of last-round CA and
-ASR per seed, their means, and the mean wall time per run (docs/abd.md §3.1).
+ASR per seed, their means, and the mean wall time per run (docs/abd-results.md §1).
 
     python benchmarks/abd_demo_seeds.py --out runs/abd_demo_seeds     # ~75 s per run on 2 cores
 """

@@ -8,7 +8,7 @@ perturbation is computed exactly as SR computes it against the teacher
 ``std·δ``). Printed per run: the share of batches whose δ sends the teacher's majority answer on
 x + δ to the target class, the share of real clean test images that the same δ sends there, the
 share of δ's energy on the trigger's pixels (next to those pixels' share of the image), and the
-largest |δ| in pixel units (docs/abd.md §3.2).
+largest |δ| in pixel units (docs/abd-results.md §2).
 
     python benchmarks/abd_sr_probe.py runs/abd_sr_sweep/zskt_shared_s{0,1,2} --inner-lr 0.3
 """

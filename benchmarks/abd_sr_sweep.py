@@ -6,13 +6,13 @@ distilled by ZSKT for ``--rounds`` pseudo-batches (generator width 16, as the de
 the run with ``abd.mode=sr`` and its settings, so all variants share the first rounds exactly
 and differ only in what SR does. With several ``--seeds`` (generator and student
 initialisation, latent draws), each seed has its own shared run. CA/ASR of the last round are
-printed as a Markdown table, per seed and as the mean (docs/abd.md §3.2).
+printed as a Markdown table, per seed and as the mean (docs/abd-results.md §2).
 
 With ``--prefix RUN ...`` the shared runs are given instead: run directories stopped where
 their SR phase starts, e.g. the CIFAR-10 table's ``prefix_zskt_r1470_s0`` (continued with
 ``abd.mode=sr``) or ``prefix_zskt_sv_r1470_s0`` (continued with ``abd.mode=full``, i.e. SV
 stays on). Each variant continues a copy with the run's own ``config.yaml``, so the table's
-columns are those runs instead of seeds (docs/abd.md §3.4).
+columns are those runs instead of seeds (docs/abd-cifar10.md).
 
     python benchmarks/abd_sr_sweep.py --out runs/abd_sr_sweep          # ~30 min on 2 busy cores
     python benchmarks/abd_sr_sweep.py --out runs/abd_sr_cifar --data-root ../shared/data \

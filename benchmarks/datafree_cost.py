@@ -29,14 +29,13 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from kdguard.abd import ShufflingVaccine, build_abd, retrospection
+from kdguard.abd import ShufflingVaccine, build_abd
 from kdguard.checkpoint import load_model
 from kdguard.datafree import DataFreeLoop, MethodContext, build_method, preset_values
 from kdguard.jobs import DataFreeABDJob
 from kdguard.models import build_model
 from kdguard.runtime import autocast, configure_threads, machine_label, resolve_device
 
-NCHW_FORWARD = retrospection.nchw_forward
 # name → (bf16, channels_last, reuse teacher outputs across the student steps of a round)
 VARIANTS = {
     "fp32, reference (teacher re-run per student step)": (False, False, False),
@@ -54,7 +53,7 @@ ABD_VARIANTS = {  # name → (abd.mode, {"sv" | "sr": {setting: value}})
     "sr": ("sr", {"sr": {"phase": 1.0}}),
     "sr, bf16 passes": ("sr", {"sr": {"phase": 1.0, "amp": True}}),
     # before the NCHW forward: SR's double backward in the student's own (channels_last) layout
-    "sr, student's layout": ("sr", {"sr": {"phase": 1.0}}),
+    "sr, student's layout": ("sr", {"sr": {"phase": 1.0, "nchw": False}}),
 }
 
 
@@ -130,8 +129,6 @@ def measure(method: str, variant: str, args: argparse.Namespace, device: torch.d
                         bf16=bf16, seed=0)
     parts = build_method(job, ctx)
     mode, extra = ABD_VARIANTS[abd_variant]
-    retrospection.nchw_forward = (lambda model: model) if abd_variant == "sr, student's layout" \
-        else NCHW_FORWARD
     job.abd.mode = mode
     for part, settings in extra.items():
         for key, value in settings.items():

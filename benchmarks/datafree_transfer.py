@@ -10,7 +10,7 @@ scale:
   Trojan 3×3 and Blend, each next to clean-data KD (20 % of the training split, τ = 6,
   α = 0.95, as ABD's ``kd_distill.py``);
 * data-free budgets: the ``cpu`` preset of each method (see ``kdguard/configs/datafree/``);
-  a ZSKT run takes 36–82 minutes on 2 CPU cores (two AMD EPYC machines, docs/abd.md §3.4).
+  a ZSKT run takes 36–82 minutes on 2 CPU cores (two AMD EPYC machines, docs/abd-cifar10.md).
 
 Every stage is its own run directory; a finished stage (``metrics.json`` present) is skipped
 and an unfinished one resumes from its state file, so the table can be built in parts
@@ -73,11 +73,11 @@ THREADS: int | None = None
 #: costs only the last 2 % of the rounds and says whether SR's CA cost on top of SV (Trojan 3×3)
 #: recurs on a second trigger.
 #: Blend runs twice: with kdguard's default uniform-noise pattern (its teacher answers the target on
-#: any noise-like image and ZSKT collapses, docs/datafree.md §7.1) and with a seeded flat-colour
+#: any noise-like image and ZSKT collapses, docs/datafree-results.md §1) and with a seeded flat-colour
 #: cartoon (``blend_cartoon``), the stand-in for the paper's cartoon ``blend.png``.
 #: ``_k<N>`` cells shuffle N layers instead of ABD's 5 (``abd.sv.layers``): on these ResNet-20
 #: teachers SV's premise holds with 1–2 shuffled layers and fails with 5
-#: (``benchmarks/sv_premise.py``, docs/abd.md §3.5).
+#: (``benchmarks/sv_premise.py``, docs/abd-results.md §3).
 PROTOCOLS = {
     "transfer": {
         "badnets": ["zskt", "cmi", "ood", "clean_kd"],

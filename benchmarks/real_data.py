@@ -1,6 +1,6 @@
 """Foundation benchmark on real data: a BadNets-poisoned teacher, then logit KD on clean data.
 
-Reproduces the numbers of docs/results.md (issue "foundation"): for each dataset, a teacher is
+Reproduces the numbers of docs/results.md (the foundation tables): for each dataset, a teacher is
 trained with the BadNets 3×3 grid trigger at 10 % dirty-label poisoning (target 0), then a
 student is distilled with Hinton KD on 20 % of the training split (clean), and CA/ASR of both
 are written to ``<out>/<dataset>/summary.json`` and printed as a Markdown table.

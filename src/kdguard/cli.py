@@ -203,8 +203,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 def _usage_error(e: "typer.TyperException") -> int:
     """Print a click usage error as one ``error: …`` line naming the help to read; exit code 2."""
     ctx = getattr(e, "ctx", None)
-    if ctx is not None and type(e).__name__ == "NoArgsIsHelpError":  # bare `kdguard`: help, not an error
-        print(ctx.get_help())
+    if ctx is not None and type(e).__name__ == "NoArgsIsHelpError":  # bare `kdguard`: typer printed the help
         return 0
     message = " ".join(e.format_message().split())
     where = ctx.command_path if ctx is not None else "kdguard"

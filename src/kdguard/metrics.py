@@ -14,7 +14,7 @@ Definitions (all-to-one attack with target class ``t``; all images of the *clean
   ``[f(x) = t]``: the ASR the model scores on the clean images. A model biased towards the
   target class scores it with or without the trigger, so ``ASR − asr_no_trigger`` is the part
   of the ASR the trigger causes (kdguard's addition; a data-free student can learn such a bias
-  from its synthetic data, ``docs/datafree.md`` §7.3).
+  from its synthetic data, ``docs/datafree-results.md`` §3).
 
 For all-to-all attacks the backdoor target is ``(y + 1) mod K``, which never equals ``y``, so
 the non-target set is every image and ASR = ASR-all.

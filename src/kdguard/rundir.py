@@ -71,7 +71,8 @@ IGNORED_PATHS = frozenset({"out", "schedule.stop_after", "monitor.checkpoint_eve
 #: behaviour before them: left out of the fingerprint while they hold it, so the run directories
 #: made before they existed keep their identity.
 NEUTRAL_ADDED = {("optim", "betas"): [0.9, 0.999], ("optim", "grad_clip"): None,
-                 ("student_optim", "warmup_epochs"): 0, ("generator_optim", "warmup_epochs"): 0}
+                 ("student_optim", "warmup_epochs"): 0, ("generator_optim", "warmup_epochs"): 0,
+                 ("sr", "nchw"): True}
 #: All keys left out of the fingerprint (documentation; :func:`identity_config` applies them).
 IGNORED_KEYS = tuple(sorted(IGNORED_PATHS)) + tuple(f"*.{k}" for k in sorted(IGNORED_LEAVES))
 #: Keys ``--resume`` may raise: the length of training (epochs, data-free rounds).
@@ -207,7 +208,9 @@ def resolve_out(out: str | Path) -> Path:
 def _same(value: Any, neutral: Any) -> bool:
     if isinstance(value, (list, tuple)) and isinstance(neutral, list):
         return list(value) == neutral
-    return value == neutral and type(value) is not bool
+    if isinstance(neutral, bool) or isinstance(value, bool):
+        return value is neutral
+    return value == neutral
 
 
 def _drop(value: Any, path: str, drop: frozenset[str]) -> Any:

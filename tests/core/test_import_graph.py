@@ -37,6 +37,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("L4 fronts", ("commands._app",)),
     ("L4 fronts", ("commands",)),
     ("L4 fronts", ("cli",)),
+    ("L4 fronts", ("__main__",)),
 ]
 RANK = {unit: rank for rank, (_, units) in enumerate(LAYERS) for unit in units}
 LAYER = {unit: layer for layer, units in LAYERS for unit in units}

@@ -91,7 +91,7 @@ def nchw_forward(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
 
     SR back-propagates twice through the student (the hypergradient). On CPU, the reductions of
     BatchNorm's double backward and ReLU's backward are several times slower on channels_last
-    tensors, which made an SR round 1.2–1.3× slower than in NCHW (``docs/abd.md`` §3.3).
+    tensors, which made an SR round 1.2–1.3× slower than in NCHW (``docs/abd-cost.md`` §1).
     ``p.contiguous()`` is differentiable, so gradients still reach the parameters; the copies of
     the weights cost little next to the activations. Returns ``model`` itself when no parameter
     is channels_last, or on CUDA, where the channels_last kernels are the fast ones.
@@ -270,7 +270,7 @@ class SelfRetrospection:
 
         outputs = ctx.forward_student()
         losses = ctx.distill_losses(outputs)
-        forward = nchw_forward(student)
+        forward = nchw_forward(student) if c.nchw else student
         precision = ctx.autocast if c.amp else contextlib.nullcontext
         # The clean logits come from the same precision as the SR passes below (the KD forward
         # may be bf16), so that the KL is exactly 0 at δ = 0.

@@ -162,7 +162,7 @@ class ShufflingVaccine:
         # Only suspicious samples carry the term, so only they need T̃'s backward: flag them
         # without gradient, then run T̃ with gradient on those rows alone (the copies are in eval
         # mode, so a row's logits do not depend on the others). Same value and gradient, about
-        # half of SV's work when few samples are flagged (docs/abd.md §3.3). CPU only: sizing
+        # half of SV's work when few samples are flagged (docs/abd-cost.md §1). CPU only: sizing
         # the subset needs the flag count on the host, and on a GPU these small networks are
         # bound by kernel launches, not FLOPs, so a sync is likely to cost more than it saves.
         mask = self.suspicion_mask(x, teacher_logits)

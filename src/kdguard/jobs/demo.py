@@ -48,7 +48,7 @@ def demo_jobs(out: Path, *, data_name: str = "mnist_embedded", data_root: str | 
 
 #: ABD settings of the demo: SV + SR with the reference defaults, except SR over the last 5 %
 #: of the 200 rounds (10 rounds; 2 % would be 4) and a 3× larger perturbation step. The sweep
-#: behind these choices is in docs/abd.md §4.
+#: behind these choices is in docs/abd-results.md §2.
 DEMO_ABD = ["abd.mode=full", "abd.sr.phase=0.05", "abd.sr.inner_lr=0.3"]
 
 
@@ -76,7 +76,7 @@ def abd_verdict(zskt: dict, zskt_abd: dict) -> str:
     return (f"In this run, ZSKT carried the backdoor over at {100 * zskt['asr']:.1f} % ASR; with ABD the "
             f"ASR was {100 * zskt_abd['asr']:.1f} % and the CA {100 * zskt_abd['ca']:.1f} % "
             f"({'−' if drop >= 0 else '+'}{abs(drop):.1f} points against ZSKT). This is one seed of a short "
-            "run: the ABD row varies widely across seeds and CPUs (docs/abd.md §3.1).")
+            "run: the ABD row varies widely across seeds and CPUs (docs/abd-results.md §1).")
 
 
 def run_demo(out: str | Path | None = None, *, console: Console | None = None, rounds: int = 200,

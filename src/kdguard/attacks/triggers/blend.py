@@ -68,7 +68,7 @@ class Blend(Trigger):
     et al.'s random-pattern blend). ``style="cartoon"`` draws a seeded flat-colour cartoon instead
     (:func:`cartoon_pattern`), the closest stand-in for ABD's image: a noise pattern makes the
     teacher answer the target class on any noise-like image, which data-free synthesis starts
-    from (``docs/abd.md`` §3.4). Pass ``pattern`` to use your own image.
+    from (``docs/abd-cifar10.md``). Pass ``pattern`` to use your own image.
 
     Args:
         image_shape: ``(C, H, W)``.
