@@ -1,5 +1,5 @@
 """The CLI tests' shared poisoned teacher: LeNet-5, BadNets 10 %, 1 epoch on the embedded MNIST
-digits, trained once per session through `kdguard train-teacher`."""
+digits, trained once per pytest session through `kdguard train-teacher`."""
 
 from __future__ import annotations
 

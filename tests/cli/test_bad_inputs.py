@@ -3,7 +3,7 @@
 Every case runs ``kdguard.cli.main`` in-process and must be rejected before any training starts:
 exit code 2, stderr exactly one line starting ``error: ``, no traceback, and the line holding the
 expected fragment (the offending value or the setting to change). Paths in the arguments are
-``{out}`` (a fresh run directory), ``{teacher}`` (the session's 1-epoch BadNets LeNet-5,
+``{out}`` (a fresh run directory), ``{teacher}`` (the pytest session's 1-epoch BadNets LeNet-5,
 conftest.py), ``{encoder}`` (a 1-epoch SimCLR LeNet-5 encoder) and ``{bad}`` (the broken files of
 :func:`bad`).
 """
