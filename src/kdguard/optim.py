@@ -23,7 +23,6 @@ import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
-from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from .config import OptimConfig
@@ -115,12 +114,6 @@ def advance(scheduler: LambdaLR) -> float:
 def current_lr(scheduler: LambdaLR) -> float:
     """The learning rate the scheduler set last (of its first param group)."""
     return float(scheduler.get_last_lr()[0])
-
-
-def clip_gradients(optimizer: torch.optim.Optimizer, max_norm: float | None) -> None:
-    """Clip the global gradient norm of every parameter the optimiser updates (``None``/0: no-op)."""
-    if max_norm:
-        nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], max_norm)
 
 
 def schedule_progress(step: int, total: int, segments: Sequence[Mapping[str, float]] = (),

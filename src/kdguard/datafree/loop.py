@@ -34,7 +34,6 @@ ignored) while a generator step back-propagates through it.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
@@ -52,10 +51,9 @@ from tqdm.auto import tqdm
 from ..config import OptimConfig
 from ..distill.probe import GuardedTaps
 from ..errors import KDGuardError
-from ..io import atomic_write, write_text
 from ..log import bar_disabled
 from ..optim import advance, build_optimizer, current_lr, lr_scheduler, schedule_factor
-from ..runtime import autocast
+from ..train.engine import StepEngine, read_state_file
 from .collapse import ClassShareMonitor
 from .config import MonitorConfig
 from .grid import save_image_grid
@@ -66,14 +64,13 @@ from .synthesizers.base import GeneratorRegularizer, Synthesizer
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "datafree_state.pt"
-HISTORY_FILE = "metrics.jsonl"
 
 
 def saved_round(run_dir: str | Path) -> int | None:
     """The round at which ``run_dir``'s checkpoint (``datafree_state.pt``) was written, or None
     without one; loaded as data (``weights_only=True``)."""
     path = Path(run_dir) / STATE_FILE
-    return int(torch.load(path, map_location="cpu", weights_only=True)["round"]) if path.exists() else None
+    return int(read_state_file(path)["round"]) if path.exists() else None
 
 
 @dataclass
@@ -115,8 +112,12 @@ class RoundRecord:
     defence: dict[str, Any] = field(default_factory=dict)
 
 
-class DataFreeLoop:
+class DataFreeLoop(StepEngine):
     """Runs a data-free distillation (see the module docstring).
+
+    The device, precision, optimiser step, state file and ``metrics.jsonl`` mechanics are the
+    ones the epoch loops share (:class:`~kdguard.train.engine.StepEngine`); the schedule is
+    per round.
 
     Args:
         synthesizer: the method's :class:`Synthesizer`.
@@ -139,6 +140,8 @@ class DataFreeLoop:
         KDGuardError: bad sizes, or a teacher whose parameters require gradients.
     """
 
+    own_history_file = True  # a data-free run directory logs its rounds only
+
     def __init__(self, synthesizer: Synthesizer, student: nn.Module, teacher: nn.Module,
                  objective: DistillObjective, *, rounds: int, student_steps: int, batch_size: int,
                  optim: OptimConfig, device: torch.device, bf16: bool = False,
@@ -155,7 +158,8 @@ class DataFreeLoop:
         self.synth, self.student, self.teacher, self.objective = synthesizer, student, teacher, objective
         self.rounds, self.student_steps, self.batch_size = int(rounds), int(student_steps), int(batch_size)
         self.optim_settings = optim
-        self.optimizer = build_optimizer([p for p in student.parameters() if p.requires_grad], optim)
+        self._init_step_engine(build_optimizer([p for p in student.parameters() if p.requires_grad], optim),
+                               optim.grad_clip)
         self.scheduler: LambdaLR | None = None  # built by run() at the round it starts from
         self.device, self.bf16 = torch.device(device), bool(bf16)
         self.run_dir = Path(run_dir) if run_dir is not None else None
@@ -180,9 +184,6 @@ class DataFreeLoop:
         self.class_shares = ClassShareMonitor(self.monitor.collapse_share)
 
     # -- one round ------------------------------------------------------------------------------
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        return autocast(self.device, self.bf16)
-
     def teacher_outputs(self, x: torch.Tensor) -> TeacherOutputs:
         """The teacher's logits (and features) for ``x``, without gradient; reused when ``x`` is
         the very batch of the previous call (the synthesizer serves one batch per round). Each
@@ -190,11 +191,11 @@ class DataFreeLoop:
         if self._cache is not None and self._cache[0] is x:
             return self._cache[1]
         if self._teacher_taps is not None:  # guarded taps need version counters: no_grad
-            with torch.no_grad(), self._autocast():
+            with torch.no_grad(), self.autocast():
                 logits, feats = self._teacher_taps(x)
             out = TeacherOutputs(logits, dict(feats))
         else:
-            with torch.inference_mode(), self._autocast():
+            with torch.inference_mode(), self.autocast():
                 logits = self.teacher(x)
             out = TeacherOutputs(logits.clone())  # a normal tensor, usable in autograd graphs
         self.class_shares.update(out.logits)
@@ -210,8 +211,8 @@ class DataFreeLoop:
                 student=self.student, teacher=self.teacher, optimizer=self.optimizer, x=x,
                 teacher_outputs=self.teacher_outputs(x), objective=self.objective,
                 sample_weighting=self.sample_weighting, student_taps=self._student_taps,
-                grad_clip=self.optim_settings.grad_clip, autocast=self._autocast,
-                round_index=self.round, total_rounds=self.rounds)
+                grad_clip=self.grad_clip, autocast=self.autocast,
+                round_index=self.round, total_rounds=self.rounds, params=self.params)
             losses = self.student_step(ctx)
             for k, v in losses.items():
                 v = v.detach().float() / self.student_steps
@@ -227,12 +228,7 @@ class DataFreeLoop:
         return {k: float(v) / max(count, 1) for k, v in sums.items()}
 
     def _write_history(self) -> None:
-        if self.run_dir is None:
-            return
-        import json
-
-        lines = "".join(json.dumps({"stage": self.desc, **asdict(r)}) + "\n" for r in self.history)
-        write_text(self.run_dir / HISTORY_FILE, lines)
+        self.sync_history([asdict(r) for r in self.history])
 
     def _save_grid(self) -> None:
         if self.run_dir is None:
@@ -272,10 +268,8 @@ class DataFreeLoop:
                 "lr_scheduler": self.scheduler.state_dict() if self.scheduler is not None else {}}
 
     def save_state(self) -> None:
-        if self.run_dir is None:
-            return
-        state = self.state_dict()
-        atomic_write(self.run_dir / STATE_FILE, lambda p: torch.save(state, p))
+        if self.run_dir is not None:
+            self.write_state(STATE_FILE, self.state_dict())
 
     def try_resume(self) -> bool:
         """Load ``datafree_state.pt`` from ``run_dir`` if present; return whether it resumed.
@@ -284,10 +278,10 @@ class DataFreeLoop:
             KDGuardError: the file is unreadable or belongs to a different model/method.
         """
         path = self.run_dir / STATE_FILE if self.run_dir else None
-        if path is None or not path.exists():
-            return False
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = self.read_state(STATE_FILE)
+            if state is None:
+                return False
             self.student.load_state_dict(state["student"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.synth.load_state_dict(state["synthesizer"])

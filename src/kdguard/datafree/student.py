@@ -17,7 +17,7 @@ Two extension points live here (ABD plugs into both, see ``docs/datafree.md``):
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -26,6 +26,7 @@ from torch import nn
 
 from ..errors import KDGuardError
 from ..losses.attention import attention_loss
+from ..train.engine import clip_and_step, optimizer_step, trained_parameters
 from .losses import kl_per_sample, l1_per_sample
 
 
@@ -142,6 +143,8 @@ class StudentStepContext:
         autocast: context-manager factory for the forward passes (bf16 or no-op).
         round_index, total_rounds: where the run is (0-based round, budget), e.g. for defences
             that act only late in training.
+        params: the tensors whose gradient norm is clipped, in the optimiser's param-group order
+            (``None``: every tensor ``optimizer`` updates).
     """
 
     student: nn.Module
@@ -156,6 +159,7 @@ class StudentStepContext:
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
     round_index: int = 0
     total_rounds: int = 1
+    params: Sequence[torch.Tensor] | None = None
 
     def forward_student(self, x: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Student logits (and stage features when the objective needs them) for ``x`` (default
@@ -179,20 +183,18 @@ class StudentStepContext:
 
     def clip_and_step(self) -> None:
         """Clip the student's gradient norm (if configured) and take the optimiser step."""
-        if self.grad_clip:
-            params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
-            nn.utils.clip_grad_norm_(params, self.grad_clip)
-        self.optimizer.step()
+        clip_and_step(self.optimizer, self._clipped(), self.grad_clip)
+
+    def _clipped(self) -> Sequence[torch.Tensor]:
+        return self.params if self.params is not None else trained_parameters(self.optimizer)
 
     def backward_and_step(self, losses: dict[str, torch.Tensor]) -> None:
         """Zero the gradients, back-propagate the sum of ``losses``, clip and step."""
-        self.optimizer.zero_grad(set_to_none=True)
         total = sum(losses.values())
         if not isinstance(total, torch.Tensor) or not total.requires_grad:
             raise KDGuardError("the student losses carry no gradient",
                                "return losses computed from the student's outputs")
-        total.backward()
-        self.clip_and_step()
+        optimizer_step(self.optimizer, total, self._clipped(), self.grad_clip)
 
 
 StudentStep = Callable[[StudentStepContext], dict[str, torch.Tensor]]

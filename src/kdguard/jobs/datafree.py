@@ -36,7 +36,8 @@ from ..errors import KDGuardError
 from ..models import build_model
 from ..rundir import adopt_copy
 from ..runs import RunContext, RunResult, evaluate_model
-from ..runtime import autocast, resolve_device, use_bf16, use_channels_last
+from ..runtime import autocast, resolve_device
+from ..train.engine import place_modules
 
 
 @dataclass
@@ -172,14 +173,11 @@ def prepare_datafree(job: DataFreeJob, *, device: torch.device | None = None) ->
         device = resolve_device(job.device, setting="device")
     student = build_model(job.student, num_classes=test.num_classes, in_channels=test.channels,
                           mean=test.mean, std=test.std)
-    teacher.to(device).eval()
+    teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
-    student.to(device)
-    bf16 = use_bf16(job.amp, device, student)
-    if use_channels_last(job.channels_last, device, student):
-        teacher.to(memory_format=torch.channels_last)
-        student.to(memory_format=torch.channels_last)
+    bf16, _ = place_modules([teacher, student], device, amp=job.amp, channels_last=job.channels_last,
+                            net=student)
     mean, std = input_statistics(teacher, test.mean, test.std)
     ctx = MethodContext(teacher=teacher, student=student, image_shape=test.shape,
                         num_classes=test.num_classes, mean=mean, std=std, hflip=test.hflip,

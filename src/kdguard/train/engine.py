@@ -15,10 +15,17 @@ an SSL step function on index batches) and in what an epoch records. The engine 
   ``metrics.jsonl``; a restarted run continues from the last finished epoch and rewrites
   ``metrics.jsonl`` to the restored epochs; a longer ``train.epochs`` on resume stretches the rest
   of the schedule (:func:`kdguard.optim.schedule_progress`).
+
+The mechanics that do not depend on epochs live in :class:`StepEngine` and the functions beside
+it, which the round-based :class:`~kdguard.datafree.loop.DataFreeLoop` shares: placing modules
+(:func:`place_modules`), one optimiser update over an explicit parameter list
+(:func:`optimizer_step`, :func:`clip_and_step`), the atomically written state file and the
+reconciliation of ``metrics.jsonl`` with the restored history (:func:`sync_history_file`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict
@@ -31,21 +38,23 @@ from torch import nn
 from ..config import TrainConfig
 from ..errors import KDGuardError
 from ..io import append_jsonl, atomic_write, write_text
-from ..optim import build_optimizer, clip_gradients, epoch_scheduler, extend_schedule
+from ..optim import build_optimizer, epoch_scheduler, extend_schedule
 from ..runtime import autocast, resolve_device, use_bf16, use_channels_last
 
 STATE_FILE = "train_state.pt"
 HISTORY_FILE = "metrics.jsonl"
 
 
-def sync_history_file(path: Path, stage: str, records: Sequence[Mapping[str, Any]]) -> None:
+def sync_history_file(path: Path, stage: str, records: Sequence[Mapping[str, Any]], *,
+                      keep_other_stages: bool = True) -> None:
     """Make the ``stage`` lines of JSON-lines file ``path`` exactly ``records`` (one line each,
-    ``{"stage": stage, **record}``); lines of other stages are kept, unreadable lines (a write
-    cut by a kill) dropped. Written atomically, and only when something changes."""
+    ``{"stage": stage, **record}``); lines of other stages are kept (dropped with
+    ``keep_other_stages=False``: the file is the stage's own), unreadable lines (a write cut by a
+    kill) dropped. Written atomically, and only when something changes."""
     own = [json.dumps({"stage": stage, **r}, default=_plain) for r in records]
     old = path.read_text().splitlines() if path.exists() else []
     kept = []
-    for line in old:
+    for line in old if keep_other_stages else ():
         try:
             if json.loads(line).get("stage") != stage:
                 kept.append(line)
@@ -62,7 +71,118 @@ def _plain(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
-class EpochEngine:
+def place_modules(modules: Sequence[nn.Module], device: torch.device, *, amp: str, channels_last: str,
+                  net: nn.Module) -> tuple[bool, bool]:
+    """Move ``modules`` to ``device`` (and to channels_last memory format where it pays off for
+    ``net``, :func:`kdguard.runtime.use_channels_last`); return ``(bf16, channels_last)``, bf16
+    autocast decided by :func:`kdguard.runtime.use_bf16` for ``net``.
+
+    Raises:
+        KDGuardError: ``amp`` or ``channels_last`` is not auto, on or off.
+    """
+    bf16 = use_bf16(amp, device, net)
+    cl = use_channels_last(channels_last, device, net)
+    for m in modules:
+        m.to(device)
+        if cl:
+            m.to(memory_format=torch.channels_last)
+    return bf16, cl
+
+
+def trained_parameters(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """The tensors ``optimizer`` updates, in param-group order (the order gradient clipping sums
+    their norms in)."""
+    return [p for g in optimizer.param_groups for p in g["params"]]
+
+
+def clip_and_step(optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor],
+                  grad_clip: float | None) -> None:
+    """Clip the global gradient norm of ``params`` to ``grad_clip`` (``None``/0: no clipping;
+    tensors without a gradient are skipped) and take ``optimizer``'s step."""
+    if grad_clip:
+        nn.utils.clip_grad_norm_(params, grad_clip)
+    optimizer.step()
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, params: Sequence[torch.Tensor],
+                   grad_clip: float | None, scheduler: torch.optim.lr_scheduler.LRScheduler | None = None) -> None:
+    """One update: zero the gradients, back-propagate the scalar ``loss``, clip ``params``
+    (:func:`clip_and_step`), step, then ``scheduler``'s step when given."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    clip_and_step(optimizer, params, grad_clip)
+    if scheduler is not None:
+        scheduler.step()
+
+
+def read_state_file(path: Path) -> dict[str, Any]:
+    """A state file written by :meth:`StepEngine.write_state`, loaded as data onto the CPU
+    (``weights_only=True``: tensors and plain containers only).
+
+    Raises:
+        Exception: whatever :func:`torch.load` raises on an unreadable file (callers name the fix).
+    """
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+class StepEngine:
+    """What every kdguard training loop shares, epochs or rounds: the device and precision
+    (``device``, ``bf16``, :meth:`autocast`), the optimiser with its explicit parameter list
+    (``optimizer``, ``params``, :meth:`step`), the state file in ``run_dir`` (:meth:`write_state`,
+    :meth:`read_state`) and the ``desc`` lines of ``metrics.jsonl`` (:meth:`sync_history`).
+
+    Subclasses set ``device``, ``bf16``, ``run_dir`` and ``desc``, then call
+    :meth:`_init_step_engine` with the optimiser they built; ``own_history_file`` true means
+    ``metrics.jsonl`` holds this loop's lines only (lines of other stages are dropped).
+    """
+
+    device: torch.device
+    bf16: bool = False
+    run_dir: Path | None = None
+    desc: str = ""
+    own_history_file = False
+
+    def _init_step_engine(self, optimizer: torch.optim.Optimizer, grad_clip: float | None) -> None:
+        self.optimizer = optimizer
+        self.params = trained_parameters(optimizer)
+        self.grad_clip = grad_clip
+        self.scheduler: Any = None  # the learning-rate scheduler, built when the loop starts
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """bf16 autocast on the loop's device when it pays off (else a no-op context)."""
+        return autocast(self.device, self.bf16)
+
+    def step(self, losses: Mapping[str, torch.Tensor], *, scheduler_step: bool = True) -> None:
+        """One optimiser update on the sum of ``losses`` (:func:`optimizer_step`), with the
+        scheduler's step to the next learning rate unless ``scheduler_step`` is false."""
+        optimizer_step(self.optimizer, sum(losses.values()), self.params, self.grad_clip,
+                       self.scheduler if scheduler_step else None)
+
+    def write_state(self, name: str, state: Mapping[str, Any]) -> None:
+        """Write ``state`` to ``run_dir/name`` atomically (nothing without a run directory)."""
+        if self.run_dir is not None:
+            atomic_write(self.run_dir / name, lambda p: torch.save(state, p))
+
+    def read_state(self, name: str) -> dict[str, Any] | None:
+        """``run_dir/name`` loaded by :func:`read_state_file`, or None without one.
+
+        Raises:
+            Exception: as :func:`read_state_file` (callers name the fix).
+        """
+        path = self.run_dir / name if self.run_dir else None
+        if path is None or not path.exists():
+            return None
+        return read_state_file(path)
+
+    def sync_history(self, records: Sequence[Mapping[str, Any]]) -> None:
+        """Make the ``desc`` lines of ``run_dir/metrics.jsonl`` exactly ``records``
+        (:func:`sync_history_file`; nothing without a run directory)."""
+        if self.run_dir is not None:
+            sync_history_file(self.run_dir / HISTORY_FILE, self.desc, records,
+                              keep_other_stages=not self.own_history_file)
+
+
+class EpochEngine(StepEngine):
     """Shared state and mechanics of an epoch loop (see the module docstring).
 
     Subclasses call :meth:`_setup` (device, precision, moving the modules) and then
@@ -84,27 +204,18 @@ class EpochEngine:
         self.module, self.cfg, self.desc = module, cfg, desc
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.device = resolve_device(cfg.device)
-        self.bf16 = use_bf16(cfg.amp, self.device, net)
-        self.channels_last = use_channels_last(cfg.channels_last, self.device, net)
-        for m in [module, *movable]:
-            m.to(self.device)
-            if self.channels_last:
-                m.to(memory_format=torch.channels_last)
+        self.bf16, self.channels_last = place_modules([module, *movable], self.device, amp=cfg.amp,
+                                                      channels_last=cfg.channels_last, net=net)
 
     def _init_optimizer(self, params: Iterable[nn.Parameter], seed: int) -> None:
-        self.optimizer = build_optimizer(list(params), self.cfg.optim)
+        self._init_step_engine(build_optimizer(list(params), self.cfg.optim), self.cfg.grad_clip)
         self.generator = torch.Generator().manual_seed(seed)
         self.history: list[Any] = []
         self.start_epoch = 0
         # the length the restored state was planned for, and the schedule's extensions
         self.planned_epochs = self.cfg.epochs
         self.segments: list[dict[str, float]] = []
-        self.scheduler: torch.optim.lr_scheduler.LambdaLR | None = None  # built by begin()
         self._saved_scheduler: dict[str, Any] = {}  # the restored scheduler's state
-
-    def autocast(self):
-        """bf16 autocast on the loop's device when it pays off (else a no-op context)."""
-        return autocast(self.device, self.bf16)
 
     # -- state ------------------------------------------------------------------------------
     def _frozen(self, key: str) -> bool:
@@ -118,7 +229,7 @@ class EpochEngine:
         """Write ``train_state.pt`` atomically (nothing without a run directory)."""
         if self.run_dir is None:
             return
-        state = {
+        self.write_state(STATE_FILE, {
             "epoch": len(self.history),
             "module": self._trainable_state(),
             "optimizer": self.optimizer.state_dict(),
@@ -127,8 +238,7 @@ class EpochEngine:
             "total_epochs": self.cfg.epochs,
             "schedule": [dict(s) for s in self.segments],
             "lr_scheduler": self.scheduler.state_dict() if self.scheduler is not None else {},
-        }
-        atomic_write(self.run_dir / STATE_FILE, lambda p: torch.save(state, p))
+        })
 
     def try_resume(self) -> bool:
         """Load ``train_state.pt`` from ``run_dir`` if present; return whether it resumed.
@@ -137,13 +247,13 @@ class EpochEngine:
             KDGuardError: the file is unreadable or holds another model's weights.
         """
         path = self.run_dir / STATE_FILE if self.run_dir else None
-        if path is None or not path.exists():
-            return False
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = self.read_state(STATE_FILE)
         except Exception as e:
             raise KDGuardError(f"cannot read training state {str(path)!r} ({type(e).__name__})",
                                self.restart_fix) from None
+        if state is None:
+            return False
         own = self.module.state_dict()
         saved = state["module"]
         missing = [k for k in own if k not in saved and not self._frozen(k)]
@@ -178,18 +288,12 @@ class EpochEngine:
                                          steps_per_epoch=steps_per_epoch, start_epoch=self.start_epoch,
                                          segments=self.segments, saved=self._saved_scheduler,
                                          what=repr(self.desc))
-        if self.run_dir is not None:
-            sync_history_file(self.run_dir / HISTORY_FILE, self.desc, [asdict(r) for r in self.history])
+        self.sync_history([asdict(r) for r in self.history])
 
     def update(self, losses: dict[str, torch.Tensor]) -> None:
         """One optimiser step on the sum of ``losses``: backward, ``train.grad_clip``, step, and
         the scheduler's step to the next learning rate."""
-        loss = sum(losses.values())
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        clip_gradients(self.optimizer, self.cfg.grad_clip)
-        self.optimizer.step()
-        self.scheduler.step()
+        self.step(losses)
 
     def finish_epoch(self, record: Any) -> None:
         """Append ``record`` to the history, then write the state, then its ``metrics.jsonl`` line
