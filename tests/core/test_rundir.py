@@ -397,6 +397,21 @@ def test_a_learning_rate_that_drives_training_to_chance_warns():
     assert hist[-1].train_acc > 0.9
 
 
+def test_a_slow_start_of_a_long_training_does_not_warn():
+    """A KD student at a high temperature can sit at chance for its first epochs (the demo's does
+    for 3 of 40): only an epoch past a fifth of the training, or the last, is judged."""
+    from kdguard.train.trainer import EpochRecord
+
+    trainer = Trainer(TinyNet(), _cfg(40, lr=0.05), seed=0)
+    at = lambda epoch: EpochRecord(epoch=epoch, lr=0.05, losses={}, train_acc=0.1, seconds=0.0)  # noqa: E731
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ChanceAccuracyWarning)
+        for epoch in range(1, 8):
+            trainer._check_chance(at(epoch), 10)
+    with pytest.warns(ChanceAccuracyWarning, match="epoch 8"):
+        trainer._check_chance(at(8), 10)
+
+
 def test_collapsed_flag_and_report(tmp_path):
     assert at_chance(0.10, 10) and at_chance(0.149, 10) and not at_chance(0.15, 10)
     assert at_chance(0.54, 2) and not at_chance(0.56, 2)  # binary: a tenth of the way to perfect

@@ -16,7 +16,7 @@ larger ``train.epochs``) stretches the rest of its schedule over the new length
 (:func:`kdguard.optim.schedule_progress`): the learning rate continues from where it was and a
 cosine never rises again.
 
-Chance level: an epoch from the third on (or the last) whose training accuracy is at chance
+Chance level: an epoch from the third and a fifth of the training on (or the last) whose training accuracy is at chance
 (:func:`kdguard.metrics.at_chance`) issues a :class:`ChanceAccuracyWarning` once per run; a loss
 that becomes non-finite stops the run with a :class:`~kdguard.errors.KDGuardError`.
 """
@@ -111,7 +111,10 @@ class Trainer(EpochEngine):
 
     def _check_chance(self, record: EpochRecord, num_classes: int | None) -> None:
         last = record.epoch == self.cfg.epochs
-        if self._warned_chance or (record.epoch < 3 and not last) or not at_chance(record.train_acc, num_classes):
+        # a slow start (a KD student at a high temperature) is not a failure: look from the third
+        # epoch and a fifth of the training on
+        first = max(3, math.ceil(0.2 * self.cfg.epochs))
+        if self._warned_chance or (record.epoch < first and not last) or not at_chance(record.train_acc, num_classes):
             return
         val = record.val.get("val_ca")
         if val is not None and not at_chance(val, num_classes):
