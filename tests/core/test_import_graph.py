@@ -33,6 +33,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("L2 methods", ("runs",)),
     ("L2 methods", ("datafree", "defenses", "ssl")),
     ("L2 methods", ("abd",)),
+    ("L2 methods", ("audit",)),
     ("L3 jobs", ("jobs",)),
     ("L4 fronts", ("commands._app",)),
     ("L4 fronts", ("commands",)),
