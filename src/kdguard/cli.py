@@ -51,7 +51,7 @@ def distill_cmd(overrides: Optional[list[str]] = OVERRIDES, config: Optional[Pat
         distill_datafree_from_cli(overrides, config, teacher=teacher, method=method, data_root=data_root)
         return
     if method:
-        overrides = [*(overrides or []), f"kd.method={method}"]
+        overrides = [*overrides, f"kd.method={method}"]
     job = build_config(DistillJob, config, with_overrides(overrides, teacher=teacher, **{"data.root": data_root}))
     result = distill(job)
     print_metrics(result.metrics)

@@ -47,3 +47,26 @@ def check_range(name: str, value: float, low: float, high: float, *, low_open: b
         raise KDGuardError(f"{name} {value!r} is outside {lb}{low}, {high}{hb}",
                            f"give a value in {lb}{low}, {high}{hb}")
     return value
+
+
+def check_choice(label: str, value: str, choices: tuple[str, ...]) -> None:
+    """Raise :class:`KDGuardError` unless the setting ``label`` holds one of ``choices``; a YAML
+    boolean read from an unquoted on/off gets the quoting fix."""
+    if value not in choices:
+        fix = f"set {label} to one of: {', '.join(choices)}"
+        if value in ("True", "False") and {"on", "off"} & set(choices):
+            # a YAML file's unquoted on/off/yes/no is read as a boolean (YAML 1.1)
+            word = "on" if value == "True" and "on" in choices else "off"  # a valid word to quote
+            fix += f"; in a YAML file quote it ({label.rsplit('.', 1)[-1]}: '{word}')"
+        raise KDGuardError(f"{label} {value!r} is not one of {', '.join(choices)}", fix)
+
+
+def check_positive(label: str, value: int | float | None, *, allow_zero: bool = False) -> None:
+    """Raise :class:`KDGuardError` unless the setting ``label`` is > 0 (``>= 0`` with ``allow_zero``);
+    ``None`` passes (an unset optional setting)."""
+    if value is None:
+        return
+    ok = value >= 0 if allow_zero else value > 0
+    if not ok:
+        bound = ">= 0" if allow_zero else "> 0"
+        raise KDGuardError(f"{label} {value!r} must be {bound}", f"give {label} {bound}")

@@ -178,8 +178,7 @@ def epoch_factor(cfg: OptimConfig, *, epochs: int, steps_per_epoch: int,
     segs = [dict(s) for s in segments]
 
     def factor(step: int) -> float:
-        progress = schedule_progress(step, total, segs, steps_per_epoch) if segs else step / max(total, 1)
-        f = schedule_factor(cfg, progress)
+        f = schedule_factor(cfg, schedule_progress(step, total, segs, steps_per_epoch))
         if warm > 0 and step < warm:
             f *= (step + 1) / warm
         return f

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..datafree.config import _choice, _positive
-from ..errors import KDGuardError
+from ..errors import KDGuardError, check_choice, check_positive
 
 
 @dataclass
@@ -92,17 +91,17 @@ def validate_abd(cfg: ABDConfig) -> None:
     Raises:
         KDGuardError: naming the first bad setting and the fix.
     """
-    _choice("abd.mode", cfg.mode, ("off", "sv", "sr", "full"))
+    check_choice("abd.mode", cfg.mode, ("off", "sv", "sr", "full"))
     sv, sr = cfg.sv, cfg.sr
-    _choice("abd.sv.form", sv.form, ("auto", "generator", "student"))
-    _positive("abd.sv.coef", sv.coef, allow_zero=True)
-    _positive("abd.sv.ensemble", sv.ensemble)
+    check_choice("abd.sv.form", sv.form, ("auto", "generator", "student"))
+    check_positive("abd.sv.coef", sv.coef, allow_zero=True)
+    check_positive("abd.sv.ensemble", sv.ensemble)
     if sv.layers == 0:
         raise KDGuardError("abd.sv.layers 0 shuffles nothing",
                            "give the number of last convolutions to shuffle, e.g. 5")
     for label, value in (("abd.sv.verify_batches", sv.verify_batches), ("abd.sv.verify_skip", sv.verify_skip),
                          ("abd.sv.max_trials", sv.max_trials), ("abd.sv.tail_threshold", sv.tail_threshold)):
-        _positive(label, value, allow_zero=True)
+        check_positive(label, value, allow_zero=True)
     if sv.verify_batches and sv.verify_batches <= sv.verify_skip:
         raise KDGuardError(f"abd.sv.verify_batches {sv.verify_batches} leaves no batch after the "
                            f"{sv.verify_skip} skipped ones",
@@ -112,13 +111,13 @@ def validate_abd(cfg: ABDConfig) -> None:
                            "give the share of the budget at the end that runs SR, e.g. 0.02")
     if not 0.0 < sr.share <= 1.0:
         raise KDGuardError(f"abd.sr.share {sr.share!r} is not in (0, 1]", "give e.g. 0.02")
-    _choice("abd.sr.perturb_model", sr.perturb_model, ("teacher", "student"))
-    _choice("abd.sr.outer_reduction", sr.outer_reduction, ("perturbed", "batch"))
-    _choice("abd.sr.divergence", sr.divergence, ("kl", "method"))
+    check_choice("abd.sr.perturb_model", sr.perturb_model, ("teacher", "student"))
+    check_choice("abd.sr.outer_reduction", sr.outer_reduction, ("perturbed", "batch"))
+    check_choice("abd.sr.divergence", sr.divergence, ("kl", "method"))
     for label, value in (("abd.sr.lr", sr.lr), ("abd.sr.inner_lr", sr.inner_lr),
                          ("abd.sr.hypergradient_step_size", sr.hypergradient_step_size)):
-        _positive(label, value)
+        check_positive(label, value)
     for label, value in (("abd.sr.inner_steps", sr.inner_steps), ("abd.sr.min_count", sr.min_count),
                          ("abd.sr.l2", sr.l2), ("abd.sr.weight", sr.weight),
                          ("abd.sr.hypergradient_steps", sr.hypergradient_steps)):
-        _positive(label, value, allow_zero=True)
+        check_positive(label, value, allow_zero=True)

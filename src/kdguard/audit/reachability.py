@@ -290,6 +290,11 @@ class _Frozen:
             p.requires_grad_(flag)
 
 
+def _unit(t: torch.Tensor) -> torch.Tensor:
+    """``(tanh(t) + 1) / 2``: an unconstrained parameter mapped into ``[0, 1]``."""
+    return (torch.tanh(t) + 1) / 2
+
+
 def _search(net: nn.Module, others: torch.Tensor, target: int, s: TriggerSearch,
             gen: torch.Generator, device: torch.device) -> ClassTrigger:
     fit_idx, hold_idx = _split(len(others), s.holdout, gen)
@@ -312,8 +317,8 @@ def _search(net: nn.Module, others: torch.Tensor, target: int, s: TriggerSearch,
         hits = 0
         for start in range(0, len(fit), s.batch_size):
             xb = fit[order[start:start + s.batch_size]].to(device)
-            mask = (torch.tanh(a) + 1) / 2
-            pattern = (torch.tanh(b) + 1) / 2
+            mask = _unit(a)
+            pattern = _unit(b)
             logits = net((1 - mask) * xb + mask * pattern)
             tgt = torch.full((len(xb),), target, dtype=torch.long, device=device)
             loss = F.cross_entropy(logits, tgt) + cost * mask.sum()
@@ -323,10 +328,10 @@ def _search(net: nn.Module, others: torch.Tensor, target: int, s: TriggerSearch,
             hits += int((logits.detach().argmax(1) == target).sum())
         success = hits / len(fit)
         with torch.no_grad():
-            mask = (torch.tanh(a) + 1) / 2
+            mask = _unit(a)
             l1 = float(mask.sum())
             if success >= s.success_threshold and (best is None or l1 < best[0]):
-                best = (l1, mask.detach().cpu().clone(), ((torch.tanh(b) + 1) / 2).cpu().clone())
+                best = (l1, mask.detach().cpu().clone(), _unit(b).cpu().clone())
         # λ schedule
         if not cost_set:
             up = up + 1 if success >= s.success_threshold else 0
@@ -351,8 +356,8 @@ def _search(net: nn.Module, others: torch.Tensor, target: int, s: TriggerSearch,
                 break
     if best is None:
         with torch.no_grad():
-            mask = ((torch.tanh(a) + 1) / 2).cpu()
-            pattern = ((torch.tanh(b) + 1) / 2).cpu()
+            mask = _unit(a).cpu()
+            pattern = _unit(b).cpu()
         l1, reached = float(mask.sum()), False
     else:
         l1, mask, pattern = best

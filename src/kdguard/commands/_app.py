@@ -81,6 +81,7 @@ def command(name: str) -> Callable[[F], F]:
 
     return deco
 
+
 OVERRIDES = typer.Argument(None, help="Config overrides as key=value, e.g. train.epochs=30 model=resnet20")
 CONFIG = typer.Option(None, "--config", "-c", help="YAML config file")
 DATA_ROOT = typer.Option(None, "--data-root", help="Directory holding the datasets (sets data.root)")
@@ -101,9 +102,8 @@ INPUT_NORM = typer.Option(
 def teacher_spec_overrides(arch: Optional[str], num_classes: Optional[int], in_channels: Optional[int],
                            input_norm: Optional[str]) -> list[str]:
     """``teacher_spec.*=`` overrides for the bare-weights options that were given."""
-    values = {"teacher_spec.arch": arch, "teacher_spec.num_classes": num_classes,
-              "teacher_spec.in_channels": in_channels, "teacher_spec.input_norm": input_norm}
-    return [f"{k}={v}" for k, v in values.items() if v is not None]
+    return with_overrides(None, **{"teacher_spec.arch": arch, "teacher_spec.num_classes": num_classes,
+                                   "teacher_spec.in_channels": in_channels, "teacher_spec.input_norm": input_norm})
 
 
 def with_overrides(items: Optional[list[str]], **extra: Optional[str]) -> list[str]:

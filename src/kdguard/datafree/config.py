@@ -25,7 +25,7 @@ from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ..config import AttackConfig, OptimConfig, TeacherSpec, require_complete, user_layer
-from ..errors import KDGuardError
+from ..errors import KDGuardError, check_choice, check_positive
 from ..presets import load_table
 
 #: The data-free methods (the CLI's ``method=``), in the order of the issue.
@@ -275,69 +275,50 @@ def build_datafree_job(yaml_path: str | Path | None = None, overrides: list[str]
     return job  # type: ignore[return-value]
 
 
-def _choice(label: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        fix = f"set {label} to one of: {', '.join(choices)}"
-        if value in ("True", "False") and {"on", "off"} & set(choices):
-            # a YAML file's unquoted on/off/yes/no is read as a boolean (YAML 1.1)
-            word = "on" if value == "True" and "on" in choices else "off"  # a valid word to quote
-            fix += f"; in a YAML file quote it ({label.rsplit('.', 1)[-1]}: '{word}')"
-        raise KDGuardError(f"{label} {value!r} is not one of {', '.join(choices)}", fix)
-
-
-def _positive(label: str, value: int | float | None, *, allow_zero: bool = False) -> None:
-    if value is None:
-        return
-    ok = value >= 0 if allow_zero else value > 0
-    if not ok:
-        bound = ">= 0" if allow_zero else "> 0"
-        raise KDGuardError(f"{label} {value!r} must be {bound}", f"give {label} {bound}")
-
-
 def validate_job(job: DataFreeJob) -> None:
     """Check a job's values (names, ranges) before anything heavy runs.
 
     Raises:
         KDGuardError: naming the first bad setting and the fix.
     """
-    _choice("method", job.method, METHOD_NAMES)
-    _choice("preset", job.preset, PRESET_SCALES)
+    check_choice("method", job.method, METHOD_NAMES)
+    check_choice("preset", job.preset, PRESET_SCALES)
     s = job.schedule
     for label, value in (("schedule.rounds", s.rounds), ("schedule.generator_steps", s.generator_steps),
                          ("schedule.batch_size", s.batch_size),
                          ("schedule.student_steps", s.student_steps),
                          ("schedule.synthesis_batch_size", s.synthesis_batch_size),
                          ("schedule.stop_after", s.stop_after)):
-        _positive(label, value)
+        check_positive(label, value)
     for prefix, opt in (("student_optim", job.student_optim), ("generator_optim", job.generator_optim)):
-        _choice(f"{prefix}.name", opt.name, ("adam", "sgd"))
-        _choice(f"{prefix}.schedule", opt.schedule, ("cosine", "multistep", "constant"))
-        _positive(f"{prefix}.lr", opt.lr)
-        _positive(f"{prefix}.grad_clip", opt.grad_clip)
+        check_choice(f"{prefix}.name", opt.name, ("adam", "sgd"))
+        check_choice(f"{prefix}.schedule", opt.schedule, ("cosine", "multistep", "constant"))
+        check_positive(f"{prefix}.lr", opt.lr)
+        check_positive(f"{prefix}.grad_clip", opt.grad_clip)
         if len(opt.betas) != 2 or not all(0.0 <= b < 1.0 for b in opt.betas):
             raise KDGuardError(f"{prefix}.betas {list(opt.betas)!r} is not two values in [0, 1)",
                                "give e.g. [0.9, 0.999]")
         if opt.warmup_epochs:
             raise KDGuardError(f"{prefix}.warmup_epochs {opt.warmup_epochs!r}: a data-free run has rounds, "
                                "not epochs, and no warm-up", f"leave {prefix}.warmup_epochs at 0")
-    _choice("generator.kind", job.generator.kind, ("zskt", "dcgan"))
-    _choice("generator.output", job.generator.output, ("auto", "sigmoid", "affine", "affine_clamp"))
-    _positive("generator.latent_dim", job.generator.latent_dim)
-    _positive("generator.width", job.generator.width)
-    _choice("zskt.kl_reduction", job.zskt.kl_reduction, ("mean", "batchmean"))
-    _choice("ood.kl_reduction", job.ood.kl_reduction, ("mean", "batchmean"))
+    check_choice("generator.kind", job.generator.kind, ("zskt", "dcgan"))
+    check_choice("generator.output", job.generator.output, ("auto", "sigmoid", "affine", "affine_clamp"))
+    check_positive("generator.latent_dim", job.generator.latent_dim)
+    check_positive("generator.width", job.generator.width)
+    check_choice("zskt.kl_reduction", job.zskt.kl_reduction, ("mean", "batchmean"))
+    check_choice("ood.kl_reduction", job.ood.kl_reduction, ("mean", "batchmean"))
     for label, mode in (("zskt.student_mode", job.zskt.student_mode),
                         ("dfad.student_mode", job.dfad.student_mode)):
-        _choice(label, mode, ("train", "eval"))
+        check_choice(label, mode, ("train", "eval"))
     for label, mode in (("dfad.sample", job.dfad.sample), ("dafl.sample", job.dafl.sample)):
-        _choice(label, mode, ("fresh", "last"))
-    _choice("ood.source", job.ood.source, ("image", "dataset"))
+        check_choice(label, mode, ("fresh", "last"))
+    check_choice("ood.source", job.ood.source, ("image", "dataset"))
     m = job.monitor
     for label, value in (("monitor.every", m.every), ("monitor.grid_every", m.grid_every),
                          ("monitor.checkpoint_every", m.checkpoint_every)):
-        _positive(label, value, allow_zero=True)
-    _positive("monitor.grid_size", m.grid_size)
-    _positive("monitor.eval_batch_size", m.eval_batch_size)
+        check_positive(label, value, allow_zero=True)
+    check_positive("monitor.grid_size", m.grid_size)
+    check_positive("monitor.eval_batch_size", m.eval_batch_size)
     if not 0.0 < m.collapse_share <= 1.0:
         raise KDGuardError(f"monitor.collapse_share={m.collapse_share} is outside (0, 1]",
                            "give a share such as 0.9 (1 disables the collapse warning)")

@@ -45,7 +45,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 
 from ..config import OptimConfig
@@ -160,7 +159,6 @@ class DataFreeLoop(StepEngine):
         self.optim_settings = optim
         self._init_step_engine(build_optimizer([p for p in student.parameters() if p.requires_grad], optim),
                                optim.grad_clip)
-        self.scheduler: LambdaLR | None = None  # built by run() at the round it starts from
         self.device, self.bf16 = torch.device(device), bool(bf16)
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.evaluate = evaluate
@@ -264,8 +262,7 @@ class DataFreeLoop(StepEngine):
                 "rng": rng, "history": [asdict(r) for r in self.history],
                 "pending_seconds": time.perf_counter() - self._interval_start,
                 "extensions": self._extension_states(), "class_shares": self.class_shares.state_dict(),
-                "schedule": [dict(s) for s in self.segments],
-                "lr_scheduler": self.scheduler.state_dict() if self.scheduler is not None else {}}
+                "schedule": [dict(s) for s in self.segments]}
 
     def save_state(self) -> None:
         if self.run_dir is not None:
@@ -323,8 +320,7 @@ class DataFreeLoop(StepEngine):
     def lr_factor(self, round_index: int) -> float:
         """The student's learning-rate factor at ``round_index`` (:func:`kdguard.optim.schedule_factor`
         at :meth:`progress`)."""
-        at = float(self.progress(round_index)) if self.segments else round_index / self.rounds
-        return schedule_factor(self.optim_settings, at)
+        return schedule_factor(self.optim_settings, float(self.progress(round_index)))
 
     # -- driver ---------------------------------------------------------------------------------
     def run(self, *, resume: bool = True, stop_after: int | None = None) -> list[RoundRecord]:

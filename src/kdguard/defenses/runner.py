@@ -10,9 +10,8 @@ artefacts as every other run (``model.safetensors``, ``manifest.json`` with role
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +55,6 @@ class DefenseContext:
         manifest: the poisoned run's manifest.
         attack_cfg, attack: the attack used for evaluation (the manifest's unless ``job.attack``).
         poisoned_metrics: test metrics of the poisoned model (``ca``, ``asr``, ...).
-        t0: start time (``time.perf_counter``).
     """
 
     job: DefenseJob
@@ -69,7 +67,6 @@ class DefenseContext:
     attack_cfg: AttackConfig | None
     attack: AttackSpec | None
     poisoned_metrics: dict[str, Any]
-    t0: float = field(default_factory=time.perf_counter)
 
     @property
     def out(self) -> Path:
@@ -142,8 +139,7 @@ def prepare_defense(job: DefenseJob, *, threads: int | None = None) -> DefenseCo
     attack_cfg, attack = run.attack(job.attack, manifest, data.train.shape, data.train.num_classes)
     clean = clean_subset(data, job.clean_fraction, job.seed)
     ctx = DefenseContext(job=job, defense=defense, run=run, data=data, clean=clean, model=model,
-                         manifest=manifest, attack_cfg=attack_cfg, attack=attack, poisoned_metrics={},
-                         t0=run.t0)
+                         manifest=manifest, attack_cfg=attack_cfg, attack=attack, poisoned_metrics={})
     same_setting = job.attack is None and manifest.get("dataset", {}).get("name") == data.train.name
     recorded = manifest.get("metrics") or {}
     ctx.poisoned_metrics = recorded if same_setting and "ca" in recorded else ctx.test_metrics(model)
@@ -165,7 +161,7 @@ def finish_defense(ctx: DefenseContext, model: nn.Module, *, histories: dict[str
     """
     job = ctx.job
     metrics = ctx.test_metrics(model)
-    metrics["seconds"] = time.perf_counter() - ctx.t0
+    metrics["seconds"] = ctx.run.elapsed()
     metrics["n_defense"] = len(ctx.clean)
     metrics["method"] = ctx.defense.name
     ctx.run.save(model, ctx.run.manifest(

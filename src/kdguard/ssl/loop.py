@@ -130,7 +130,7 @@ class SSLLoop(EpochEngine):
                 lr = current_lr(self.scheduler)
                 with self.autocast():
                     losses = step(order[b * bs:(b + 1) * bs], self)
-                self.update(losses)
+                self.step(losses)
                 for k, v in losses.items():
                     sums[k] = sums.get(k, 0) + v.detach().float()
             means = {k: float(v) / steps for k, v in sums.items()}

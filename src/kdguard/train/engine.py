@@ -7,7 +7,7 @@ an SSL step function on index batches) and in what an epoch records. The engine 
 * device, bf16 autocast and channels_last (:mod:`kdguard.runtime`), decided for ``net``;
 * the optimiser (:func:`kdguard.optim.build_optimizer`) and its learning-rate scheduler
   (:func:`kdguard.optim.epoch_scheduler`: warm-up, schedule, extensions), one update per step
-  (:meth:`EpochEngine.update`: summed loss, backward, ``train.grad_clip``, step, scheduler step);
+  (:meth:`StepEngine.step`: summed loss, backward, ``train.grad_clip``, step, scheduler step);
 * the seeded :class:`torch.Generator` that shuffles and augments;
 * resumption: ``train_state.pt`` (weights without frozen parts, optimiser, generator, history,
   planned length, schedule extensions, scheduler state; tensors and plain containers only, read
@@ -289,11 +289,6 @@ class EpochEngine(StepEngine):
                                          segments=self.segments, saved=self._saved_scheduler,
                                          what=repr(self.desc))
         self.sync_history([asdict(r) for r in self.history])
-
-    def update(self, losses: dict[str, torch.Tensor]) -> None:
-        """One optimiser step on the sum of ``losses``: backward, ``train.grad_clip``, step, and
-        the scheduler's step to the next learning rate."""
-        self.step(losses)
 
     def finish_epoch(self, record: Any) -> None:
         """Append ``record`` to the history, then write the state, then its ``metrics.jsonl`` line

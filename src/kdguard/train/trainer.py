@@ -178,7 +178,7 @@ class Trainer(EpochEngine):
                 y = labels[idx].to(self.device, non_blocking=True)
                 lr = current_lr(self.scheduler)
                 logits, losses = self._step_losses(x, y, idx)
-                self.update(losses)
+                self.step(losses)
                 for k, v in losses.items():  # accumulate on device: no host sync per step
                     sums[k] = sums.get(k, 0) + v.detach().float()
                 correct += (logits.argmax(1) == y).sum()
