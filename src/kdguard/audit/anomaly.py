@@ -55,26 +55,34 @@ def _median(t: torch.Tensor) -> float:
     return float(s[n // 2]) if n % 2 else float((s[n // 2 - 1] + s[n // 2]) / 2)
 
 
-def anomaly_index(sizes: Sequence[float] | torch.Tensor) -> list[float]:
+def anomaly_index(sizes: Sequence[float] | torch.Tensor, *, min_spread: float = 0.0) -> list[float]:
     """The signed MAD anomaly index of every class (positive = smaller than typical).
 
     Args:
         sizes: ``K ≥ 2`` finite non-negative per-class trigger sizes (any unit, e.g. mask L1 norm
             in pixels), index = class.
+        min_spread: a floor on the spread ``1.4826 · MAD`` in the sizes' unit (default 0: the
+            plain index). Sizes measured on a grid (a bisection's resolution, a share of a few
+            hundred images) tie often, and ties make ``MAD`` 0 and every other size infinitely
+            anomalous; a floor of the grid's step keeps one step from counting as an outlier.
 
     Returns:
         ``K`` floats ``(median − size_k) / (1.4826 · MAD)``; with ``MAD = 0``: 0, ``+inf`` or
         ``−inf`` (size equal to, below or above the median; see the module docstring).
 
     Raises:
-        KDGuardError: fewer than 2 sizes, or a size that is negative, NaN or infinite.
+        KDGuardError: fewer than 2 sizes, a size that is negative, NaN or infinite, or a bad
+            ``min_spread``.
     """
     t = _as_sizes(sizes)
+    if not (math.isfinite(min_spread) and min_spread >= 0):
+        raise KDGuardError(f"min_spread {min_spread!r} must be a finite number >= 0", "give 0 or the sizes' grid step")
     med = _median(t)
     mad = _median((t - med).abs())
-    if mad == 0.0:
+    spread = max(MAD_CONSISTENCY * mad, min_spread)
+    if spread == 0.0:
         return [0.0 if v == med else (math.inf if v < med else -math.inf) for v in t.tolist()]
-    return [(med - v) / (MAD_CONSISTENCY * mad) for v in t.tolist()]
+    return [(med - v) / spread for v in t.tolist()]
 
 
 def flagged_classes(sizes: Sequence[float] | torch.Tensor,

@@ -385,9 +385,9 @@ class AdditiveSearch:
 
     eps_max: float = 0.25
     success_threshold: float = 0.9
-    steps: int = 60
+    steps: int = 30
     step_frac: float = 0.125
-    bisections: int = 6
+    bisections: int = 5
     batch_size: int = 64
     holdout: float = 0.2
 
@@ -398,7 +398,7 @@ class AdditiveSearch:
         _check_settings(self, ("steps", "batch_size"), "0.9")
         if int(self.bisections) < 0 or not (0 < self.step_frac <= 1):
             raise KDGuardError("bisections must be >= 0 and step_frac in (0, 1]",
-                               "use the defaults 6 and 0.125")
+                               "use the defaults 5 and 0.125")
 
 
 @dataclass
