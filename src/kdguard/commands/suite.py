@@ -111,15 +111,13 @@ def list_cmd(suite: Optional[str] = typer.Argument(None, help="Print this suite'
     if suite is not None:
         loaded = load_suite(suite)
         typer.echo(f"{loaded.name}: {loaded.spec.description}")
-        typer.echo(f"scales: {', '.join(loaded.scale_names)}; seeds: {','.join(map(str, loaded.spec.seeds))}",
-                      highlight=False)
+        typer.echo(f"scales: {', '.join(loaded.scale_names)}; seeds: {','.join(map(str, loaded.spec.seeds))}")
         for name, _, _ in loaded.cells():
             typer.echo(f"  {name}")
         return
     for name in shipped_suites():
         loaded = load_suite(name)
-        typer.echo(f"{name:<18} {len(loaded.cells()):>4} cells  {loaded.spec.description}",
-                      highlight=False, markup=False)
+        typer.echo(f"{name:<18} {len(loaded.cells()):>4} cells  {loaded.spec.description}")
 
 
 @command("status", group=suite_app)
@@ -132,7 +130,6 @@ def status_cmd(suite: str = SUITE, scale: str = SCALE, seeds: Optional[str] = SE
     rows = suite_status(plan, ledger)
     for row in rows:
         stages = " ".join(f"{name}:{state}" for name, state in row["stages"].items())
-        typer.echo(f"{row['cell']:<32} s{row['seed']:<3} {'recorded' if row['recorded'] else 'pending ':<9} {stages}",
-                      highlight=False, markup=False)
+        typer.echo(f"{row['cell']:<32} s{row['seed']:<3} {'recorded' if row['recorded'] else 'pending ':<9} {stages}")
     done = sum(r["recorded"] for r in rows)
     typer.echo(f"{done}/{len(rows)} cell runs recorded")
