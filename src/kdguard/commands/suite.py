@@ -45,12 +45,15 @@ def _seeds(text: Optional[str]) -> Optional[list[int]]:
 
 
 def _plan(suite_name: str, scale: str, seeds: Optional[str], only: Optional[str], out: str,
-          threads: Optional[int] = None):
+          threads: Optional[int] = None, gpus: Optional[float] = None):
     from ..suites import load_suite, plan_suite
 
     if threads is not None and threads < 1:
         raise KDGuardError(f"--threads {threads} is below 1", "give --threads 1 or more")
-    return plan_suite(load_suite(suite_name), scale=scale, seeds=_seeds(seeds), only=only, out=out, threads=threads)
+    if gpus is not None and gpus < 0:
+        raise KDGuardError(f"--gpus-per-stage {gpus} is negative", "give e.g. --gpus-per-stage 0.25")
+    return plan_suite(load_suite(suite_name), scale=scale, seeds=_seeds(seeds), only=only, out=out, threads=threads,
+                      gpus=gpus)
 
 
 @command("run", group=suite_app)
@@ -64,6 +67,9 @@ def run_cmd(suite: str = SUITE, scale: str = SCALE, seeds: Optional[str] = SEEDS
             threads: Optional[int] = typer.Option(None, "--threads",
                                                   help="torch threads of every stage (default: each stage's "
                                                        "num_cpus, at least 1)"),
+            gpus: Optional[float] = typer.Option(None, "--gpus-per-stage",
+                                                 help="Ray: GPUs each stage asks for (default: the suite's "
+                                                      "num_gpus); a fraction such as 0.25 packs 4 stages on a GPU"),
             out: str = OUT, ledger: str = LEDGER,
             data_root: Optional[str] = typer.Option(None, "--data-root",
                                                     help="Directory holding the datasets (sets $KDGUARD_DATA_ROOT)"),
@@ -74,7 +80,7 @@ def run_cmd(suite: str = SUITE, scale: str = SCALE, seeds: Optional[str] = SEEDS
 
     if data_root:
         os.environ["KDGUARD_DATA_ROOT"] = str(Path(data_root).expanduser().resolve())
-    plan = _plan(suite, scale, seeds, only, out, threads)
+    plan = _plan(suite, scale, seeds, only, out, threads, gpus)
     uses = sum(len(c.stages) for c in plan.cells)
     typer.echo(f"suite {plan.suite.name} ({scale}): {len(plan.cells)} cell runs "
                   f"({len({c.cell for c in plan.cells})} cells × {len(plan.seeds)} seeds), "

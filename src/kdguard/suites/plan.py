@@ -19,7 +19,7 @@ from typing import Any
 
 from .. import __version__
 from ..errors import KDGuardError
-from .schema import EVERY_STAGE, Suite, parents_of
+from .schema import EVERY_STAGE, Suite, applies, parents_of
 from .stages import JOB_KINDS, check_names
 
 
@@ -98,18 +98,24 @@ def stage_key(kind: str, job: Any, parent_refs: dict[str, str]) -> str:
 def stage_settings(suite: Suite, stage: str, axes: dict[str, str], scale: str) -> dict[str, Any]:
     """The suite's settings of ``stage`` for one cell: ``config`` ← matrix values ← scale."""
     spec = suite.spec
+
+    def layer(values: dict[str, Any], per_target: dict[str, Any]) -> dict[str, Any]:
+        # "*" first, then lists of stages, then the stage by its own name: the most specific wins
+        ranked = sorted(per_target, key=lambda t: (t != EVERY_STAGE, t != stage))
+        for target in ranked:
+            if applies(target, stage):
+                values = _merge(values, per_target[target])
+        return values
+
     values = _merge({}, spec.stages[stage].config)
     for axis, value in axes.items():
-        per_stage = spec.matrix[axis][value] or {}
-        values = _merge(values, per_stage.get(EVERY_STAGE))
-        values = _merge(values, per_stage.get(stage))
-    per_scale = spec.scales.get(scale) or {}
-    values = _merge(values, per_scale.get(EVERY_STAGE))
-    return _merge(values, per_scale.get(stage))
+        values = layer(values, spec.matrix[axis][value] or {})
+    return layer(values, spec.scales.get(scale) or {})
 
 
 def plan_suite(suite: Suite, *, scale: str = "cpu", seeds: list[int] | None = None, only: str | None = None,
-               out: str | Path = "runs/suites", threads: int | None = None) -> SuitePlan:
+               out: str | Path = "runs/suites", threads: int | None = None,
+               gpus: float | None = None) -> SuitePlan:
     """Build every stage of the cells selected (typed and checked jobs) and their keys.
 
     Args:
@@ -119,6 +125,7 @@ def plan_suite(suite: Suite, *, scale: str = "cpu", seeds: list[int] | None = No
             pattern without a wildcard also matches the cells it is a part of (``zskt``).
         out: the stage cache; stage run directories go to ``out/stages/``.
         threads: torch threads of every stage (None: each stage's ``num_cpus``, at least 1).
+        gpus: Ray GPUs of every stage (None: each stage's ``num_gpus``); fractions pack stages.
 
     Raises:
         KDGuardError: an unknown scale, no cell matching ``only``, or a stage whose job settings
@@ -144,7 +151,7 @@ def plan_suite(suite: Suite, *, scale: str = "cpu", seeds: list[int] | None = No
         for seed in seeds:
             keys: dict[str, str] = {}
             for name in suite.chain(method):
-                keys[name] = _plan_stage(plan, name, axes, seed, keys, built, threads, f"{cell}")
+                keys[name] = _plan_stage(plan, name, axes, seed, keys, built, threads, gpus, cell)
             plan.cells.append(CellPlan(cell, axes, method, seed, list(keys.values()), list(keys)))
     return plan
 
@@ -156,7 +163,7 @@ def _matches(cell: str, pattern: str) -> bool:
 
 
 def _plan_stage(plan: SuitePlan, name: str, axes: dict[str, str], seed: int, keys: dict[str, str],
-                built: dict[tuple, tuple[str, Any]], threads: int | None, cell: str) -> str:
+                built: dict[tuple, tuple[str, Any]], threads: int | None, gpus: float | None, cell: str) -> str:
     suite = plan.suite
     stage = suite.spec.stages[name]
     kind = JOB_KINDS[stage.job]
@@ -189,5 +196,6 @@ def _plan_stage(plan: SuitePlan, name: str, axes: dict[str, str], seed: int, key
         plan.stages[key] = StagePlan(
             key=key, name=name, kind=stage.job, overrides=[*overrides, f"out={json.dumps(str(out))}"],
             out=str(out), parents=[keys[p] for p in parents_of(stage)],
-            threads=threads or max(1, int(stage.num_cpus)), num_cpus=stage.num_cpus, num_gpus=stage.num_gpus)
+            threads=threads or max(1, int(stage.num_cpus)), num_cpus=stage.num_cpus,
+            num_gpus=stage.num_gpus if gpus is None else gpus)
     return key

@@ -14,7 +14,8 @@ describes a grid of experiments as stages of kdguard jobs::
         parent: teacher               # the job's parent field (here ``teacher``) ← that stage
         config: {kd: {method: kd}}
     methods: [kd]                     # the cells' last stages (one column of the grid)
-    matrix:                           # axis → value → stage name (or "*": every stage) → settings
+    matrix:                           # axis → value → stage name(s) → settings ("*": every stage,
+                                      # "kd,at": both stages)
       trigger:
         badnets: {teacher: {attack: {name: badnets}}}
     exclude: ["blend/zskt"]           # fnmatch patterns of cell names left out of the grid
@@ -126,6 +127,17 @@ def parents_of(stage: StageSpec) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def target_stages(target: str) -> list[str]:
+    """The stage names of a matrix or scale target: ``"kd"``, ``"kd,at"`` or ``"*"``."""
+    return [t.strip() for t in target.split(",") if t.strip()]
+
+
+def applies(target: str, stage: str) -> bool:
+    """Whether the settings under ``target`` apply to ``stage``."""
+    names = target_stages(target)
+    return EVERY_STAGE in names or stage in names
+
+
 def shipped_suites() -> list[str]:
     """Names of the suites shipped with kdguard, sorted."""
     node = files("kdguard").joinpath(*SUITE_DIR)
@@ -227,12 +239,14 @@ def check_graph(suite: Suite) -> None:
                 raise KDGuardError(f"suite {name!r}: matrix value {value!r} holds '/'",
                                    "name matrix values without '/' (it separates a cell's parts)")
             for target in per_stage or {}:
-                if target not in targets:
-                    raise unknown_name(f"stage of matrix value {axis}={value} in suite {name!r}:", target, targets)
+                for part in target_stages(target):
+                    if part not in targets:
+                        raise unknown_name(f"stage of matrix value {axis}={value} in suite {name!r}:", part, targets)
     for scale, per_stage in spec.scales.items():
         for target in per_stage or {}:
-            if target not in targets:
-                raise unknown_name(f"stage of scale {scale!r} in suite {name!r}:", target, targets)
+            for part in target_stages(target):
+                if part not in targets:
+                    raise unknown_name(f"stage of scale {scale!r} in suite {name!r}:", part, targets)
     if spec.group_by is not None and spec.group_by not in spec.matrix:
         raise unknown_name(f"group_by axis of suite {name!r}:", spec.group_by, spec.matrix)
     if not suite.cells():
