@@ -16,6 +16,8 @@ values only. User YAML files go through :func:`kdguard.config.user_layer` instea
 ``attacks.yaml``                named attacks (:data:`kdguard.attacks.ATTACK_PRESETS`)
 ``robustkd/pairs.yaml``         RobustKD teacher → student pairs
 ``robustkd/training.yaml``      RobustKD's reference distillation protocol (``paper``)
+``suites/<name>.yaml``          experiment suites, read by :func:`kdguard.suites.load_suite`
+                                (their own schema, not tables)
 ==============================  =============================================================
 """
 

@@ -355,6 +355,20 @@ CASES = [
         ("unknown-option", ["--nope"], "--nope"),
         ("extra-argument", ["extra"], "extra"),
     ]),
+    *_cases(["suite"], [  # suite files themselves: tests/suites/test_suite_files.py
+        ("unknown-subcommand", ["launch"], "launch"),
+        ("unknown-suite", ["run", "no-such-suite", "--dry-run"], "unknown suite"),
+        ("bad-seeds", ["run", "tiny", "--dry-run", "--seeds", "0,one"], "--seeds"),
+        ("repeated-seed", ["run", "tiny", "--dry-run", "--seeds", "0,0"], "repeats"),
+        ("unknown-scale", ["run", "tiny", "--dry-run", "--scale", "huge"], "no scale"),
+        ("only-matches-nothing", ["run", "tiny", "--dry-run", "--only", "nothing/*"], "matches no cell"),
+        ("unknown-engine", ["run", "tiny", "--only", "x*", "--engine", "spark"], "matches no cell"),
+        ("zero-threads", ["run", "tiny", "--dry-run", "--threads", "0"], "--threads"),
+        ("negative-gpus", ["run", "tiny", "--dry-run", "--gpus-per-stage", "-1"], "--gpus-per-stage"),
+        ("report-missing-file", ["report", "missing.yaml"], "does not exist"),
+        ("status-unknown-suite", ["status", "no-such-suite"], "unknown suite"),
+        ("list-unknown-suite", ["list", "no-such-suite"], "unknown suite"),
+    ]),
     *_cases(["no-such-command"], [("unknown-command", [], "no-such-command")]),
 ]
 

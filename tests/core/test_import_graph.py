@@ -35,6 +35,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("L2 methods", ("abd",)),
     ("L2 methods", ("audit",)),
     ("L3 jobs", ("jobs",)),
+    ("L3 jobs", ("suites",)),
     ("L4 fronts", ("commands._app",)),
     ("L4 fronts", ("commands",)),
     ("L4 fronts", ("cli",)),

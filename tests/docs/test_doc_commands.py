@@ -42,6 +42,7 @@ SCHEMAS: dict[str, str | None] = {
     "evaluate": None,
     "demo": None,
     "list": None,
+    "suite": None,  # a group: run, report, list, status (suite files are checked by tests/suites)
 }
 #: ``kdguard distill --method zskt`` (or ``kd.method=zskt``) runs the data-free job: how the CLI
 #: decides that, and how it renames the overrides.
@@ -186,6 +187,10 @@ def test_kdguard_command_parses(cmd: Command, cli_group):
     name, args = cmd.words[0], cmd.words[1:]
     command = cli_group.commands.get(name)
     assert command is not None, f"{cmd.where}: no command `kdguard {name}`"
+    while hasattr(command, "commands") and args:  # a group (kdguard suite run ...): its sub-command
+        sub = command.commands.get(args[0])
+        assert sub is not None, f"{cmd.where}: no command `kdguard {name} {args[0]}`"
+        command, args = sub, args[1:]
     try:
         ctx = command.make_context(name, list(args))
     except Exception as e:  # noqa: BLE001 - click's usage errors

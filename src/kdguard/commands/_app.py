@@ -51,8 +51,11 @@ RUN_DIR_OPTIONS = {
 }
 
 
-def command(name: str) -> Callable[[F], F]:
+def command(name: str, *, group: typer.Typer | None = None) -> Callable[[F], F]:
     """Register a CLI command whose :class:`KDGuardError` becomes ``error: …`` and exit code 2.
+
+    ``group``: a sub-command group (``kdguard suite run``) added to :data:`app` by its module;
+    None registers a top-level command.
 
     Every command also gets ``--resume`` and ``--overwrite`` and runs inside
     :func:`kdguard.rundir.run_policy`, which decides what happens to an ``out=`` that holds
@@ -76,7 +79,7 @@ def command(name: str) -> Callable[[F], F]:
                  for k, v in RUN_DIR_OPTIONS.items()]
         guarded.__signature__ = sig.replace(parameters=[*sig.parameters.values(), *extra])
         guarded.__annotations__ = {**getattr(fn, "__annotations__", {}), **{k: bool for k in RUN_DIR_OPTIONS}}
-        app.command(name)(guarded)
+        (group or app).command(name)(guarded)
         return fn
 
     return deco

@@ -1,0 +1,90 @@
+"""Suite files are validated before anything runs: a bad one is one line `error: ...` and exit 2.
+Every shipped suite loads and plans at each of its scales."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+from helpers import cli_error
+from kdguard.suites import load_suite, plan_suite, shipped_suites
+
+GOOD = """
+seeds: [0]
+stages:
+  teacher:
+    job: teacher
+    config: {data: {name: mnist_embedded}, model: lenet5, attack: {name: badnets}, train: {epochs: 1}}
+  kd:
+    job: distill
+    parent: teacher
+    config: {student: lenet5, kd: {method: kd}}
+methods: [kd]
+matrix:
+  trigger:
+    badnets: {teacher: {attack: {name: badnets}}}
+"""
+
+BAD = {
+    "unknown top-level key": (GOOD + "colour: red\n", "colour"),
+    "unknown stage key": (GOOD.replace("parent: teacher", "parent: teacher\n    cpus: 2"), "cpus"),
+    "unknown job setting": (GOOD.replace("model: lenet5", "modle: lenet5"), "modle"),
+    "wrongly typed setting": (GOOD.replace("epochs: 1", "epochs: many"), "'many'"),
+    "unknown job kind": (GOOD.replace("job: distill", "job: distil"), "distil"),
+    "unknown trigger": (GOOD.replace("badnets: {teacher: {attack: {name: badnets}}}",
+                                     "badnets: {teacher: {attack: {name: badnetz}}}"), "badnetz"),
+    "unknown KD method": (GOOD.replace("method: kd}", "method: kdd}"), "kdd"),
+    "unknown data-free method": (GOOD.replace("job: distill", "job: datafree").replace(
+        "config: {student: lenet5, kd: {method: kd}}", "config: {method: zsk}"), "zsk"),
+    "unknown parent": (GOOD.replace("parent: teacher", "parent: teachr"), "teachr"),
+    "unknown method": (GOOD.replace("methods: [kd]", "methods: [kd, zskt]"), "zskt"),
+    "unknown matrix target": (GOOD.replace("badnets: {teacher:", "badnets: {techer:"), "techer"),
+    "circular parents": (GOOD.replace("job: teacher", "job: distill\n    parent: kd"), "circle"),
+    "import path": (GOOD.replace("model: lenet5", "model: 'os.path:join'"), "import path"),
+    "interpolation": (GOOD.replace("model: lenet5", "model: '${oc.env:HOME}'"), "interpolation"),
+    "not YAML": ("stages: [unclosed\n", "YAML"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_suite_file_is_one_line_and_exit_2(case, tmp_path, capsys):
+    text, needle = BAD[case]
+    path = tmp_path / "bad.yaml"
+    path.write_text(textwrap.dedent(text))
+    err = cli_error(["suite", "run", str(path), "--dry-run", "--out", str(tmp_path / "runs")], capsys)
+    assert needle in err, err
+
+
+def test_good_suite_file_plans(tmp_path, capsys):
+    path = tmp_path / "good.yaml"
+    path.write_text(GOOD)
+    plan = plan_suite(load_suite(str(path)), out=tmp_path)
+    assert [c.cell for c in plan.cells] == ["badnets/kd"] and len(plan.stages) == 2
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["suite", "run", "no-such-suite", "--dry-run"], "unknown suite"),
+    (["suite", "run", "tiny", "--dry-run", "--seeds", "0,x"], "--seeds"),
+    (["suite", "run", "tiny", "--dry-run", "--only", "nothing/*"], "matches no cell"),
+    (["suite", "run", "tiny", "--dry-run", "--scale", "huge"], "no scale"),
+    (["suite", "run", "tiny", "--engine", "spark", "--seeds", "0", "--only", "none*"], "matches no cell"),
+    (["suite", "report", "tiny.yaml"], "does not exist"),
+])
+def test_bad_options_are_one_line(args, needle, capsys):
+    assert needle in cli_error(args, capsys)
+
+
+def test_unknown_engine(tmp_path, capsys):
+    assert "unknown engine" in cli_error(["suite", "run", "tiny", "--engine", "spark", "--out", str(tmp_path),
+                                          "--ledger", str(tmp_path / "l")], capsys)
+
+
+@pytest.mark.parametrize("name", shipped_suites())
+def test_shipped_suites_plan_at_every_scale(name, tmp_path):
+    suite = load_suite(name)
+    for scale in suite.scale_names:
+        plan = plan_suite(suite, scale=scale, out=tmp_path)
+        assert plan.cells and plan.stages
+        # a stage shared by several cells is planned once
+        assert len(plan.stages) <= sum(len(c.stages) for c in plan.cells)
