@@ -75,6 +75,11 @@ def evaluate_cmd(
     attack_from: Optional[str] = typer.Option(
         None, help="Use the attack (trigger, target, parameters) of another run, e.g. a clean model "
                    "tested against a poisoned teacher's trigger"),
+    from_audit: Optional[str] = typer.Option(
+        None, "--from-audit", help="Test against the trigger an audit reconstructed (a `kdguard audit` run "
+                                   "directory; its first suspected target unless --audit-class)"),
+    audit_class: Optional[int] = typer.Option(None, "--audit-class",
+                                              help="With --from-audit: use this class's reconstructed trigger"),
     as_json: bool = typer.Option(False, "--json", help="Print the metrics object as JSON"),
     arch: Optional[str] = TEACHER_ARCH, num_classes: Optional[int] = NUM_CLASSES,
     in_channels: Optional[int] = IN_CHANNELS, input_norm: Optional[str] = INPUT_NORM,
@@ -87,8 +92,11 @@ def evaluate_cmd(
     from .attacks import attack_from_manifest
     from .jobs import evaluate_checkpoint
 
-    if attack and attack_from:
-        raise KDGuardError("--attack and --attack-from both name an attack", "give only one of them")
+    if sum(bool(a) for a in (attack, attack_from, from_audit)) > 1:
+        raise KDGuardError("more than one of --attack, --attack-from and --from-audit names an attack",
+                           "give only one of them")
+    if audit_class is not None and not from_audit:
+        raise KDGuardError("--audit-class is given without --from-audit", "add --from-audit AUDIT_DIR")
 
     data_cfg = None
     if dataset or data_root:
@@ -101,6 +109,10 @@ def evaluate_cmd(
         attack_cfg = attack_from_manifest(read_manifest(attack_from), source=f"run {attack_from!r}")
         if attack_cfg is None:
             raise KDGuardError(f"run {attack_from!r} records no attack", "point --attack-from at a poisoned run")
+    if from_audit:
+        from .jobs.audit import audit_trigger
+
+        attack_cfg = audit_trigger(from_audit, audit_class)
     if attack_params:
         if attack_cfg is None:
             attack_cfg = attack_from_manifest(read_manifest(checkpoint), source=f"checkpoint {checkpoint!r}")
@@ -109,7 +121,7 @@ def evaluate_cmd(
                                    "name the trigger with --attack NAME (or --attack-from RUN)")
         attack_cfg.params = _trigger_params(attack_cfg.params, attack_params)
     metrics = evaluate_checkpoint(checkpoint, data_cfg, attack_cfg,
-                                  use_manifest_attack=attack is None and not attack_from and not attack_params,
+                                  use_manifest_attack=not (attack or attack_from or from_audit or attack_params),
                                   train_cfg=TrainConfig(device=device, amp="on" if bf16 else "off"),
                                   spec=TeacherSpec(arch=arch, num_classes=num_classes,
                                                    in_channels=in_channels, input_norm=input_norm))

@@ -2,7 +2,7 @@
 
 * ``triggers.safetensors``: every class's mask (``mask_K``, ``1×H×W``), pattern (``pattern_K``,
   ``C×H×W``) and, when run, additive perturbation (``delta_K``, ``C×H×W``), float32;
-* ``triggers/class_K_{pattern,mask}.npy`` for each suspected target: the files kdguard's
+* ``triggers/class_K_{pattern,mask}.npy`` for every class: the files kdguard's
   ``patch`` trigger reads (``attack.name=patch attack.params.pattern_file=...``), which is how
   ``--from-audit`` hands the trigger to an evaluation or a defence;
 * ``pictures/class_K.png``: the mask, the pattern, their product, clean images of other classes

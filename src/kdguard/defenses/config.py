@@ -59,17 +59,26 @@ class NADConfig:
 
 
 @dataclass
+class UnlearnConfig:
+    """Unlearning a reconstructed trigger (Neural Cleanse §VI-C); see :mod:`kdguard.defenses.unlearn`."""
+
+    trigger: Optional[AttackConfig] = None  # the trigger to unlearn; `kdguard defend --from-audit DIR` sets it
+    share: float = 0.2                 # share of the clean images stamped, labels kept (Neural Cleanse: 20 %)
+
+
+@dataclass
 class DefenseJob:
     """One data-available defence of a poisoned run directory."""
 
     model: str = MISSING                    # the poisoned model's run directory (with manifest.json)
     teacher_spec: TeacherSpec = field(default_factory=TeacherSpec)  # for a bare weights file
-    method: str = "ft"                      # a registered defence: ft | fp | nad
+    method: str = "ft"                      # a registered defence: ft | fp | nad | unlearn
     data: DataConfig = field(default_factory=lambda: DataConfig(name=AUTO_DATASET))
     attack: Optional[AttackConfig] = None   # null = the attack recorded in the model's manifest
     clean_fraction: float = 0.05            # share of the whole training set the defender holds (NAD)
     train: TrainConfig = field(default_factory=_defense_train)
     fineprune: FinePruneConfig = field(default_factory=FinePruneConfig)
     nad: NADConfig = field(default_factory=NADConfig)
+    unlearn: UnlearnConfig = field(default_factory=UnlearnConfig)
     seed: int = 0
     out: str = "runs/defense"

@@ -8,7 +8,7 @@ split exactly as distillation does (:func:`kdguard.data.clean_subset`, default 5
     audit.json            verdict, suspected targets, per-class sizes / indices, timings, teacher digest
     metrics.json          the verdict in brief (for tables and suites)
     triggers.safetensors  every class's reconstructed mask/pattern (and additive δ)
-    triggers/class_K_{pattern,mask}.npy   the suspected targets' triggers, as the ``patch`` trigger reads them
+    triggers/class_K_{pattern,mask}.npy   every class's trigger as the ``patch`` trigger reads them
     pictures/*.png, report.md, report.html
 
 No weights are written: the audit describes the teacher it names by path and sha256.
@@ -16,6 +16,7 @@ No weights are written: the audit describes the teacher it names by path and sha
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,10 +26,10 @@ from omegaconf import MISSING
 
 from ..audit.core import AUDIT_SEARCH, AuditResult, AuditSettings, audit_model, cap_images
 from ..audit.reachability import AdditiveSearch, TriggerSearch, check_clean_set
-from ..audit.report import plot_class, plot_indices, save_triggers, write_reports
+from ..audit.report import plot_class, plot_indices, save_triggers, trigger_files, write_reports
 from ..audit.shuffle_check import ShuffleCheck
 from ..checkpoint import weights_digest
-from ..config import DataConfig, TeacherSpec
+from ..config import AttackConfig, DataConfig, TeacherSpec
 from ..data import clean_subset, load_splits
 from ..errors import KDGuardError, check_range
 from ..io import write_json
@@ -124,7 +125,7 @@ def run_audit(job: AuditJob, *, threads: int | None = None) -> AuditRun:
     out = run.out
     targets = list(result.verdict.targets)
     shown = targets or [max(range(len(result.classes)), key=lambda k: max(result.classes[k].index.values()))]
-    save_triggers(out, result, targets)
+    save_triggers(out, result, list(range(len(result.classes))))
     pictures_dir = out / "pictures"
     pictures_dir.mkdir(exist_ok=True)
     x, y = _pictured(clean, settings)
@@ -148,8 +149,52 @@ def run_audit(job: AuditJob, *, threads: int | None = None) -> AuditRun:
     return AuditRun(out, result, record)
 
 
+def audit_trigger(audit_dir: str | Path, target: int | None = None) -> AttackConfig:
+    """The reconstructed trigger of an audit run as an attack configuration (``patch`` trigger).
+
+    Args:
+        audit_dir: a ``kdguard audit`` run directory.
+        target: the class whose trigger to use; None = the audit's first suspected target.
+
+    Returns:
+        ``AttackConfig(name="patch", target=K, params={pattern_file, mask_file, position})``
+        reading ``triggers/class_K_{pattern,mask}.npy`` (paths built here, never read from a file).
+
+    Raises:
+        KDGuardError: no ``audit.json`` in ``audit_dir`` or an unreadable one; no suspected target
+            and no ``target``; a class outside the audit's; missing trigger files.
+    """
+    d = Path(audit_dir).expanduser()
+    try:
+        record = json.loads((d / "audit.json").read_text())
+    except (OSError, ValueError) as e:
+        raise KDGuardError(f"cannot read the audit in {str(audit_dir)!r} ({type(e).__name__})",
+                           "point --from-audit at a `kdguard audit` run directory") from None
+    classes = record.get("classes") if isinstance(record, dict) else None
+    suspected = record.get("suspected_targets") if isinstance(record, dict) else None
+    if not isinstance(classes, list) or not isinstance(suspected, list) \
+            or not all(isinstance(k, int) and not isinstance(k, bool) for k in suspected):
+        raise KDGuardError(f"{str(d / 'audit.json')!r} is not an audit record",
+                           "point --from-audit at a `kdguard audit` run directory")
+    if target is None:
+        if not suspected:
+            raise KDGuardError(f"the audit in {str(audit_dir)!r} suspects no class (verdict {record.get('verdict')!r})",
+                               "pass --audit-class K to use class K's reconstructed trigger anyway")
+        target = suspected[0]
+    if not 0 <= int(target) < len(classes):
+        raise KDGuardError(f"class {target} is outside the audit's {len(classes)} classes",
+                           f"pass --audit-class between 0 and {len(classes) - 1}")
+    pattern, mask = trigger_files(d, int(target))
+    if not (pattern.is_file() and mask.is_file()):
+        raise KDGuardError(f"the audit in {str(audit_dir)!r} lacks class {target}'s trigger files",
+                           "rerun `kdguard audit` into a new out=DIR")
+    return AttackConfig(name="patch", target=int(target),
+                        params={"pattern_file": str(pattern.resolve()), "mask_file": str(mask.resolve()),
+                                "position": [0, 0]})
+
+
 def _pictured(clean, settings: AuditSettings):
     return cap_images(check_clean_set(clean.images, clean.labels), clean.labels, settings.max_images, settings.seed)
 
 
-__all__ = ["AuditConfig", "AuditJob", "AuditRun", "audit_settings", "run_audit"]
+__all__ = ["AuditConfig", "AuditJob", "AuditRun", "audit_settings", "audit_trigger", "run_audit"]
