@@ -17,9 +17,10 @@ running averages stay equal on all of them.
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import types
 from collections.abc import Iterator
-import contextlib
 
 import torch
 import torch.distributed as dist
@@ -102,14 +103,17 @@ def data_parallel(module: nn.Module, device: torch.device) -> nn.Module:
     """``module`` wrapped in :class:`DistributedDataParallel` on ``device`` when the process
     trains with others, else ``module`` itself.
 
-    Buffers are not broadcast before each forward (``broadcast_buffers=False``): the BatchNorm
+    Buffers are not broadcast before each forward (``forward_sync_buffers=False``, earlier
+    ``broadcast_buffers=False``): the BatchNorm
     statistics are the whole batch's on every process (:func:`sync_batch_norms`), so they stay
     equal; the wrapper's construction copies rank 0's parameters and buffers to every process.
     """
     if not active():
         return module
+    # torch >= 2.13 names the option forward_sync_buffers (broadcast_buffers is deprecated there)
+    new = "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
     return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None,
-                                   broadcast_buffers=False)
+                                   **{"forward_sync_buffers" if new else "broadcast_buffers": False})
 
 
 __all__ = ["data_parallel", "gather_batch", "sync_batch_norms"]
