@@ -18,7 +18,7 @@ from .commands._app import (CONFIG, DATA_ROOT, IN_CHANNELS, INPUT_NORM, NUM_CLAS
 from .errors import KDGuardError
 
 
-@command("train-teacher")
+@command("train-teacher", distributed=True)
 def train_teacher_cmd(overrides: Optional[list[str]] = OVERRIDES, config: Optional[Path] = CONFIG,
                       data_root: Optional[str] = DATA_ROOT) -> None:
     """Train a teacher, clean or poisoned by an attack (default: BadNets 10 % on embedded MNIST)."""
@@ -31,7 +31,7 @@ def train_teacher_cmd(overrides: Optional[list[str]] = OVERRIDES, config: Option
     console.print(f"run directory: {result.run_dir}")
 
 
-@command("distill")
+@command("distill", distributed=True)
 def distill_cmd(overrides: Optional[list[str]] = OVERRIDES, config: Optional[Path] = CONFIG,
                 teacher: Optional[str] = typer.Option(None, "--teacher", help="Teacher checkpoint (sets teacher=)"),
                 method: Optional[str] = typer.Option(

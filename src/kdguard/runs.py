@@ -16,6 +16,12 @@ the same few calls whatever it trains:
   (:func:`build_manifest`), written with the weights and ``metrics.json``.
 * :meth:`RunContext.report`: ``report.md`` with its table, curves and trigger preview.
 
+Under torchrun (:mod:`kdguard.distributed`; jobs that opt in with ``distributed=True``) rank 0
+alone opens the directory (lock, fingerprint, ``--resume`` / ``--overwrite``), evaluates and writes;
+the other processes wait for it and receive the opened directory and the metrics
+(:func:`kdguard.distributed.from_main`), and their :meth:`RunContext.save`,
+:meth:`RunContext.write_metrics` and :meth:`RunContext.report` write nothing.
+
 Each run directory holds ``config.yaml``, ``run.json``, ``manifest.json`` (versions, git commit,
 seed, model spec, attack, metrics), ``model.safetensors``, ``metrics.json`` (final test metrics)
 and ``report.md``, plus what the job adds (``train_state.pt``, ``metrics.jsonl``, ...). Test
@@ -37,6 +43,7 @@ from .attacks import AttackSpec, attack_from_manifest, attack_record, backdoor_t
 from .checkpoint import load_teacher, model_spec, save_model
 from .config import AttackConfig, TrainConfig, to_dict
 from .data import ImageDataset
+from .distributed import from_main, init, is_main, per_process_batch, refuse
 from .io import write_json
 from .metrics import BackdoorMetrics, evaluate_backdoor
 from .runtime import configure_threads, resolve_device, seed_everything, use_bf16, use_channels_last
@@ -159,7 +166,8 @@ class RunContext:
     @classmethod
     def open(cls, job: Any, *, seed: int | None = None, out: str | Path | None = None,
              parents: Iterable[str] = (), volatile: Iterable[str] = (), threads: int | None = None,
-             device: str | None = None, device_setting: str = "device", t0: float | None = None) -> RunContext:
+             device: str | None = None, device_setting: str = "device", t0: float | None = None,
+             distributed: bool = False) -> RunContext:
         """Check ``job``, open its run directory, set threads and seeds.
 
         Args:
@@ -174,24 +182,39 @@ class RunContext:
             device: a device setting (``auto``, ``cpu``, ``cuda:0``) resolved into :attr:`device`.
             device_setting: the key named when ``device`` is not available here.
             t0: the job's start time (default: now).
+            distributed: the job trains data-parallel when torchrun starts it with several
+                processes (it has ``job.train.batch_size``; ``device`` picks gloo or NCCL); other
+                jobs refuse to run under torchrun.
 
         Raises:
             KDGuardError: a bad training or device setting (:func:`kdguard.train.settings.check_job`),
                 or see :func:`kdguard.rundir.open_run` (a bad ``out``, a directory in use or holding
-                another run; ``--resume`` / ``--overwrite`` decide).
+                another run; ``--resume`` / ``--overwrite`` decide); under torchrun, a job that
+                runs as one process only, or a batch that does not split over the processes.
         """
         from .rundir import open_run
         from .train.settings import check_job
 
         start = time.perf_counter() if t0 is None else t0
         check_job(job)  # before the directory is opened: a rejected job leaves nothing behind
-        run_dir = open_run(job.out if out is None else out, job, parents=tuple(parents),
-                           volatile=tuple(volatile))
+        resolved = resolve_device(device, setting=device_setting) if device is not None else None
+        if not distributed:
+            refuse(f"job {type(job).__name__}")
+        else:
+            init(resolved or resolve_device("auto"))
+            per_process_batch(job.train.batch_size)
+        # under torchrun: rank 0 opens (and locks) it, the others wait for its path
+        run_dir = from_main(lambda: open_run(job.out if out is None else out, job, parents=tuple(parents),
+                                             volatile=tuple(volatile)))
         n = configure_threads(threads)
         seed = job.seed if seed is None else seed
         seed_everything(seed)
-        resolved = resolve_device(device, setting=device_setting) if device is not None else None
         return cls(run_dir, job, seed, n, resolved, start)
+
+    @property
+    def writer(self) -> bool:
+        """Whether this process writes the run's files (rank 0 under torchrun, else always)."""
+        return is_main()
 
     def elapsed(self) -> float:
         """Seconds since the job started (:attr:`t0`)."""
@@ -224,8 +247,9 @@ class RunContext:
     @staticmethod
     def evaluate(model: nn.Module, test: ImageDataset, attack: AttackSpec | None,
                  train_cfg: TrainConfig) -> dict[str, Any]:
-        """Test metrics of ``model`` as a dict (:func:`evaluate_model`)."""
-        return evaluate_model(model, test, attack, train_cfg=train_cfg).to_dict()
+        """Test metrics of ``model`` as a dict (:func:`evaluate_model`; under torchrun computed by
+        rank 0 and sent to every process)."""
+        return from_main(lambda: evaluate_model(model, test, attack, train_cfg=train_cfg).to_dict())
 
     def manifest(self, role: str, *, metrics: Any, **parts: Any) -> dict[str, Any]:
         """:func:`build_manifest` of this run's job."""
@@ -233,16 +257,21 @@ class RunContext:
 
     def save(self, model: nn.Module, manifest: dict[str, Any], *,
              save: Callable[[Path, nn.Module, dict[str, Any]], Any] = save_model) -> None:
-        """:func:`save_run` into this run's directory."""
-        save_run(self.out, model, manifest, save=save)
+        """:func:`save_run` into this run's directory (rank 0 only under torchrun)."""
+        if self.writer:
+            save_run(self.out, model, manifest, save=save)
 
     def write_metrics(self, metrics: dict[str, Any]) -> Path:
-        """``metrics.json`` of the run."""
+        """``metrics.json`` of the run (written by rank 0 only under torchrun)."""
+        if not self.writer:
+            return self.out / "metrics.json"
         return write_json(self.out / "metrics.json", metrics)
 
     def report(self, **kw: Any) -> Path:
         """``report.md`` (:func:`kdguard.report.write_run_report`: ``title``, ``rows``, ``history``,
-        ``attack``, ``sample``, ``notes``)."""
+        ``attack``, ``sample``, ``notes``; written by rank 0 only under torchrun)."""
         from .report import write_run_report
 
+        if not self.writer:
+            return self.out / "report.md"
         return write_run_report(self.out, **kw)

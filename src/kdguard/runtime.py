@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .distributed import local_device, local_processes
 from .errors import KDGuardError
 
 # Architectures too small for bf16/channels_last to pay off on CPU (platform notes: LeNet-size
@@ -22,7 +23,9 @@ _SMALL_ARCHS = {"lenet5"}
 
 
 def resolve_device(name: str = "auto", *, setting: str = "train.device") -> torch.device:
-    """``"auto"`` → CUDA when available, else CPU; otherwise ``torch.device(name)``.
+    """``"auto"`` → CUDA when available, else CPU; otherwise ``torch.device(name)``. Under
+    torchrun a CUDA device is this process's own, ``cuda:LOCAL_RANK``
+    (:func:`kdguard.distributed.local_device`).
 
     Args:
         setting: where the user gave ``name``, for the error's fix: a job key such as
@@ -32,7 +35,7 @@ def resolve_device(name: str = "auto", *, setting: str = "train.device") -> torc
         KDGuardError: an unknown device name, or a CUDA device on a machine without CUDA.
     """
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return local_device(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     sep = " " if setting.startswith("-") else "="
     try:
         device = torch.device(name)
@@ -42,7 +45,7 @@ def resolve_device(name: str = "auto", *, setting: str = "train.device") -> torc
     if device.type == "cuda" and not torch.cuda.is_available():
         raise KDGuardError(f"device {name!r} requested but CUDA is not available",
                            f"set {setting}{sep}cpu (or auto)")
-    return device
+    return local_device(device)
 
 
 @functools.cache
@@ -147,7 +150,8 @@ def seed_everything(seed: int) -> None:
 
 
 def configure_threads(n: int | None = None) -> int:
-    """Set torch's intra-op threads: ``n``, else ``$KDGUARD_NUM_THREADS``, else all usable cores.
+    """Set torch's intra-op threads: ``n``, else ``$KDGUARD_NUM_THREADS``, else all usable cores
+    (under torchrun: divided by the processes on the machine, ``LOCAL_WORLD_SIZE``, at least 1).
 
     On a machine shared with other jobs, fewer threads than cores is much faster: OpenMP threads
     busy-wait at every barrier for a descheduled sibling (measured here: 1 thread ran a SimCLR
@@ -162,6 +166,7 @@ def configure_threads(n: int | None = None) -> int:
                                "set it to a thread count such as 1 or 2") from None
     if n is None:
         n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        n //= local_processes()  # torchrun: the cores are shared by the processes on this machine
     n = max(1, n)
     torch.set_num_threads(n)
     return n

@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[2] / "src" / "kdguard"
 #: plugs into ``datafree``.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("L0 foundation", ("kdguard", "errors")),
+    ("L0 foundation", ("distributed",)),
     ("L0 foundation", ("registry", "trust", "runtime", "io", "taps", "log", "presets")),
     ("L0 foundation", ("config",)),
     ("L0 foundation", ("optim",)),

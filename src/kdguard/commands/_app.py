@@ -7,6 +7,7 @@ other's commands, so the fronts form no import circle.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import sys
@@ -51,7 +52,7 @@ RUN_DIR_OPTIONS = {
 }
 
 
-def command(name: str, *, group: typer.Typer | None = None) -> Callable[[F], F]:
+def command(name: str, *, group: typer.Typer | None = None, distributed: bool = False) -> Callable[[F], F]:
     """Register a CLI command whose :class:`KDGuardError` becomes ``error: …`` and exit code 2.
 
     ``group``: a sub-command group (``kdguard suite run``) added to :data:`app` by its module;
@@ -60,19 +61,34 @@ def command(name: str, *, group: typer.Typer | None = None) -> Callable[[F], F]:
     Every command also gets ``--resume`` and ``--overwrite`` and runs inside
     :func:`kdguard.rundir.run_policy`, which decides what happens to an ``out=`` that holds
     another run (commands that write no run directory ignore them).
+
+    ``distributed``: the command may be started by ``torchrun --nproc_per_node N`` (its job trains
+    data-parallel, :mod:`kdguard.distributed`); other commands refuse to. Under torchrun only
+    rank 0 prints: the other processes print no progress, warnings, results or ``error:`` lines
+    (they check the same settings; their exit code still tells a failure).
     """
 
     def deco(fn: F) -> F:
         @functools.wraps(fn)
         def guarded(*args, resume: bool = False, overwrite: bool = False, **kwargs):
+            from .. import distributed as ddp
             from ..rundir import run_policy
 
+            main = ddp.is_main()
             try:
-                with run_policy(resume=resume, overwrite=overwrite):
-                    return fn(*args, **kwargs)
+                with contextlib.ExitStack() as stack:
+                    if not main:
+                        _silence(stack)
+                    if not distributed:
+                        ddp.refuse(f"`kdguard {name}`")
+                    with run_policy(resume=resume, overwrite=overwrite):
+                        return fn(*args, **kwargs)
             except KDGuardError as e:
-                print(f"error: {e}", file=sys.stderr)
+                if main:
+                    print(f"error: {e}", file=sys.stderr)
                 raise typer.Exit(2) from None
+            finally:
+                ddp.shutdown()
 
         sig = inspect.signature(fn, eval_str=True)
         extra = [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=v, annotation=bool)
@@ -83,6 +99,20 @@ def command(name: str, *, group: typer.Typer | None = None) -> Callable[[F], F]:
         return fn
 
     return deco
+
+
+def _silence(stack: contextlib.ExitStack) -> None:
+    """No progress lines, bars, warnings or printed results in this process (a torchrun rank > 0)."""
+    import io
+    import logging
+    import warnings
+
+    from ..log import configure_logging
+
+    configure_logging(logging.CRITICAL)
+    stack.enter_context(warnings.catch_warnings())
+    warnings.simplefilter("ignore")
+    stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
 
 
 OVERRIDES = typer.Argument(None, help="Config overrides as key=value, e.g. train.epochs=30 model=resnet20")

@@ -19,7 +19,7 @@ from ._app import (CONFIG, DATA_ROOT, IN_CHANNELS, INPUT_NORM, OVERRIDES, TEACHE
 ENCODER = typer.Option(None, "--encoder", help="SSL encoder checkpoint directory (sets encoder=)")
 
 
-@command("ssl-pretrain")
+@command("ssl-pretrain", distributed=True)
 def ssl_pretrain_cmd(overrides: Optional[list[str]] = OVERRIDES, config: Optional[Path] = CONFIG,
                      data_root: Optional[str] = DATA_ROOT) -> None:
     """Pre-train a clean image encoder with SimCLR (default: ResNet-18 on CIFAR-10)."""

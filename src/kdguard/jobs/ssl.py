@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import to_dict
+from ..distributed import from_main
 from ..errors import KDGuardError
 from ..io import read_json, write_json, write_text
 from ..runs import RunContext
@@ -80,7 +81,9 @@ def run_pretrain(job: PretrainJob, *, threads: int | None = None) -> SSLResult:
     Raises:
         KDGuardError: unknown dataset/architecture, missing data, or training errors.
     """
-    run = RunContext.open(job, threads=threads)  # first: --overwrite empties the directory
+    # first: --overwrite empties the directory; runs data-parallel under torchrun
+    run = RunContext.open(job, threads=threads, device=job.train.device, device_setting="train.device",
+                          distributed=True)
     out = run.out
     done = _finished(out, job)
     if done is not None:
@@ -95,8 +98,8 @@ def run_pretrain(job: PretrainJob, *, threads: int | None = None) -> SSLResult:
                                "n_train": len(train)}
     if job.knn_k > 0:
         test = load_split(job.data.name, "test", job.data.root)
-        metrics["knn_acc"] = knn_accuracy(model.encoder, train, test, k=job.knn_k,
-                                          device=resolve_device(job.train.device))
+        metrics["knn_acc"] = from_main(lambda: knn_accuracy(model.encoder, train, test, k=job.knn_k,
+                                                            device=resolve_device(job.train.device)))
     metrics["seconds"] = run.elapsed()
     run.save(model, run.manifest("clean_encoder", head={"seed": job.seed},
                                  dataset={"name": train.name, "shape": list(train.shape)}, metrics=metrics),

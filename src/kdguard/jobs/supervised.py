@@ -11,6 +11,9 @@ Each training job writes one run directory through :class:`kdguard.runs.RunConte
     poison_indices.json (teacher runs)   the poisoned training indices
     report.md + *.png   trigger preview and training curves
 
+Both training jobs run data-parallel under ``torchrun --nproc_per_node N -m kdguard
+train-teacher|distill ...`` (:mod:`kdguard.distributed`): rank 0 writes the directory.
+
 Test metrics are computed once, at the end, on the last-epoch model: the test split is never
 used for model selection (validation metrics drive the curves).
 """
@@ -41,14 +44,16 @@ def train_teacher(job: TeacherJob, *, threads: int | None = None) -> RunResult:
         job: the job's settings.
         threads: torch's intra-op threads for the run (None: ``$KDGUARD_NUM_THREADS``, else all cores).
     """
-    ctx = RunContext.open(job, threads=threads)
+    ctx = RunContext.open(job, threads=threads, device=job.train.device, device_setting="train.device",
+                          distributed=True)
     out = ctx.out
     data = load_splits(job.data, seed=job.seed)
     attack = make_attack(job.attack, data.train.shape, data.train.num_classes)
     train_set = data.train
     if attack is not None:
         poisoned = poison_dataset(data.train, attack, seed=job.attack.seed)
-        poisoned.save_indices(out / "poison_indices.json")
+        if ctx.writer:
+            poisoned.save_indices(out / "poison_indices.json")
         train_set = poisoned.dataset
     model = build_model(job.model, num_classes=train_set.num_classes, in_channels=train_set.channels,
                         mean=train_set.mean, std=train_set.std)
@@ -95,7 +100,8 @@ def distill(job: DistillJob, *, threads: int | None = None) -> RunResult:
         job: the job's settings.
         threads: torch's intra-op threads for the run (None: ``$KDGUARD_NUM_THREADS``, else all cores).
     """
-    ctx = RunContext.open(job, parents=("teacher",), threads=threads)
+    ctx = RunContext.open(job, parents=("teacher",), threads=threads, device=job.train.device,
+                          device_setting="train.device", distributed=True)
     out = ctx.out
     teacher, t_manifest = ctx.load_teacher(job.teacher, job.teacher_spec)
     data = load_splits(job.data, seed=job.seed)

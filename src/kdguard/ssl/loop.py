@@ -11,6 +11,12 @@ from one seeded generator, the summed-loss update, per-epoch ``metrics.jsonl`` l
 ``metrics.jsonl`` is rewritten to hold exactly the restored epochs, and a run resumed with more
 epochs than planned stretches the rest of its schedule over the new length.
 
+Under torchrun the step still gets the whole batch's indices (every process draws the same
+order and the same augmentations from the shared generator); a step that supports it
+(:func:`kdguard.ssl.simclr.simclr_step`) keeps its shard (``loop.shard``), runs
+``loop.forward(model)`` (the data-parallel wrapper) and gathers what its loss needs from the whole
+batch (``loop.gather``); see :mod:`kdguard.train.engine`.
+
 Frozen models (the clean encoder of BadEncoder, the teacher of the defence) are passed as
 ``frozen``: they are moved to the device and kept in eval mode, never optimised and never saved.
 """
@@ -102,6 +108,11 @@ class SSLLoop(EpochEngine):
         """``x`` in channels_last memory format when the loop uses it (shape unchanged)."""
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
+    def forward(self, model: nn.Module) -> nn.Module:
+        """What a step calls to run ``model``: the loop's data-parallel wrapper when ``model`` is
+        the trained module and the loop runs under torchrun, else ``model``."""
+        return self.forward_module if model is self.module else model
+
     def fit(self, n: int, step: Step, *, resume: bool = True) -> list[EpochLog]:
         """Train for the remaining epochs over ``n`` items; ``step`` gets int64 index batches.
 
@@ -115,7 +126,7 @@ class SSLLoop(EpochEngine):
         bs = min(self.cfg.batch_size, n)
         steps = n // bs
         start = self.start_epoch = len(self.history)
-        self.begin(steps)
+        self.begin(steps, bs)
         bar = tqdm(range(start, self.cfg.epochs), desc=self.desc, unit="epoch", initial=start,
                    total=self.cfg.epochs, disable=bar_disabled(self.cfg.progress), dynamic_ncols=True)
         for epoch in bar:
@@ -133,6 +144,7 @@ class SSLLoop(EpochEngine):
                 self.step(losses)
                 for k, v in losses.items():
                     sums[k] = sums.get(k, 0) + v.detach().float()
+            sums, _ = self.epoch_totals(sums)
             means = {k: float(v) / steps for k, v in sums.items()}
             if not all(math.isfinite(v) for v in means.values()):
                 raise KDGuardError(f"{self.desc}: loss became non-finite in epoch {epoch + 1}: {means}",
@@ -142,4 +154,5 @@ class SSLLoop(EpochEngine):
             summary = " ".join(f"{k}={v:.4f}" for k, v in means.items())
             logger.info(f"[{self.desc}] epoch {epoch + 1}/{self.cfg.epochs} {summary} ({log.seconds:.1f}s)")
             logger.debug(f"[{self.desc}] epoch {epoch + 1}: lr={lr:.6g} after {steps} steps of {bs}")
+        self.end()
         return self.history

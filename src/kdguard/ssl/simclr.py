@@ -61,11 +61,16 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -> tor
 
 def simclr_step(model: SSLModel, images: torch.Tensor, loop: SSLLoop, augment: SimCLRAugment,
                 temperature: float) -> dict[str, torch.Tensor]:
-    """One SimCLR step on a uint8 batch: two augmented views → ``{"simclr": NT-Xent}``."""
+    """One SimCLR step on a uint8 batch: two augmented views → ``{"simclr": NT-Xent}``.
+
+    Under torchrun every process augments the whole batch, encodes its shard of the views, and
+    computes NT-Xent over the gathered projections of the whole batch (the negatives of one
+    process's anchors are all 2N − 2 other views, as in one process)."""
     x = images.to(loop.device, non_blocking=True)
-    _, z1 = model(loop.layout(augment(x, loop.generator)))
-    _, z2 = model(loop.layout(augment(x, loop.generator)))
-    return {"simclr": nt_xent(z1, z2, temperature)}
+    net = loop.forward(model)
+    _, z1 = net(loop.layout(loop.shard(augment(x, loop.generator))))
+    _, z2 = net(loop.layout(loop.shard(augment(x, loop.generator))))
+    return {"simclr": nt_xent(loop.gather(z1), loop.gather(z2), temperature)}
 
 
 def train_simclr(model: SSLModel, images: torch.Tensor, cfg: TrainConfig, *,

@@ -21,12 +21,23 @@ it, which the round-based :class:`~kdguard.datafree.loop.DataFreeLoop` shares: p
 (:func:`place_modules`), one optimiser update over an explicit parameter list
 (:func:`optimizer_step`, :func:`clip_and_step`), the atomically written state file and the
 reconciliation of ``metrics.jsonl`` with the restored history (:func:`sync_history_file`).
+
+Under torchrun (:mod:`kdguard.distributed`) the epoch loops train data-parallel: every process
+draws the same shuffled order and augments the whole batch with the same generator, then keeps
+its shard (:meth:`EpochEngine.shard`), so the shards of one step are the batch a single process
+would take; :class:`~torch.nn.parallel.DistributedDataParallel` (:attr:`EpochEngine.forward_module`)
+averages the gradients and BatchNorm uses the whole batch's statistics
+(:mod:`kdguard.train.parallel`). Only rank 0 writes the state file and ``metrics.jsonl`` and
+evaluates; the others read the restored state and the evaluation results from it
+(:func:`kdguard.distributed.from_main`). The epoch's loss means and counts are summed over the
+processes (:meth:`EpochEngine.epoch_totals`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -36,10 +47,12 @@ import torch
 from torch import nn
 
 from ..config import TrainConfig
+from ..distributed import active, from_main, is_main, per_process_batch, rank, sum_across, world_size
 from ..errors import KDGuardError
 from ..io import append_jsonl, atomic_write, write_text
 from ..optim import build_optimizer, epoch_scheduler, extend_schedule
 from ..runtime import autocast, resolve_device, use_bf16, use_channels_last
+from .parallel import data_parallel, gather_batch, sync_batch_norms
 
 STATE_FILE = "train_state.pt"
 HISTORY_FILE = "metrics.jsonl"
@@ -133,7 +146,8 @@ class StepEngine:
 
     Subclasses set ``device``, ``bf16``, ``run_dir`` and ``desc``, then call
     :meth:`_init_step_engine` with the optimiser they built; ``own_history_file`` true means
-    ``metrics.jsonl`` holds this loop's lines only (lines of other stages are dropped).
+    ``metrics.jsonl`` holds this loop's lines only (lines of other stages are dropped). Under
+    torchrun only rank 0 writes (``writer``); every process reads the state rank 0 read.
     """
 
     device: torch.device
@@ -147,6 +161,7 @@ class StepEngine:
         self.params = trained_parameters(optimizer)
         self.grad_clip = grad_clip
         self.scheduler: Any = None  # the learning-rate scheduler, built when the loop starts
+        self.writer = is_main()  # under torchrun, rank 0 alone writes the run's files
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """bf16 autocast on the loop's device when it pays off (else a no-op context)."""
@@ -159,25 +174,27 @@ class StepEngine:
                        self.scheduler if scheduler_step else None)
 
     def write_state(self, name: str, state: Mapping[str, Any]) -> None:
-        """Write ``state`` to ``run_dir/name`` atomically (nothing without a run directory)."""
-        if self.run_dir is not None:
+        """Write ``state`` to ``run_dir/name`` atomically (nothing without a run directory, or on
+        a process other than rank 0)."""
+        if self.run_dir is not None and self.writer:
             atomic_write(self.run_dir / name, lambda p: torch.save(state, p))
 
     def read_state(self, name: str) -> dict[str, Any] | None:
-        """``run_dir/name`` loaded by :func:`read_state_file`, or None without one.
+        """``run_dir/name`` loaded by :func:`read_state_file`, or None without one (under
+        torchrun: read by rank 0 and sent to every process).
 
         Raises:
             Exception: as :func:`read_state_file` (callers name the fix).
         """
         path = self.run_dir / name if self.run_dir else None
-        if path is None or not path.exists():
+        if path is None:
             return None
-        return read_state_file(path)
+        return from_main(lambda: read_state_file(path) if path.exists() else None)
 
     def sync_history(self, records: Sequence[Mapping[str, Any]]) -> None:
         """Make the ``desc`` lines of ``run_dir/metrics.jsonl`` exactly ``records``
-        (:func:`sync_history_file`; nothing without a run directory)."""
-        if self.run_dir is not None:
+        (:func:`sync_history_file`; nothing without a run directory or off rank 0)."""
+        if self.run_dir is not None and self.writer:
             sync_history_file(self.run_dir / HISTORY_FILE, self.desc, records,
                               keep_other_stages=not self.own_history_file)
 
@@ -206,6 +223,10 @@ class EpochEngine(StepEngine):
         self.device = resolve_device(cfg.device)
         self.bf16, self.channels_last = place_modules([module, *movable], self.device, amp=cfg.amp,
                                                       channels_last=cfg.channels_last, net=net)
+        #: what a step calls to run ``module`` forward: the data-parallel wrapper under torchrun
+        self.forward_module: nn.Module = module
+        self._shard = slice(None)
+        self._parallel = contextlib.ExitStack()
 
     def _init_optimizer(self, params: Iterable[nn.Parameter], seed: int) -> None:
         self._init_step_engine(build_optimizer(list(params), self.cfg.optim), self.cfg.grad_clip)
@@ -226,8 +247,8 @@ class EpochEngine(StepEngine):
                 if not self._frozen(k)}
 
     def save_state(self) -> None:
-        """Write ``train_state.pt`` atomically (nothing without a run directory)."""
-        if self.run_dir is None:
+        """Write ``train_state.pt`` atomically (nothing without a run directory, or off rank 0)."""
+        if self.run_dir is None or not self.writer:
             return
         self.write_state(STATE_FILE, {
             "epoch": len(self.history),
@@ -276,9 +297,20 @@ class EpochEngine(StepEngine):
     def _extended(self) -> None:
         """Called after :meth:`begin` lengthened the schedule (a hook for warnings)."""
 
-    def begin(self, steps_per_epoch: int) -> None:
+    def begin(self, steps_per_epoch: int, batch: int | None = None) -> None:
         """Before the first epoch to run: stretch the schedule if ``train.epochs`` grew, build the
-        scheduler at the start step, and make ``metrics.jsonl`` hold exactly the restored epochs."""
+        scheduler at the start step, and make ``metrics.jsonl`` hold exactly the restored epochs.
+
+        Under torchrun also: this process's shard of a ``batch`` (the per-step batch; the
+        processes take ``batch / N`` images each, in rank order), the data-parallel wrapper and
+        whole-batch BatchNorm statistics until :meth:`end`.
+
+        Raises:
+            KDGuardError: ``batch`` does not split evenly over the processes.
+        """
+        if active() and batch is not None:
+            per = per_process_batch(batch)
+            self._shard = slice(rank() * per, (rank() + 1) * per)
         if self.planned_epochs < self.cfg.epochs and self.start_epoch < self.cfg.epochs:
             self.segments = extend_schedule(self.segments, done_epochs=self.start_epoch,
                                             planned_epochs=self.planned_epochs, steps_per_epoch=steps_per_epoch)
@@ -289,11 +321,42 @@ class EpochEngine(StepEngine):
                                          segments=self.segments, saved=self._saved_scheduler,
                                          what=repr(self.desc))
         self.sync_history([asdict(r) for r in self.history])
+        if active():
+            self._parallel.enter_context(sync_batch_norms(self.module))
+            self.forward_module = data_parallel(self.module, self.device)
+
+    def end(self) -> None:
+        """After the last epoch: BatchNorm layers back to their own forward (see :meth:`begin`)."""
+        self._parallel.close()
+        self.forward_module = self.module
+
+    def shard(self, batch: torch.Tensor) -> torch.Tensor:
+        """This process's rows of a whole ``batch`` (dim 0; ``batch`` itself when alone)."""
+        return batch[self._shard] if active() else batch
+
+    @staticmethod
+    def gather(x: torch.Tensor) -> torch.Tensor:
+        """All processes' shards of ``x`` as the whole batch, differentiable
+        (:func:`kdguard.train.parallel.gather_batch`; ``x`` itself when alone)."""
+        return gather_batch(x)
+
+    def epoch_totals(self, sums: dict[str, torch.Tensor], *counts: torch.Tensor | int
+                     ) -> tuple[dict[str, torch.Tensor], list[torch.Tensor | int]]:
+        """An epoch's summed loss terms (each process's mean over its shard) averaged over the
+        processes, and ``counts`` summed over them; unchanged when alone."""
+        if not active():
+            return sums, list(counts)
+        values = [torch.as_tensor(v, dtype=torch.float64, device=self.device).reshape(())
+                  for v in (*sums.values(), *counts)]
+        total = sum_across(torch.stack(values))
+        n = world_size()
+        means = {k: total[i] / n for i, k in enumerate(sums)}
+        return means, [int(math.floor(float(c) + 0.5)) for c in total[len(sums):]]
 
     def finish_epoch(self, record: Any) -> None:
         """Append ``record`` to the history, then write the state, then its ``metrics.jsonl`` line
         (in this order, so a kill between the two leaves a state that :meth:`begin` reconciles)."""
         self.history.append(record)
         self.save_state()
-        if self.run_dir is not None:
+        if self.run_dir is not None and self.writer:
             append_jsonl(self.run_dir / HISTORY_FILE, {"stage": self.desc, **asdict(record)})

@@ -16,6 +16,13 @@ larger ``train.epochs``) stretches the rest of its schedule over the new length
 (:func:`kdguard.optim.schedule_progress`): the learning rate continues from where it was and a
 cosine never rises again.
 
+Under torchrun (``torchrun --nproc_per_node N -m kdguard train-teacher|distill ...``) each process
+trains on its ``batch_size / N`` images of every batch (the union of the shards is the batch one
+process would take) through :class:`~torch.nn.parallel.DistributedDataParallel`, with BatchNorm
+statistics over the whole batch; rank 0 alone evaluates and writes
+(:mod:`kdguard.train.engine`). Distillers with a per-sample memory (``needs_index``: CRD) are
+refused there: each process would update the memory with its shard only.
+
 Chance level: an epoch from the third and a fifth of the training on (or the last) whose training accuracy is at chance
 (:func:`kdguard.metrics.at_chance`) issues a :class:`ChanceAccuracyWarning` once per run; a loss
 that becomes non-finite stops the run with a :class:`~kdguard.errors.KDGuardError`.
@@ -39,6 +46,7 @@ from tqdm.auto import tqdm
 from ..config import TrainConfig
 from ..data.batches import to_float
 from ..distill.base import Distiller
+from ..distributed import active, from_main
 from ..errors import KDGuardError
 from ..log import bar_disabled
 from ..metrics import at_chance
@@ -131,11 +139,11 @@ class Trainer(EpochEngine):
             if isinstance(self.module, Distiller):
                 # Methods with a per-sample memory (CRD) need each sample's position in the set.
                 if getattr(self.module, "needs_index", False):
-                    logits, losses = self.module(x, y, index.to(self.device))
+                    logits, losses = self.forward_module(x, y, index.to(self.device))
                 else:
-                    logits, losses = self.module(x, y)
+                    logits, losses = self.forward_module(x, y)
             else:
-                logits = self.module(x)
+                logits = self.forward_module(x)
                 losses = {"ce": F.cross_entropy(logits.float(), y)}
         return logits, losses
 
@@ -143,15 +151,22 @@ class Trainer(EpochEngine):
         """Train for ``cfg.epochs`` epochs on uint8 ``images`` (``N×C×H×W``) and int64 ``labels``.
 
         Returns the per-epoch history (also appended to ``metrics.jsonl`` in ``run_dir``).
+
+        Raises:
+            KDGuardError: an empty training set; under torchrun, a batch that does not split
+                evenly over the processes or a distiller with a per-sample memory.
         """
         if len(images) == 0:
             raise KDGuardError("the training set is empty", "check the data fraction / split settings")
+        if active() and getattr(self.module, "needs_index", False):
+            raise KDGuardError(f"[{self.desc}] this KD method keeps a memory of every training sample "
+                               "and does not run under torchrun", "run it as one process")
         if resume:
             self.try_resume()
         n = len(images)
         bs = min(self.cfg.batch_size, n)
         steps_per_epoch = n // bs  # drop the last partial batch (BatchNorm on tiny batches is noisy)
-        self.begin(steps_per_epoch)
+        self.begin(steps_per_epoch, bs)
         num_classes: int | None = None
         epochs = tqdm(range(self.start_epoch, self.cfg.epochs), desc=self.desc, unit="epoch",
                       initial=self.start_epoch, total=self.cfg.epochs, disable=bar_disabled(self.cfg.progress),
@@ -174,6 +189,7 @@ class Trainer(EpochEngine):
                 xb = images[idx]
                 if self.augment is not None:
                     xb = self.augment(xb, generator=self.generator)
+                xb, idx = self.shard(xb), self.shard(idx)  # under torchrun: this process's part
                 x = to_float(xb, self.device, channels_last=self.channels_last)
                 y = labels[idx].to(self.device, non_blocking=True)
                 lr = current_lr(self.scheduler)
@@ -184,6 +200,7 @@ class Trainer(EpochEngine):
                 correct += (logits.argmax(1) == y).sum()
                 seen += len(y)
                 num_classes = logits.shape[-1]
+            sums, (correct, seen) = self.epoch_totals(sums, correct, seen)
             mean_losses = {k: float(v) / steps_per_epoch for k, v in sums.items()}
             if not all(math.isfinite(v) for v in mean_losses.values()):
                 raise KDGuardError(f"loss became non-finite in epoch {epoch + 1}: {mean_losses}",
@@ -193,7 +210,7 @@ class Trainer(EpochEngine):
                                  train_acc=float(correct) / max(seen, 1),
                                  seconds=time.perf_counter() - t0)
             if self.evaluate is not None:
-                record.val = self.evaluate(self.net)
+                record.val = from_main(lambda: self.evaluate(self.net))  # rank 0 evaluates
             self.finish_epoch(record)
             self._check_chance(record, num_classes)
             summary = " ".join(f"{k}={v:.4f}" for k, v in mean_losses.items())
@@ -201,4 +218,5 @@ class Trainer(EpochEngine):
             logger.info(f"[{self.desc}] epoch {epoch + 1}/{self.cfg.epochs} {summary} "
                         f"train_acc={record.train_acc:.4f} {val} ({record.seconds:.1f}s)")
             logger.debug(f"[{self.desc}] epoch {epoch + 1}: lr={lr:.6g} after {steps_per_epoch} steps of {bs}")
+        self.end()
         return self.history
