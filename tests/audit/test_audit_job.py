@@ -110,7 +110,9 @@ def test_bad_settings_are_one_line(teacher_dir, tmp_path, capsys, args, expected
 
 
 def test_bare_weights_need_a_dataset(teacher_dir, tmp_path, capsys):
-    err = cli_error(["audit", "--teacher", str(teacher_dir / "model.safetensors"), "--teacher-arch", "lenet5",
+    bare = tmp_path / "bare.safetensors"  # away from the run directory's manifest
+    bare.write_bytes((teacher_dir / "model.safetensors").read_bytes())
+    err = cli_error(["audit", "--teacher", str(bare), "--teacher-arch", "lenet5",
                      "--num-classes", "10", "--in-channels", "1", f"out={tmp_path / 'a'}"], capsys)
     assert "names no dataset" in err and "data.name=" in err
 
@@ -133,3 +135,13 @@ def test_one_class_or_no_images_is_refused(tiny_net):
         audit_model(tiny_net, x, torch.zeros(20, dtype=torch.long), settings=AuditSettings(shuffle=None))
     with pytest.raises(KDGuardError, match="non-empty"):
         audit_model(tiny_net, x[:0], torch.zeros(0, dtype=torch.long))
+
+
+def test_summary_compares_with_the_recorded_attack(audit_dir, capsys):
+    rec = read_json(audit_dir / "audit.json")
+    assert rec["teacher"]["recorded_attack"] == {"name": "badnets", "target": 2, "label_mode": "all_to_one"}
+    capsys.readouterr()
+    assert main(["audit-summary", str(audit_dir), str(audit_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "| mnist_embedded/" in out and "badnets → 2" in out and f"| {rec['verdict']} |" in out
+    assert "kdguard" in out and "/2" in out  # two poisoned records counted

@@ -242,7 +242,7 @@ def test_collector_finds_the_messages():
     assert len(messages) > 300
     texts = [t for *_, t in messages]
     # an f-string's constant parts, a helper's message and a message held in a local variable
-    assert any("--attack and --attack-from both name an attack" in t for t in texts)
+    assert any("more than one of --attack, --attack-from and --from-audit names an attack" in t for t in texts)
     assert any("add a batch dimension with x.unsqueeze(0)" in t for t in texts)  # `fix = ...; KDGuardError(p, fix)`
     assert "--attack-from" in suggested(FLAG_RE) and "--data-root" in suggested(FLAG_RE)
     assert "schedule.rounds" in suggested_keys()  # user_layer(example=...)

@@ -200,3 +200,52 @@ def write_reports(out: Path, record: dict[str, Any], pictures: list[str]) -> Non
     write_text(out / "report.md", render_markdown(record, pictures))
     embedded = [(p, base64.b64encode((out / "pictures" / p).read_bytes()).decode()) for p in pictures]
     write_text(out / "report.html", _HTML.render(r=record, pictures=embedded))
+
+
+def _nc_baseline(record: dict[str, Any]) -> list[int]:
+    """Neural Cleanse's own decision on the record: classes whose mask index exceeds the threshold,
+    most anomalous first."""
+    threshold = record["settings"]["threshold"]
+    idx = {c["class"]: c["index"]["mask"] for c in record["classes"]}
+    value = (lambda k: float("inf") if idx[k] == "inf" else float(idx[k]) if idx[k] != "-inf" else float("-inf"))
+    return sorted((k for k in idx if value(k) > threshold), key=value, reverse=True)
+
+
+def summary_table(records: list[dict[str, Any]]) -> str:
+    """A Markdown table of several ``audit.json`` records: the teacher's recorded attack (the
+    truth, when the manifest has one), kdguard's verdict and target, Neural Cleanse's own decision
+    (mask index alone) and the wall time; then detection and false-positive counts.
+
+    Detection = verdict ``backdoored`` with the recorded target first; a false positive = a
+    teacher with no recorded attack whose verdict is ``backdoored``. ``suspicious`` is counted apart.
+    """
+    lines = ["| teacher | recorded attack → target | verdict | suspected | correct | NC (mask index > 2) | NC correct | "
+             "clean acc % | wall s |", "|---|---|---|---|---|---|---|---|---|"]
+    poisoned = detected = nc_detected = clean = fp = nc_fp = suspicious = 0
+    for r in records:
+        truth = r["teacher"].get("recorded_attack")
+        nc = _nc_baseline(r)
+        targets = r["suspected_targets"]
+        if truth:
+            poisoned += 1
+            ok = r["verdict"] == "backdoored" and targets[:1] == [truth["target"]]
+            nc_ok = nc[:1] == [truth["target"]]
+            detected += ok
+            nc_detected += nc_ok
+            truth_s = f"{truth['name']} → {truth['target']}"
+        else:
+            clean += 1
+            ok = r["verdict"] != "backdoored"
+            nc_ok = not nc
+            fp += not ok
+            nc_fp += not nc_ok
+            truth_s = "none"
+        suspicious += r["verdict"] == "suspicious"
+        name = f"{r['dataset']}/{Path(r['teacher']['path']).name}"
+        lines.append(f"| {name} | {truth_s} | {r['verdict']} | {', '.join(map(str, targets)) or '—'} | "
+                     f"{'yes' if ok else 'no'} | {', '.join(map(str, nc)) or '—'} | {'yes' if nc_ok else 'no'} | "
+                     f"{100 * r['clean_accuracy']:.1f} | {r['seconds']['total']:.0f} |")
+    lines += ["", f"Poisoned teachers detected with the right target: kdguard {detected}/{poisoned}, "
+              f"Neural Cleanse {nc_detected}/{poisoned}. Clean teachers called backdoored: kdguard "
+              f"{fp}/{clean}, Neural Cleanse (any class flagged) {nc_fp}/{clean}. Verdicts `suspicious`: {suspicious}."]
+    return "\n".join(lines)

@@ -40,3 +40,24 @@ def audit_cmd(overrides: Optional[list[str]] = OVERRIDES, config: Optional[Path]
     console.print(f"verdict: {r['verdict']}  suspected target(s): {targets}  "
                   f"({r['seconds']['total']:.0f} s, {r['n_images']} clean images)")
     console.print(f"run directory: {result.run_dir}")
+
+
+@command("audit-summary")
+def audit_summary_cmd(audits: list[Path] = typer.Argument(..., help="`kdguard audit` run directories")) -> None:
+    """One Markdown table over several audits: verdicts against the teachers' recorded attacks, Neural Cleanse's own decision, wall time."""
+    import json
+
+    from ..audit.report import summary_table
+    from ..errors import KDGuardError
+
+    records = []
+    for d in audits:
+        try:
+            record = json.loads((d / "audit.json").read_text())
+            if not isinstance(record, dict) or "classes" not in record or "verdict" not in record:
+                raise ValueError("not an audit record")
+        except (OSError, ValueError) as e:
+            raise KDGuardError(f"cannot read the audit in {str(d)!r} ({type(e).__name__})",
+                               "pass `kdguard audit` run directories (each holds audit.json)") from None
+        records.append(record)
+    console.print(summary_table(records), markup=False, soft_wrap=True)

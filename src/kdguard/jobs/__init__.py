@@ -8,7 +8,8 @@ module          jobs
 supervised      :func:`train_teacher`, :func:`distill`, :func:`evaluate_checkpoint`
 datafree        :func:`run_datafree` (data-free KD, with the ABD extensions composed in from the
                 job's ``abd`` section: :class:`DataFreeABDJob`), :func:`fork_datafree_run`
-defend          :func:`run_defense` (fine-tuning, fine-pruning, NAD)
+defend          :func:`run_defense` (fine-tuning, fine-pruning, NAD, unlearning)
+audit           :func:`run_audit` (is this teacher backdoored; reconstructed triggers)
 robustkd        :func:`run_robustkd`, :func:`run_trigger_job`
 ssl             :func:`run_pretrain`, :func:`run_badencoder_job`, :func:`run_probe_job`,
                 :func:`run_grid`, :func:`run_defend`
@@ -25,6 +26,7 @@ from __future__ import annotations
 from ..runs import RunResult
 from .datafree import (DataFreeABDJob, DataFreeSetup, ExtensionFactory, abd_extensions, build_datafree_job, fork_datafree_run, prepare_datafree,
                        run_datafree, stopped_run_config, validate_datafree_job)
+from .audit import AuditJob, run_audit
 from .defend import run_defense
 from .import_teacher import ImportJob, ImportResult, import_teacher
 from .robustkd import run_robustkd, run_trigger_job
@@ -32,9 +34,9 @@ from .ssl import GridResult, SSLResult, run_badencoder_job, run_defend, run_grid
 from .supervised import build_distiller, distill, evaluate_checkpoint, train_teacher
 
 __all__ = [
-    "DataFreeABDJob", "DataFreeSetup", "ExtensionFactory", "GridResult", "ImportJob", "ImportResult", "RunResult", "SSLResult",
+    "AuditJob", "DataFreeABDJob", "DataFreeSetup", "ExtensionFactory", "GridResult", "ImportJob", "ImportResult", "RunResult", "SSLResult",
     "abd_extensions", "build_datafree_job", "build_distiller", "distill", "evaluate_checkpoint", "fork_datafree_run",
-    "import_teacher", "prepare_datafree", "run_badencoder_job", "run_datafree", "run_defend", "run_defense",
+    "import_teacher", "prepare_datafree", "run_audit", "run_badencoder_job", "run_datafree", "run_defend", "run_defense",
     "run_grid", "run_pretrain", "run_probe_job", "run_robustkd", "run_trigger_job", "stopped_run_config",
     "train_teacher", "validate_datafree_job",
 ]

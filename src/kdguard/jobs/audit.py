@@ -136,7 +136,8 @@ def run_audit(job: AuditJob, *, threads: int | None = None) -> AuditRun:
     record = {
         "kind": "audit",
         "teacher": {"path": str(source.resolve()), "sha256": weights_digest(source),
-                    "arch": spec.get("arch"), "num_classes": spec.get("num_classes")},
+                    "arch": spec.get("arch"), "num_classes": spec.get("num_classes"),
+                    "recorded_attack": _recorded_attack(manifest)},
         "dataset": data.train.name, "clean_fraction": job.clean_fraction, "seed": job.seed,
         "out": str(out), **result.to_dict(),
         "pictured_classes": shown, "threads": run.threads, "device": str(run.device),
@@ -191,6 +192,21 @@ def audit_trigger(audit_dir: str | Path, target: int | None = None) -> AttackCon
     return AttackConfig(name="patch", target=int(target),
                         params={"pattern_file": str(pattern.resolve()), "mask_file": str(mask.resolve()),
                                 "position": [0, 0]})
+
+
+def _recorded_attack(manifest: dict[str, Any]) -> dict[str, Any] | None:
+    """The attack the teacher's manifest records (name, target), for comparing verdicts with the
+    truth where it is known; None for a clean or foreign teacher."""
+    attack = manifest.get("attack")
+    if not isinstance(attack, dict):
+        return None
+    config = attack.get("config") if isinstance(attack.get("config"), dict) else {}
+    name = config.get("name")
+    target = attack.get("target", config.get("target"))
+    if not name:
+        return None
+    return {"name": str(name), "target": int(target) if isinstance(target, int) else None,
+            "label_mode": attack.get("label_mode")}
 
 
 def _pictured(clean, settings: AuditSettings):

@@ -68,6 +68,11 @@ def _trigger(o: list[str]) -> Any:
     return _build(TriggerJob, o)
 
 
+def _audit(o: list[str]) -> Any:
+    from ..jobs.audit import AuditJob
+    return _build(AuditJob, o)
+
+
 def _ssl(name: str) -> Callable[[list[str]], Any]:
     def build(o: list[str]) -> Any:
         from ..ssl import config as ssl_config
@@ -119,6 +124,7 @@ JOB_KINDS: dict[str, JobKind] = {
     "defend": JobKind(_defend, _run("run_defense"), "model"),
     "robustkd": JobKind(_robustkd, _run("run_robustkd"), "teacher"),
     "robustkd-trigger": JobKind(_trigger, _run("run_trigger_job"), "teacher", weights=False),
+    "audit": JobKind(_audit, _run("run_audit"), "teacher", weights=False),
     "ssl-pretrain": JobKind(_ssl("PretrainJob"), _run("run_pretrain"), None),
     "ssl-badencoder": JobKind(_ssl("BadEncoderJob"), _run("run_badencoder_job"), "encoder"),
     "ssl-defend": JobKind(_ssl("DefendJob"), _run("run_defend"), "encoder", metrics=_ssl_defend_metrics,

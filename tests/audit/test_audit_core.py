@@ -1,0 +1,55 @@
+"""The whole audit on the tiny shortcut models of conftest: the planted backdoor is found with its
+target, the clean model is not called backdoored, and the result is complete and deterministic."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kdguard.audit.core import AuditSettings, audit_model, cap_images
+from kdguard.audit.reachability import TriggerSearch
+from kdguard.audit.shuffle_check import ShuffleCheck
+
+TARGET = 3
+SETTINGS = AuditSettings(search=TriggerSearch(epochs=60), shuffle=ShuffleCheck(rounds=1), max_images=0)
+
+
+@pytest.fixture(scope="module")
+def backdoored_audit(backdoored_model, clean_set):
+    with pytest.warns(UserWarning, match="shuffling all 1"):  # the toy has one linear layer to shuffle
+        return audit_model(backdoored_model, *clean_set, settings=SETTINGS)
+
+
+def test_planted_backdoor_is_found_with_its_target(backdoored_audit):
+    r = backdoored_audit
+    assert r.verdict.verdict == "backdoored" and r.verdict.targets == [TARGET]
+    assert "mask" in r.verdict.signals[TARGET]
+    found = r.classes[TARGET]
+    assert found.trigger.l1 < 4 and found.trigger.success >= 0.9  # the planted patch is 2×2
+    assert found.additive.eps < min(f.additive.eps for f in r.classes if f.target != TARGET)
+    assert r.clean_accuracy > 0.95 and r.n_images == 256
+    d = r.to_dict()
+    assert d["suspected_targets"] == [TARGET] and len(d["classes"]) == 8
+    assert set(d["seconds"]) == {"mask", "additive", "shuffle", "total"}
+
+
+def test_clean_model_is_not_called_backdoored(clean_model, clean_set):
+    with pytest.warns(UserWarning):
+        r = audit_model(clean_model, *clean_set, settings=SETTINGS)
+    assert r.verdict.verdict != "backdoored"
+    assert max(f.index["mask"] for f in r.classes) < 2
+
+
+def test_checks_can_be_left_out(backdoored_model, clean_set):
+    r = audit_model(backdoored_model, *clean_set, settings=AuditSettings(
+        search=TriggerSearch(epochs=60), additive=None, shuffle=None, votes=1, max_images=0))
+    assert r.verdict.verdict == "backdoored" and r.verdict.targets[0] == TARGET
+    assert set(r.classes[0].index) == {"mask"} and r.classes[0].additive is None and r.clean_shuffle is None
+
+
+def test_cap_keeps_every_class_in_proportion():
+    labels = torch.arange(100) % 4
+    images = torch.rand(100, 1, 4, 4)
+    x, y = cap_images(images, labels, 20, seed=0)
+    assert len(x) == 20 and torch.bincount(y).tolist() == [5, 5, 5, 5]
+    assert cap_images(images, labels, 0, seed=0)[0] is images
