@@ -39,6 +39,7 @@ SCHEMAS: dict[str, str | None] = {
     "ssl-probe": "kdguard.ssl.config:ProbeJob",
     "ssl-defend": "kdguard.ssl.config:DefendJob",
     "ssl-grid": "kdguard.ssl.config:GridJob",
+    "audit": "kdguard.jobs.audit:AuditJob",
     "evaluate": None,
     "demo": None,
     "list": None,

@@ -120,3 +120,22 @@ def test_converted_records_and_their_teachers(suite):
         digest = hashlib.sha256((stored / "model.safetensors").read_bytes()).hexdigest()
         assert digest == r["teacher"]["sha256"] == (stored / "sha256.txt").read_text().split()[0]
         assert json.loads((stored / "suite_stage.json").read_text())["key"] == key
+
+
+def test_abd_demo_seeds_suite_runs_the_demo_jobs(tmp_path):
+    """The ``abd-demo-seeds`` suite's teacher and its ZSKT / ZSKT + ABD students are the demo's
+    jobs (:mod:`kdguard.jobs.demo`), up to the keys that cannot change results."""
+    from kdguard.jobs.demo import DEMO_ABD, demo_datafree_job, demo_jobs
+
+    plan = plan_suite(load_suite("abd-demo-seeds"), seeds=[1], out=tmp_path)
+
+    def identity(stage_key: str) -> dict:
+        sp = plan.stages[stage_key]
+        return identity_config(to_dict(JOB_KINDS[sp.kind].build(sp.overrides)), parents=(JOB_KINDS[sp.kind].parent,))
+
+    cells = {c.method: c for c in plan.cells}
+    teacher = demo_jobs(tmp_path / "demo", progress=False)[0]
+    assert identity(cells["zskt"].stages[0]) == identity_config(to_dict(teacher), parents=("teacher",))
+    for method, extra in (("zskt", []), ("zskt_abd", DEMO_ABD), ("sv_only", [*DEMO_ABD, "abd.mode=sv"])):
+        demo = demo_datafree_job(tmp_path / "demo", abd=False, progress=False, extra=[*extra, "seed=1"])
+        assert identity(cells[method].stages[-1]) == identity_config(to_dict(demo), parents=("teacher",)), method
