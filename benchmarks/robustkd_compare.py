@@ -19,9 +19,8 @@ split (CA, ASR):
 
 Every stage is cached in its own run directory (``metrics.json`` present = done; an unfinished
 training resumes from ``train_state.pt``), so the table can be built in parts and re-printed.
-Stages write only their own run directories, so several may run at once:
-``benchmarks/robustkd_parallel.sh`` runs every stage of one dataset as its own process, for a
-GPU that one small network leaves mostly idle.
+Stages write only their own run directories, so several may run at once (for BadNets and Blend on
+CIFAR-10, the ``robustkd`` suite's Ray engine does that: ``kdguard suite run robustkd --engine ray``).
 The repairs use the same clean share as the distillation and ``repair_epochs`` epochs of SGD
 (lr 0.01, cosine). The cost of each defence (wall time of the detoxification or of the teacher
 repair) and of the distillation is reported beside CA and ASR; the target of the issue (ASR

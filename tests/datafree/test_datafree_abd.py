@@ -94,8 +94,8 @@ def test_every_log_line_carries_the_share_the_active_vaccine_flagged(kit, tmp_pa
 @pytest.mark.parametrize("prefix_mode, mode", [("off", "sr"), ("sv", "full")])
 def test_sr_run_forked_at_the_phase_start_equals_the_run_from_scratch(kit, tmp_path, prefix_mode, mode):
     """SR changes nothing before its phase, so a run without SR stopped at the phase start and
-    continued with SR is the SR run itself: the ABD table's SR cells reuse their prefix
-    (``benchmarks/datafree_transfer.py``)."""
+    continued with SR is the SR run itself: the ABD table's seed-0 SR cells (``results/abd/``)
+    were made by continuing their prefix."""
     straight, s_straight, _ = _build(kit, "zskt", tmp_path / "straight", mode=mode)
     straight.run()
     prefix, _, _ = _build(kit, "zskt", tmp_path / "prefix", mode=prefix_mode)

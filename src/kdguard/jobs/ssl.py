@@ -3,7 +3,7 @@ and the distillation-defence study (:func:`run_grid`, :func:`run_defend`; see :m
 
 Each job writes one run directory (``config.yaml``, ``train_state.pt`` while training,
 ``metrics.jsonl``, ``model.safetensors`` + ``manifest.json``, ``metrics.json``) and is skipped when
-its directory already holds a finished result, so pipelines (``benchmarks/ssl_track.py``) resume
+its directory already holds a finished result, so pipelines (the ``ssl`` suite) resume
 stage by stage.
 """
 

@@ -12,8 +12,8 @@ Defaults are the paper-scale values of the reference code, named in comments:
   batch 128, 500 epochs, 5 % clean data, τ = 0.5. Its teacher fine-tuning and warm-up schedules
   are not published: the values here are kdguard's choices (documented in ``docs/ssl.md``).
 
-The CPU-scale preset (ResNet-20, tens of epochs on CIFAR-10 subsets) lives in
-``benchmarks/ssl_track.py``.
+The CPU-scale preset (ResNet-20, tens of epochs on CIFAR-10 subsets) is the ``ssl`` suite's
+(``kdguard/configs/suites/ssl.yaml``).
 """
 
 from __future__ import annotations

@@ -17,6 +17,9 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+#: the line before the records converted from an earlier ledger (``converted`` in the record)
+CONVERTED_NOTE = ("Converted from an earlier ledger (no method-stage fingerprint or curve; stage minutes are the "
+                  "method stage's training minutes, teacher and evaluations excluded)")
 #: the metrics of the tables, (key, label), in % (the no-trigger rate follows ASR)
 COLUMNS = (("ca", "CA %"), ("asr", "ASR %"), ("asr_no_trigger", "no-trigger %"))
 
@@ -115,6 +118,9 @@ def markdown_report(suite: str, description: str, scale: str, records: list[dict
                   "The worst seed is the one with the highest ASR.", "", markdown_tables(records, order), ""]
         machines = sorted({f"{r.get('machine')} ({r.get('device')}, {r.get('threads')} threads)" for r in records})
         parts += [f"Ran on: {'; '.join(machines)}.", ""]
+    converted = sorted({f"{r['cell']} s{r['seed']}" for r in records if r.get("converted")})
+    if converted:
+        parts += [f"{CONVERTED_NOTE}: {', '.join(converted)}.", ""]
     if missing:
         parts += [f"Not recorded yet: {', '.join(missing)}.", ""]
     if refused:
@@ -236,6 +242,9 @@ def html_report(suite: str, description: str, scale: str, records: list[dict[str
         body.append("</div>")
     else:
         body.append("<p>No finished cells recorded yet.</p>")
+    converted = sorted({f"{r['cell']} s{r['seed']}" for r in records if r.get("converted")})
+    if converted:
+        body.append(f"<p>{esc(CONVERTED_NOTE)}: {esc(', '.join(converted))}.</p>")
     if missing:
         body.append(f"<p>Not recorded yet: {esc(', '.join(missing))}.</p>")
     if refused:
