@@ -57,3 +57,14 @@ def test_votes_and_ordering():
 def test_bad_input_is_refused(indices, kw):
     with pytest.raises(KDGuardError):
         decide(indices, **kw)
+
+
+def test_given_signals_replace_the_threshold_test():
+    v = decide({"mask": [0, 3.0, 0], "shuffle": [0.1, 0.9, 0.2]}, signals={"shuffle": [False, True, False]})
+    assert v.verdict == BACKDOORED and v.targets == [1] and v.signals == {1: ["mask", "shuffle"]}
+    # a share above the index threshold is not a signal unless the given booleans say so
+    assert decide({"mask": [0, 0, 0], "shuffle": [3, 3, 3]}, signals={"shuffle": [False] * 3}).verdict == CLEAN
+    with pytest.raises(KDGuardError):
+        decide({"mask": [0, 0]}, signals={"shuffle": [True, False]})
+    with pytest.raises(KDGuardError):
+        decide({"mask": [0, 0], "shuffle": [0, 0]}, signals={"shuffle": [True]})

@@ -4,10 +4,12 @@
 
 1. the mask/pattern trigger search (Neural Cleanse, :func:`.reachability.reverse_trigger`);
 2. the smallest universal L∞ perturbation reaching ``k`` (:func:`.reachability.additive_trigger`);
-3. the shuffle agreement of the other classes' images stamped with ``k``'s mask trigger
-   (:class:`.shuffle_check.ShuffleProbe`), next to the agreement on the clean images;
+3. the shuffle test (:class:`.shuffle_check.ShuffleProbe`): the share of the other classes' clean
+   images that the shuffled ensembles send to ``k`` (the *collapse* share), and the agreement and
+   lift of the images stamped with ``k``'s mask trigger (recorded, not voted on);
 
-then the three MAD anomaly indices over the classes and the verdict (:func:`.verdict.decide`).
+then the two MAD anomaly indices over the classes (mask, additive), the collapse signal and the
+verdict (:func:`.verdict.decide`).
 
 The clean set is capped at ``max_images`` images (stratified by class, seeded) because the cost
 is ``K`` searches over it: a universal trigger is found on a few hundred images as well as on
@@ -36,8 +38,6 @@ log = logging.getLogger(__name__)
 #: the mask search's defaults for the audit: the release's schedule, fewer epochs (each class's
 #: smallest mask settles well within 30 passes over ~1,000 images; early stopping ends most sooner)
 AUDIT_SEARCH = TriggerSearch(epochs=30)
-#: the least spread of the shuffle agreements the index divides by (a share, 0.05 = 5 points)
-SHUFFLE_MIN_SPREAD = 0.05
 
 
 @dataclass(frozen=True)
@@ -80,8 +80,8 @@ class ClassFinding:
         trigger: the mask/pattern trigger (``mask`` ``1×H×W``, ``pattern`` ``C×H×W``, ``l1`` in pixels).
         additive: the additive trigger (``delta`` ``C×H×W``, ``eps`` in ``[0, 1]`` pixel units), or None.
         shuffle: shuffle agreement of the other classes' images stamped with :attr:`trigger`, or None.
-        index: the three anomaly indices of the class (``mask``, ``additive``, ``shuffle``; absent
-            for a skipped check).
+        index: the class's ``mask`` and ``additive`` anomaly indices and its ``shuffle`` collapse
+            share (absent for a skipped check).
     """
 
     target: int
@@ -255,15 +255,15 @@ def audit_model(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *,
         # budgets lie on the bisection's grid: one grid step is the least spread that counts
         step = settings.additive.eps_max / 2 ** settings.additive.bisections
         indices["additive"] = anomaly_index([f.additive.eps for f in findings], min_spread=step)
+    signals: dict[str, list[bool]] = {}
     if probe is not None:
-        # a large lift is the anomaly: index the smallness of 1 − lift (in [0, 2]); lifts are
-        # shares of a few hundred images, so a spread below SHUFFLE_MIN_SPREAD is sampling
-        # noise, not a difference between classes
-        indices["shuffle"] = anomaly_index([1.0 - f.shuffle.lift for f in findings],
-                                           min_spread=SHUFFLE_MIN_SPREAD)
+        # the shuffle signal is the collapse itself: the shuffled ensembles send most clean images
+        # of the other classes to one class (see .shuffle_check); recorded as that share
+        indices["shuffle"] = [float(f.shuffle.target_rate - f.shuffle.lift) for f in findings]
+        signals["shuffle"] = [v > settings.shuffle.collapse for v in indices["shuffle"]]
     for f in findings:
         f.index = {name: values[f.target] for name, values in indices.items()}
-    verdict = decide(indices, threshold=settings.threshold, votes=settings.votes)
+    verdict = decide(indices, threshold=settings.threshold, votes=settings.votes, signals=signals)
     seconds["total"] = time.perf_counter() - t_start
     return AuditResult(classes=findings, verdict=verdict, clean_accuracy=clean_acc, clean_shuffle=clean_stats,
                        shuffled_layers=probe.paths if probe is not None else [], n_images=len(x),

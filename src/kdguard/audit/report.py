@@ -106,16 +106,18 @@ def plot_indices(path: Path, result: AuditResult, threshold: float) -> Path:
     if result.classes[0].additive is not None:
         rows.append(("additive ε (L∞)", [f.additive.eps for f in result.classes], "additive"))
     if result.classes[0].shuffle is not None:
-        rows.append(("shuffle lift", [f.shuffle.lift for f in result.classes], "shuffle"))
+        rows.append(("shuffle collapse share", [f.index["shuffle"] for f in result.classes], "shuffle"))
     k_count = len(result.classes)
     fig, axes = plt.subplots(len(rows), 1, figsize=(max(5, 0.22 * k_count + 2), 1.9 * len(rows)), squeeze=False)
     for ax, (label, values, key) in zip(axes[:, 0], rows):
-        colours = ["tab:red" if f.index.get(key, 0) > threshold else "tab:gray" for f in result.classes]
+        colours = ["tab:red" if key in result.verdict.signals.get(f.target, []) else "tab:gray"
+                   for f in result.classes]
         ax.bar(range(k_count), values, color=colours)
         ax.set_ylabel(label, fontsize=8)
         ax.set_xticks(range(k_count))
         ax.tick_params(labelsize=6)
-    axes[-1, 0].set_xlabel(f"class (red: anomaly index > {threshold:g})", fontsize=8)
+    axes[-1, 0].set_xlabel(f"class (red: a signal: anomaly index > {threshold:g}, or a shuffle collapse)",
+                           fontsize=8)
     return save_figure(fig, path)
 
 
@@ -129,15 +131,16 @@ def _fmt(v: Any, digits: int = 2) -> str:
 
 def class_table(record: dict[str, Any]) -> str:
     """The per-class Markdown table of an ``audit.json`` record."""
-    head = ["class", "mask |m|₁ px", "mask success %", "index", "additive ε", "index", "shuffle lift",
-            "index"]
+    head = ["class", "mask |m|₁ px", "mask success %", "index", "additive ε", "index",
+            "shuffle collapse %", "stamped lift", "signals"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for c in record["classes"]:
         idx = c["index"]
         lines.append("| " + " | ".join([
             str(c["class"]), _fmt(c["mask_l1"], 1), _fmt(100 * c["mask_success"], 1), _fmt(idx.get("mask")),
-            _fmt(c.get("additive_eps"), 4), _fmt(idx.get("additive")), _fmt(c.get("shuffle_lift")),
-            _fmt(idx.get("shuffle"))]) + " |")
+            _fmt(c.get("additive_eps"), 4), _fmt(idx.get("additive")),
+            _fmt(100 * idx["shuffle"], 1) if "shuffle" in idx else "—", _fmt(c.get("shuffle_lift")),
+            ", ".join(record["signals"].get(str(c["class"]), [])) or "—"]) + " |")
     return "\n".join(lines)
 
 
@@ -152,7 +155,8 @@ def render_markdown(record: dict[str, Any], pictures: list[str]) -> str:
              f"- clean data: {record['n_images']} images of `{record['dataset']}` "
              f"(clean_fraction {record['clean_fraction']}); the teacher's accuracy on them "
              f"{100 * record['clean_accuracy']:.2f} %",
-             f"- rule: a class is a signal for an anomaly index above {record['settings']['threshold']:g}; "
+             f"- rule: a signal is an anomaly index above {record['settings']['threshold']:g} or a shuffle "
+             "collapse onto the class; "
              f"`backdoored` = {record['settings']['votes']} or more signals on one class, "
              "`suspicious` = fewer, `clean` = none",
              f"- wall time {record['seconds']['total']:.0f} s "
@@ -185,11 +189,11 @@ class(es): {{ r.suspected_targets|join(', ') }}{% endif %}</p>
 {{ '%.2f'|format(100 * r.clean_accuracy) }} %</li>
 <li>wall time {{ '%.0f'|format(r.seconds.total) }} s</li></ul>
 <h2>Per class</h2><table><tr><th>class</th><th>mask |m|₁ px</th><th>success %</th><th>index</th>
-<th>additive ε</th><th>index</th><th>shuffle lift</th><th>index</th></tr>
+<th>additive ε</th><th>index</th><th>shuffle collapse</th><th>signals</th></tr>
 {% for c in r.classes %}<tr><td>{{ c['class'] }}</td><td>{{ '%.1f'|format(c.mask_l1) }}</td>
 <td>{{ '%.1f'|format(100 * c.mask_success) }}</td><td>{{ c.index.mask }}</td>
-<td>{{ c.additive_eps }}</td><td>{{ c.index.additive }}</td><td>{{ c.shuffle_lift }}</td>
-<td>{{ c.index.shuffle }}</td></tr>{% endfor %}</table>
+<td>{{ c.additive_eps }}</td><td>{{ c.index.additive }}</td><td>{{ c.index.shuffle }}</td>
+<td>{{ r.signals.get(c['class']|string, [])|join(', ') }}</td></tr>{% endfor %}</table>
 <h2>Pictures</h2>{% for name, data in pictures %}<p><img alt="{{ name }}" src="data:image/png;base64,{{ data }}"></p>
 {% endfor %}</body></html>
 """)

@@ -5,17 +5,15 @@ channels, clean evidence on many, so permuting the input channels of a model's l
 (:class:`kdguard.abd.shuffle.ShuffledTeacher`) wrecks the clean function but tends to leave the
 trigger → target shortcut standing. The audit turns that premise into a per-class statistic:
 
-* ``agreement`` of a set of images: the share on which the shuffled ensemble ``T̃`` predicts the
-  same class as the teacher ``T``;
-* ``divergence``: the median of ABD's per-sample divergence ``KL(p_T ‖ p_T̃) / K``
-  (:func:`kdguard.abd.vaccine.divergence_per_sample`).
-
-Measured on the clean images and, for every class ``k``, on the clean images of the other classes
-stamped with ``k``'s reverse-engineered trigger (which the teacher sends to ``k``). On a
-backdoored teacher the true target's stamped images keep the teacher's prediction under
-shuffling far more often than clean images or another class's (adversarial, natural-feature)
-trigger images do; the audit compares each class's agreement with the others' by the same MAD
-anomaly index as the trigger sizes (:mod:`.anomaly`, large side).
+* ``collapse share`` of class ``k``: the share of the clean images of the other classes that the
+  shuffled ensemble ``T̃`` sends to ``k``. A backdoored teacher, shuffled, sends almost all of
+  them to its target (the intact shortcut is all that is left); a clean one spreads its errors
+  over a few natural classes. This share is the audit's shuffle signal (above ``collapse``);
+* ``agreement`` of a set of images: the share on which ``T̃`` predicts the same class as the
+  teacher ``T``; ``divergence``: the median of ABD's per-sample ``KL(p_T ‖ p_T̃) / K``
+  (:func:`kdguard.abd.vaccine.divergence_per_sample`);
+* for every class ``k``, the images of the other classes stamped with ``k``'s reconstructed trigger:
+  the share ``T̃`` sends to ``k`` and its *lift* over the collapse share (recorded for analysis).
 
 Several independent shuffles (``rounds``) are averaged, since one draw of permutations can hit or
 miss the backdoor's channels (ABD re-shuffles on a failed verification for the same reason).
@@ -42,12 +40,15 @@ class ShuffleCheck:
         ensemble: shuffled copies averaged into ``T̃`` (ABD: 3).
         rounds: independent shuffles averaged (kdguard's choice).
         batch_size: images per forward pass.
+        collapse: the share of the other classes' clean images the shuffled ensembles must send
+            to one class for the shuffle signal on it (kdguard's choice: most of them).
     """
 
     layers: int = 5
     ensemble: int = 3
     rounds: int = 3
     batch_size: int = 256
+    collapse: float = 0.5
 
     def __post_init__(self) -> None:
         for name in ("ensemble", "rounds", "batch_size"):
@@ -56,6 +57,8 @@ class ShuffleCheck:
                                    f"give a positive integer {name}")
         if int(self.layers) == 0:
             raise KDGuardError("shuffle check layers must not be 0", "use ABD's default 5")
+        if not 0 < self.collapse < 1:
+            raise KDGuardError(f"shuffle collapse share {self.collapse!r} is outside (0, 1)", "give a share such as 0.5")
 
 
 @dataclass

@@ -7,9 +7,11 @@ positive = more backdoor-like than the typical class):
 * ``additive``: the same index of the smallest universal L∞ budget ``ε_k`` that reaches ``k``
   (small side): a full-image trigger (blend, SIG, WaNet) makes its target reachable by a small
   dense change even when no small *patch* reaches it, where Neural Cleanse's mask struggles;
-* ``shuffle``: the index of the shuffle agreement of ``k``'s stamped images (large side, see
-  :mod:`.shuffle_check`): a backdoor's shortcut survives channel shuffling, an adversarial or
-  natural-feature trigger does not.
+* ``shuffle``: not an index but a share: how many of the other classes' clean images the
+  shuffled ensembles send to ``k`` (:mod:`.shuffle_check`). A backdoor's shortcut survives
+  channel shuffling while the clean features break, so a shuffled backdoored model sends almost
+  everything to the target; a shuffled clean model spreads its errors over a few natural classes.
+  Its signal is a share above ``ShuffleCheck.collapse`` (passed as ``signals``).
 
 A class is a *signal* for an index above ``threshold`` (Neural Cleanse's 2). The verdict:
 
@@ -53,7 +55,7 @@ class Verdict:
 
 
 def decide(indices: Mapping[str, Sequence[float]], *, threshold: float = DEFAULT_THRESHOLD,
-           votes: int = 2) -> Verdict:
+           votes: int = 2, signals: Mapping[str, Sequence[bool]] | None = None) -> Verdict:
     """The verdict from per-class anomaly indices (see the module docstring).
 
     Args:
@@ -61,6 +63,8 @@ def decide(indices: Mapping[str, Sequence[float]], *, threshold: float = DEFAULT
             :data:`SIGNALS` (a subset is fine, e.g. without the shuffle check).
         threshold: an index strictly above it is a signal (> 0).
         votes: signals a class needs for ``backdoored`` (``1 ≤ votes ≤ len(indices)``).
+        signals: per index name, ``K`` booleans that replace the threshold test for that index
+            (the shuffle collapse is a share with its own bound, not an anomaly index).
 
     Raises:
         KDGuardError: no indices, unknown names, lists of different lengths, a non-positive
@@ -80,16 +84,23 @@ def decide(indices: Mapping[str, Sequence[float]], *, threshold: float = DEFAULT
         raise KDGuardError(f"votes {votes!r} is outside [1, {len(indices)}]",
                            f"give a number of signals between 1 and {len(indices)}")
     k_count = lengths.pop()
-    signals = {k: [name for name in SIGNALS if name in indices and indices[name][k] > threshold]
-               for k in range(k_count)}
-    signals = {k: s for k, s in signals.items() if s}
-    if not signals:
+    given = dict(signals or {})
+    if set(given) - set(indices) or any(len(v) != k_count for v in given.values()):
+        raise KDGuardError("signals must name given indices, one boolean per class", "pass K booleans per index")
+
+    def fires(name: str, k: int) -> bool:
+        return bool(given[name][k]) if name in given else indices[name][k] > threshold
+
+    found = {k: [name for name in SIGNALS if name in indices and fires(name, k)] for k in range(k_count)}
+    found = {k: s for k, s in found.items() if s}
+    if not found:
         return Verdict(CLEAN, [], {})
 
     def strength(k: int) -> tuple[int, float]:
-        return (len(signals[k]), max(indices[name][k] for name in signals[k]))
+        scores = [indices[name][k] for name in found[k] if name not in given]
+        return (len(found[k]), max(scores) if scores else 0.0)
 
-    strong = [k for k, s in signals.items() if len(s) >= votes]
+    strong = [k for k, s in found.items() if len(s) >= votes]
     verdict = BACKDOORED if strong else SUSPICIOUS
-    targets = sorted(strong or signals, key=strength, reverse=True)
-    return Verdict(verdict, targets, signals)
+    targets = sorted(strong or found, key=strength, reverse=True)
+    return Verdict(verdict, targets, found)

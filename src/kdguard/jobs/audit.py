@@ -51,6 +51,7 @@ class AuditConfig:
     shuffle_layers: int = ShuffleCheck.layers
     shuffle_ensemble: int = ShuffleCheck.ensemble
     shuffle_rounds: int = ShuffleCheck.rounds
+    shuffle_collapse: float = ShuffleCheck.collapse  # share sent to one class for the shuffle signal
     threshold: float = 2.0                   # anomaly index of a signal (Neural Cleanse: 2)
     votes: int = 2                           # signals on one class for "backdoored"
 
@@ -82,7 +83,7 @@ def audit_settings(cfg: AuditConfig, seed: int) -> AuditSettings:
         search=TriggerSearch(epochs=cfg.epochs, batch_size=cfg.batch_size),
         additive=AdditiveSearch(eps_max=cfg.eps_max, batch_size=cfg.batch_size) if cfg.additive else None,
         shuffle=ShuffleCheck(layers=cfg.shuffle_layers, ensemble=cfg.shuffle_ensemble,
-                             rounds=cfg.shuffle_rounds) if cfg.shuffle else None,
+                             rounds=cfg.shuffle_rounds, collapse=cfg.shuffle_collapse) if cfg.shuffle else None,
         max_images=cfg.max_images, threshold=cfg.threshold, votes=cfg.votes, seed=seed)
 
 
