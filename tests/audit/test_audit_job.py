@@ -69,12 +69,14 @@ def test_audit_writes_a_complete_run(audit_dir, teacher_dir):
 
 def test_evaluate_from_audit_measures_the_reconstructed_trigger(audit_dir, teacher_dir, capsys):
     rec = read_json(audit_dir / "audit.json")
-    k = rec["pictured_classes"][0]
+    best = max(rec["classes"], key=lambda c: c["mask_success"])  # the trigger that reached its class best
+    assert best["mask_success"] >= 0.9
+    k = best["class"]
     capsys.readouterr()
     assert main(["evaluate", str(teacher_dir), "--from-audit", str(audit_dir), "--audit-class", str(k),
                  "--json"]) == 0
     metrics = json.loads(capsys.readouterr().out)
-    # the trigger was optimised to reach k: on the test split it sends most other images there
+    # held out of the search it reached k; on the test split it sends most other images there too
     assert metrics["asr"] is not None and metrics["asr"] > 0.5, metrics
 
 
