@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import shutil
 
+from helpers import cli_error
+
 from kdguard.cli import main
 from kdguard.suites import load_suite, plan_suite, run_suite, suite_status
 
@@ -50,7 +52,7 @@ def test_ledger_teacher_is_restored_and_checked(tiny_local, tmp_path, capsys, re
     stored = next((mine / "tiny" / "teachers").glob("teacher-*"))
     (stored / "sha256.txt").write_text("0" * 64 + "  model.safetensors\n")
     args = ["suite", "run", "tiny", "--out", str(tmp_path / "runs2"), "--ledger", str(mine), "--seeds", "0,1"]
-    err = _error(args, capsys)
+    err = cli_error(args, capsys)
     assert "sha256" in err and "ledger teacher" in err
 
 
@@ -82,12 +84,3 @@ def test_list_and_status_commands(tiny_local, capsys):
     assert main(["suite", "status", "tiny", "--out", str(runs), "--ledger", str(ledger)]) == 0
     out = capsys.readouterr().out
     assert "8/8 cell runs recorded" in out and "badnets/zskt" in out
-
-
-def _error(args, capsys) -> str:
-    capsys.readouterr()
-    rc = main(args)
-    err = capsys.readouterr().err.strip()
-    assert rc == 2, err
-    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
-    return err

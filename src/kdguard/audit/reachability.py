@@ -42,13 +42,16 @@ Where kdguard differs from the paper / release:
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..datafree.student import frozen
 from ..errors import KDGuardError
 
 
@@ -270,24 +273,17 @@ def _device(model: nn.Module, device: torch.device | str | None) -> torch.device
     return first.device if first is not None else torch.device("cpu")
 
 
-class _Frozen:
-    """Context: ``model`` in eval mode without parameter gradients, restored on exit."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-
-    def __enter__(self) -> nn.Module:
-        self._training = self.model.training
-        self._flags = [p.requires_grad for p in self.model.parameters()]
-        self.model.eval()
-        for p in self.model.parameters():
-            p.requires_grad_(False)
-        return self.model
-
-    def __exit__(self, *exc) -> None:
-        self.model.train(self._training)
-        for p, flag in zip(self.model.parameters(), self._flags):
-            p.requires_grad_(flag)
+@contextlib.contextmanager
+def _Frozen(model: nn.Module) -> Iterator[nn.Module]:
+    """Context: ``model`` in eval mode without parameter gradients (:func:`kdguard.datafree.student.frozen`),
+    its mode restored on exit."""
+    training = model.training
+    model.eval()
+    try:
+        with frozen(model):
+            yield model
+    finally:
+        model.train(training)
 
 
 def _unit(t: torch.Tensor) -> torch.Tensor:

@@ -60,13 +60,13 @@ class AugmentConfig:
     """SimCLR view generation (BadEncoder's ``train_transform``); see :class:`SimCLRAugment`."""
 
     crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # RandomResizedCrop default
-    hflip: bool = True
-    brightness: float = 0.4
-    contrast: float = 0.4
-    saturation: float = 0.4
-    hue: float = 0.1
-    jitter_p: float = 0.8
-    gray_p: float = 0.2
+    hflip: bool = SimCLRAugment.hflip
+    brightness: float = SimCLRAugment.brightness
+    contrast: float = SimCLRAugment.contrast
+    saturation: float = SimCLRAugment.saturation
+    hue: float = SimCLRAugment.hue
+    jitter_p: float = SimCLRAugment.jitter_p
+    gray_p: float = SimCLRAugment.gray_p
 
     def check_settings(self, key: str = "augment") -> None:
         """Check the ranges under the dotted ``key`` before a run starts (the augmentation itself
