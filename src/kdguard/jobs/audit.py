@@ -31,11 +31,10 @@ from ..audit.shuffle_check import ShuffleCheck
 from ..checkpoint import weights_digest
 from ..config import AttackConfig, DataConfig, TeacherSpec
 from ..data import clean_subset, load_splits
+from ..defenses.config import AUTO_DATASET
 from ..errors import KDGuardError, check_range
 from ..io import write_json
 from ..runs import RunContext
-
-AUTO_DATASET = "auto"
 
 
 @dataclass
