@@ -76,6 +76,18 @@ def test_rerun_reuses_the_detox_and_resumes(robustkd_run, teacher_dir):
     assert (robustkd_run / "metrics.jsonl").read_text().count("\n") == lines
 
 
+def test_detox_only_evaluates_the_detoxified_teacher_and_trains_no_student(robustkd_run, teacher_dir, tmp_path):
+    out = tmp_path / "detox_only"
+    assert main(["robustkd", "--teacher", str(teacher_dir), *FAST, "detox.only=true", f"out={out}"]) == 0
+    metrics = read_json(out / "metrics.json")
+    recorded = read_json(out / "detox_metrics.json")["teacher_detox"]
+    assert metrics["ca"] == recorded["ca"] and metrics["asr"] == recorded["asr"]
+    assert 0.0 <= metrics["fraction_masked"] <= 1.0 and metrics["detox_seconds"] > 0
+    assert not (out / "model.safetensors").exists() and not (out / "manifest.json").exists()
+    # same settings as the full run up to the detoxification: the same detoxified teacher
+    assert read_json(robustkd_run / "detox_metrics.json")["teacher_detox"]["clean_correct"] == recorded["clean_correct"]
+
+
 @pytest.mark.parametrize("against", ["detoxified", "teacher"])
 def test_adversarial_detox_saves_its_perturbation(teacher_dir, tmp_path, against):
     out = tmp_path / "adv"
@@ -125,6 +137,7 @@ def test_evaluate_a_clean_model_against_another_runs_attack(teacher_dir, tmp_pat
     (["robustkd", "--teacher", "T", "pair=paper_e"], "does not build"),
     (["robustkd", "--teacher", "T", "detox.epochs=abc"], "invalid configuration"),
     (["robustkd-trigger", "--teacher", "T", "top_fraction=0"], "top_fraction"),
+    (["robustkd", "--teacher", "T", "detox.only=true", "detox.enabled=false"], "detox.enabled=false"),
 ])
 def test_bad_input_is_one_error_line(args, fragment, teacher_dir, tmp_path, capsys):
     args = [str(teacher_dir) if a == "T" else a for a in args] + [f"out={tmp_path / 'x'}", "train.progress=false"

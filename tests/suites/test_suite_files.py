@@ -44,6 +44,12 @@ BAD = {
     "import path": (GOOD.replace("model: lenet5", "model: 'os.path:join'"), "import path"),
     "interpolation": (GOOD.replace("model: lenet5", "model: '${oc.env:HOME}'"), "interpolation"),
     "not YAML": ("stages: [unclosed\n", "YAML"),
+    "matrix after: unknown stage": (GOOD + "    other: {after: {teachr: {attack.params.file: kd}}}\n", "teachr"),
+    "matrix after: unknown reference": (GOOD + "    other: {after: {teacher: {attack.params.file: kdd/x}}}\n", "kdd"),
+    "matrix after: not a mapping": (GOOD + "    other: {after: [teacher]}\n", "not a mapping"),
+    "matrix after: circle": (GOOD + "    other: {after: {teacher: {attack.params.file: kd/model.safetensors}}}\n",
+                             "circle"),
+    "reserved stage name": (GOOD.replace("  kd:\n", "  after:\n").replace("[kd]", "[after]"), "reserved"),
 }
 
 
@@ -88,3 +94,66 @@ def test_shipped_suites_plan_at_every_scale(name, tmp_path):
         assert plan.cells and plan.stages
         # a stage shared by several cells is planned once
         assert len(plan.stages) <= sum(len(c.stages) for c in plan.cells)
+
+
+# A matrix value may feed a stage from stages the other values do not have: the learned-trigger
+# row of the robustkd suite (a clean teacher -> its optimised trigger -> the poisoned teacher).
+LEARNED = """
+seeds: [0]
+stages:
+  teacher:
+    job: teacher
+    config: &t {data: {name: mnist_embedded, val_fraction: 0.05}, model: lenet5, attack: {target: 0},
+                train: {epochs: 1, batch_size: 64, progress: false}}
+  clean_teacher:
+    job: teacher
+    config: {<<: *t, attack: {name: null}}
+  trigger:
+    job: robustkd-trigger
+    parent: clean_teacher
+    config: {fraction: 0.05, epochs: 1, progress: false}
+  kd:
+    job: distill
+    parent: teacher
+    config: {data: {name: mnist_embedded, val_fraction: 0.05}, student: lenet5, clean_fraction: 0.1,
+             kd: {method: kd}, train: {epochs: 1, batch_size: 64, progress: false}}
+methods: [kd]
+matrix:
+  attack:
+    badnets: {teacher: {attack: {name: badnets}}}
+    learned:
+      teacher: {attack: {name: robustkd_blend}}
+      after: {teacher: {attack.params.file: trigger/trigger.safetensors}}
+"""
+
+
+def test_matrix_after_adds_stages_to_its_cells_only(tmp_path):
+    path = tmp_path / "learned.yaml"
+    path.write_text(LEARNED)
+    plan = plan_suite(load_suite(str(path)), out=tmp_path / "runs")
+    chains = {c.cell: c.stage_names for c in plan.cells}
+    assert chains == {"badnets/kd": ["teacher", "kd"],
+                      "learned/kd": ["clean_teacher", "trigger", "teacher", "kd"]}
+    learned = plan.cells[1]
+    trigger, teacher = plan.stages[learned.stages[1]], plan.stages[learned.stages[2]]
+    assert teacher.parents == [trigger.key]
+    assert f'attack.params.file="{trigger.out}/trigger.safetensors"' in teacher.overrides
+    assert teacher.key != plan.cells[0].stages[0]
+
+
+def test_matrix_after_runs_the_learned_trigger_cell(tmp_path):
+    import json
+
+    from kdguard.suites import run_suite
+
+    path = tmp_path / "learned.yaml"
+    path.write_text(LEARNED)
+    plan = plan_suite(load_suite(str(path)), only="learned/kd", out=tmp_path / "runs")
+    run_suite(plan, engine="local", ledger=tmp_path / "results")
+    record = json.loads((tmp_path / "results" / "learned" / "cpu" / "learned" / "kd" / "s0.json").read_text())
+    assert [s["name"] for s in record["stages"]] == ["clean_teacher", "trigger", "teacher", "kd"]
+    teacher_dir = plan.stage_dir(plan.cells[0].stages[2])
+    manifest = json.loads((teacher_dir / "manifest.json").read_text())
+    attack = manifest["attack"]["config"]
+    assert attack["name"] == "robustkd_blend" and attack["params"]["file"].endswith("trigger.safetensors")
+    assert 0.0 <= record["metrics"]["asr"] <= 1.0

@@ -49,8 +49,12 @@ def robustkd_cmd(overrides: Optional[list[str]] = OVERRIDES, config: Optional[Pa
     job = build_config(RobustKDJob, config, _with(overrides, teacher=teacher, **{"data.root": data_root}))
     result = run_robustkd(job)
     m = result.metrics
-    console.print(f"student: CA={_pct(m, 'ca')}  ASR={_pct(m, 'asr')}  "
-                  f"(detox {m.get('detox_seconds') or 0:.1f} s, distillation {m['distill_seconds']:.1f} s)")
+    if job.detox.only:
+        console.print(f"detoxified teacher: CA={_pct(m, 'ca')}  ASR={_pct(m, 'asr')}  "
+                      f"(detox {m.get('detox_seconds') or 0:.1f} s, no student: detox.only=true)")
+    else:
+        console.print(f"student: CA={_pct(m, 'ca')}  ASR={_pct(m, 'asr')}  "
+                      f"(detox {m.get('detox_seconds') or 0:.1f} s, distillation {m['distill_seconds']:.1f} s)")
     console.print(f"run directory: {result.run_dir}")
 
 

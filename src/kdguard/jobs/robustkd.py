@@ -12,6 +12,10 @@
     model.safetensors + manifest.json   the student; metrics.json (its CA/ASR and the timings)
     train_state.pt, metrics.jsonl, report.md, curves.png, trigger_preview.png
 
+With ``detox.only=true`` the run stops after the detoxification: ``metrics.json`` holds the
+detoxified teacher's CA/ASR, its masked share of units and the timings, and no student is trained
+(no weights, no manifest).
+
 A run restarted on the same directory reuses ``detox.safetensors`` and resumes the student's
 training from ``train_state.pt``. The test split is used only for the final metrics.
 """
@@ -90,6 +94,9 @@ def run_robustkd(job: RobustKDJob, *, threads: int | None = None) -> RunResult:
     """
     t0 = time.perf_counter()
     arch = student_name(job)  # settings are checked before any work is done
+    if job.detox.only and not job.detox.enabled:
+        raise KDGuardError("detox.only=true evaluates the detoxified teacher, but detox.enabled=false",
+                           "set detox.enabled=true, or drop detox.only")
     if job.detox.enabled and not job.detox.load:
         job.detox.objective()
     teacher, t_manifest = RunContext.load_teacher(job.teacher, job.teacher_spec)
@@ -112,6 +119,8 @@ def run_robustkd(job: RobustKDJob, *, threads: int | None = None) -> RunResult:
     d0 = time.perf_counter()
     detox, detox_record = _detox_stage(job, out, teacher, clean, data, attack, device)
     detox_wall = time.perf_counter() - d0
+    if job.detox.only:
+        return _detox_only(run, detox_record, detox_wall)
 
     student = build_model(arch, num_classes=data.train.num_classes, in_channels=data.train.channels,
                           mean=data.train.mean, std=data.train.std)
@@ -142,6 +151,19 @@ def run_robustkd(job: RobustKDJob, *, threads: int | None = None) -> RunResult:
               "distiller": {"pairs": distiller.pairs, "margin": distiller.margin_used}}))
     _report(run, job, arch, t_manifest, t_metrics, detox_record, s_metrics, history, attack, data.test)
     return RunResult(out, s_metrics, student, s_metrics["seconds"])
+
+
+def _detox_only(run: RunContext, detox_record: dict, detox_wall: float) -> RunResult:
+    """``detox.only``: the detoxified teacher's test metrics are the run's result (no student,
+    so no weights: ``detox.safetensors`` and the teacher named in it are what was evaluated)."""
+    summary = detox_record["summary"]
+    units = sum(s["units"] for s in summary.values())
+    masked = sum(s["fraction_masked"] * s["units"] for s in summary.values()) / max(units, 1)
+    metrics = {**detox_record["teacher_detox"], "fraction_masked": masked,
+               "detox_seconds": detox_record.get("seconds"), "detox_stage_wall": detox_wall,
+               "seconds": run.elapsed()}
+    run.write_metrics(metrics)
+    return RunResult(run.out, metrics, None, metrics["seconds"])  # type: ignore[arg-type]
 
 
 def _report(run: RunContext, job: RobustKDJob, student_name: str, t_manifest, t_metrics, detox_record,

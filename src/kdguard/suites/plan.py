@@ -19,7 +19,7 @@ from typing import Any
 
 from .. import __version__
 from ..errors import KDGuardError
-from .schema import EVERY_STAGE, Suite, applies, parents_of
+from .schema import EVERY_STAGE, MATRIX_AFTER, Suite, applies
 from .stages import JOB_KINDS, check_names
 
 
@@ -103,7 +103,7 @@ def stage_settings(suite: Suite, stage: str, axes: dict[str, str], scale: str) -
         # "*" first, then lists of stages, then the stage by its own name: the most specific wins
         ranked = sorted(per_target, key=lambda t: (t != EVERY_STAGE, t != stage))
         for target in ranked:
-            if applies(target, stage):
+            if target != MATRIX_AFTER and applies(target, stage):
                 values = _merge(values, per_target[target])
         return values
 
@@ -150,7 +150,7 @@ def plan_suite(suite: Suite, *, scale: str = "cpu", seeds: list[int] | None = No
     for cell, axes, method in cells:
         for seed in seeds:
             keys: dict[str, str] = {}
-            for name in suite.chain(method):
+            for name in suite.chain(method, axes):
                 keys[name] = _plan_stage(plan, name, axes, seed, keys, built, threads, gpus, cell)
             plan.cells.append(CellPlan(cell, axes, method, seed, list(keys.values()), list(keys)))
     return plan
@@ -175,7 +175,7 @@ def _plan_stage(plan: SuitePlan, name: str, axes: dict[str, str], seed: int, key
     if stage.parent:
         refs[kind.parent] = keys[stage.parent]
         links[kind.parent] = plan.stages[keys[stage.parent]].out
-    for field_key, ref in stage.after.items():
+    for field_key, ref in suite.after_of(name, axes).items():
         parent, _, file = ref.partition("/")
         refs[field_key] = keys[parent] + (f"/{file}" if file else "")
         links[field_key] = str(Path(plan.stages[keys[parent]].out) / file) if file else plan.stages[keys[parent]].out
@@ -195,7 +195,7 @@ def _plan_stage(plan: SuitePlan, name: str, axes: dict[str, str], seed: int, key
         out = plan.out / "stages" / f"{stage.job}-{key[:16]}"
         plan.stages[key] = StagePlan(
             key=key, name=name, kind=stage.job, overrides=[*overrides, f"out={json.dumps(str(out))}"],
-            out=str(out), parents=[keys[p] for p in parents_of(stage)],
+            out=str(out), parents=[keys[p] for p in suite.parents(name, axes)],
             threads=threads or max(1, int(stage.num_cpus)), num_cpus=stage.num_cpus,
             num_gpus=stage.num_gpus if gpus is None else gpus)
     return key

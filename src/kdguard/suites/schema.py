@@ -18,6 +18,9 @@ describes a grid of experiments as stages of kdguard jobs::
                                       # "kd,at": both stages)
       trigger:
         badnets: {teacher: {attack: {name: badnets}}}
+        learned:                      # "after": stage → {dotted key: STAGE[/FILE]} for this value's cells
+          teacher: {attack: {name: robustkd_blend}}
+          after: {teacher: {attack.params.file: trigger/trigger.safetensors}}
     exclude: ["blend/zskt"]           # fnmatch patterns of cell names left out of the grid
     scales:                           # --scale NAME → stage name (or "*") → settings
       paper: {teacher: {model: wrn16_2}}
@@ -53,6 +56,8 @@ from ..errors import KDGuardError, unknown_name
 SUITE_DIR = ("configs", "suites")
 #: the key of a matrix value or scale that applies to every stage of a cell
 EVERY_STAGE = "*"
+#: the key of a matrix value that adds ``after:`` references to its cells' stages
+MATRIX_AFTER = "after"
 
 
 @dataclass
@@ -106,12 +111,28 @@ class Suite:
                     out.append((name, dict(zip(axes, values)), method))
         return out
 
-    def chain(self, method: str) -> list[str]:
-        """The stages of ``method``'s cells, roots first."""
+    def after_of(self, stage: str, axes: dict[str, str] | None = None) -> dict[str, str]:
+        """``stage``'s ``after:`` references in a cell with matrix values ``axes``: the stage's
+        own, then each value's ``after: {stage: {...}}`` (later ones win)."""
+        refs = dict(self.spec.stages[stage].after)
+        for axis, value in (axes or {}).items():
+            extra = (self.spec.matrix[axis][value] or {}).get(MATRIX_AFTER) or {}
+            refs.update(extra.get(stage) or {})
+        return refs
+
+    def parents(self, stage: str, axes: dict[str, str] | None = None) -> list[str]:
+        """The stage names ``stage`` reads from in a cell with matrix values ``axes``."""
+        spec = self.spec.stages[stage]
+        names = [spec.parent] if spec.parent else []
+        names += [ref.split("/", 1)[0] for ref in self.after_of(stage, axes).values()]
+        return list(dict.fromkeys(names))
+
+    def chain(self, method: str, axes: dict[str, str] | None = None) -> list[str]:
+        """The stages of ``method``'s cells (with matrix values ``axes``), roots first."""
         order: list[str] = []
 
         def visit(name: str) -> None:
-            for parent in parents_of(self.spec.stages[name]):
+            for parent in self.parents(name, axes):
                 visit(parent)
             if name not in order:
                 order.append(name)
@@ -213,6 +234,9 @@ def check_graph(suite: Suite) -> None:
     if not spec.stages:
         raise KDGuardError(f"suite {name!r} has no stages", "add a stages: section (docs/suites.md)")
     for stage_name, stage in spec.stages.items():
+        if stage_name in (MATRIX_AFTER, EVERY_STAGE):
+            raise KDGuardError(f"suite {name!r}: a stage is called {stage_name!r}, a reserved name",
+                               "rename the stage")
         if stage.job not in JOB_KINDS:
             raise unknown_name(f"job kind of stage {stage_name!r} in suite {name!r}:", stage.job, JOB_KINDS)
         for parent in parents_of(stage):
@@ -224,7 +248,6 @@ def check_graph(suite: Suite) -> None:
         if stage.num_cpus <= 0 or stage.num_gpus < 0:
             raise KDGuardError(f"suite {name!r}: stage {stage_name!r} asks for num_cpus={stage.num_cpus}, "
                                f"num_gpus={stage.num_gpus}", "give num_cpus > 0 and num_gpus >= 0")
-    _check_acyclic(suite)
     if not spec.methods:
         raise KDGuardError(f"suite {name!r} names no methods", "list the cells' last stages under methods:")
     for method in spec.methods:
@@ -239,6 +262,9 @@ def check_graph(suite: Suite) -> None:
                 raise KDGuardError(f"suite {name!r}: matrix value {value!r} holds '/'",
                                    "name matrix values without '/' (it separates a cell's parts)")
             for target in per_stage or {}:
+                if target == MATRIX_AFTER:
+                    _check_matrix_after(suite, f"{axis}={value}", per_stage[target])
+                    continue
                 for part in target_stages(target):
                     if part not in targets:
                         raise unknown_name(f"stage of matrix value {axis}={value} in suite {name!r}:", part, targets)
@@ -251,22 +277,46 @@ def check_graph(suite: Suite) -> None:
         raise unknown_name(f"group_by axis of suite {name!r}:", spec.group_by, spec.matrix)
     if not suite.cells():
         raise KDGuardError(f"suite {name!r} has no cells left after exclude:", "loosen its exclude patterns")
+    _check_acyclic(suite)
+
+
+def _check_matrix_after(suite: Suite, where: str, block: Any) -> None:
+    """A matrix value's ``after: {STAGE: {KEY: "STAGE[/FILE]"}}``."""
+    fix = "write after: {STAGE: {dotted.key: STAGE/FILE}} (docs/suites.md)"
+    if not isinstance(block, dict):
+        raise KDGuardError(f"suite {suite.name!r}: after: of matrix value {where} is not a mapping", fix)
+    for stage, refs in block.items():
+        if stage not in suite.spec.stages:
+            raise unknown_name(f"stage under after: of matrix value {where} in suite {suite.name!r}:",
+                               stage, suite.spec.stages)
+        if not isinstance(refs, dict) or not all(isinstance(v, str) for v in refs.values()):
+            raise KDGuardError(f"suite {suite.name!r}: after: {stage} of matrix value {where} is not "
+                               "a mapping of keys to STAGE[/FILE]", fix)
+        for ref in refs.values():
+            parent = ref.split("/", 1)[0]
+            if parent not in suite.spec.stages:
+                raise unknown_name(f"stage referred to by after: {stage} of matrix value {where} in suite "
+                                   f"{suite.name!r}:", parent, suite.spec.stages)
 
 
 def _check_acyclic(suite: Suite) -> None:
-    state: dict[str, int] = {}
+    # per distinct combination of matrix values: a value's after: may add edges
+    combos = {tuple(sorted(axes.items())) for _, axes, _ in suite.cells()} or {()}
+    for combo in sorted(combos):
+        axes = dict(combo)
+        state: dict[str, int] = {}
 
-    def visit(name: str, path: list[str]) -> None:
-        if state.get(name) == 2:
-            return
-        if state.get(name) == 1:
-            loop = " -> ".join([*path[path.index(name):], name])
-            raise KDGuardError(f"suite {suite.name!r}: stages depend on each other in a circle ({loop})",
-                               "make every parent: / after: point to an earlier stage")
-        state[name] = 1
-        for parent in parents_of(suite.spec.stages[name]):
-            visit(parent, [*path, name])
-        state[name] = 2
+        def visit(name: str, path: list[str]) -> None:
+            if state.get(name) == 2:
+                return
+            if state.get(name) == 1:
+                loop = " -> ".join([*path[path.index(name):], name])
+                raise KDGuardError(f"suite {suite.name!r}: stages depend on each other in a circle ({loop})",
+                                   "make every parent: / after: point to an earlier stage")
+            state[name] = 1
+            for parent in suite.parents(name, axes):
+                visit(parent, [*path, name])
+            state[name] = 2
 
-    for name in suite.spec.stages:
-        visit(name, [])
+        for name in suite.spec.stages:
+            visit(name, [])

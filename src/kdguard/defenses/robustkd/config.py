@@ -25,6 +25,7 @@ class DetoxConfig:
     """How the teacher is detoxified (see ``objective.py`` for the equations)."""
 
     enabled: bool = True                   # false: no detoxification (plain OFD / KD baseline)
+    only: bool = False                     # true: stop after it; the detoxified teacher's CA/ASR is the result
     load: Optional[str] = None             # reuse a saved detox.safetensors (or its run directory)
     paths: Optional[list[str]] = None      # null = the teacher's pre_relu stage preset
     granularity: str = "element"           # element (C×H×W, reference tensors) | channel (C×1×1)

@@ -17,7 +17,7 @@ Fixes over the reference: the teacher stays in eval mode (the reference trains w
 ``t_net.train()``, so BN statistics drift), and the noise works on any device.
 
 ``method="kd"`` swaps the OFD term for Hinton's logit KD against the same (detoxified) teacher;
-kdguard uses it for the KD baselines of ``benchmarks/robustkd_compare.py``.
+kdguard uses it for the KD baselines of the ``robustkd`` suite.
 """
 
 from __future__ import annotations
