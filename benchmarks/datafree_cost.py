@@ -30,17 +30,17 @@ TINY = {"zskt": ["schedule.batch_size=16", "schedule.generator_steps=1", "schedu
                 "schedule.student_steps=3", "cmi.bank_size=256", "cmi.negatives=64"]}
 
 ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-for flag, choices, default in (("--methods", None, ["zskt", "cmi"]), ("--variants", VARIANTS, list(VARIANTS)),
-                               ("--abd", ABD, ["off"])):
-    ap.add_argument(flag, nargs="+", default=default, choices=list(choices) if choices else None)
+ap.add_argument("--methods", nargs="+", default=["zskt", "cmi"])
+ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+ap.add_argument("--abd", nargs="+", default=["off"], choices=list(ABD))
 ap.add_argument("--teacher", default="resnet20")
 ap.add_argument("--teacher-dir", help="a trained teacher's run directory (SV's flagged share is then real)")
 ap.add_argument("--student", default="resnet8")
 ap.add_argument("--shape", type=int, nargs=3, default=[3, 32, 32])
 ap.add_argument("--preset", default="cpu", choices=["cpu", "paper"])
 ap.add_argument("--batch", type=int, help="student (and synthesis) batch")
-for flag, default in (("--rounds", 2), ("--warmup", 1)):
-    ap.add_argument(flag, type=int, default=default)
+ap.add_argument("--rounds", type=int, default=2)
+ap.add_argument("--warmup", type=int, default=1)
 ap.add_argument("--repeats", type=int, default=1, help="alternating repeats; the median is reported")
 ap.add_argument("--device", default="auto")
 ap.add_argument("--threads", type=int)

@@ -136,3 +136,26 @@ def test_resume_with_a_longer_budget_stretches_the_schedule(setup, tmp_path):
     assert main([*longer, "--resume"]) == 0
     state = torch.load(out / "datafree_state.pt", weights_only=False)
     assert state["round"] == 4 and state["schedule"] == [{"round": 2, "progress": [1, 1]}]
+
+
+def test_fork_continues_a_copy_of_a_stopped_run(setup, tmp_path, capsys):
+    from kdguard.datafree.loop import saved_round
+
+    root, teacher = setup
+    prefix = tmp_path / "prefix"
+    args = [a if a != "schedule.rounds=2" else "schedule.rounds=4" for a in _args("zskt", root, teacher, prefix)]
+    assert main([*args, "schedule.stop_after=2"]) == 0 and saved_round(prefix) == 2
+    before = (prefix / "datafree_state.pt").read_bytes()
+    fork = tmp_path / "fork"
+    assert main(["distill-datafree", "--fork", str(prefix), "abd.mode=sr", "abd.sr.phase=0.5",
+                 "schedule.stop_after=null", f"out={fork}"]) == 0
+    assert saved_round(fork) == 4 and "mode: sr" in (fork / "config.yaml").read_text()
+    assert (prefix / "datafree_state.pt").read_bytes() == before  # the forked run is left as it was
+    assert json.loads((fork / "run.json").read_text())  # the copy is a run of its own
+    # one line each: no out=, out= is the run, out= not empty, teacher flags, a run without checkpoint
+    for extra, needle in ((["abd.mode=sr"], "needs out="), ([f"out={prefix}"], "is the run being forked"),
+                          ([f"out={fork}"], "not empty"), (["--teacher", str(teacher), f"out={tmp_path / 'f2'}"],
+                                                            "do not apply")):
+        assert needle in cli_error(["distill-datafree", "--fork", str(prefix), *extra], capsys)
+    assert "no datafree_state.pt" in cli_error(["distill-datafree", "--fork", str(teacher), f"out={tmp_path / 'f3'}"],
+                                               capsys)

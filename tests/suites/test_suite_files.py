@@ -157,3 +157,61 @@ def test_matrix_after_runs_the_learned_trigger_cell(tmp_path):
     attack = manifest["attack"]["config"]
     assert attack["name"] == "robustkd_blend" and attack["params"]["file"].endswith("trigger.safetensors")
     assert 0.0 <= record["metrics"]["asr"] <= 1.0
+
+
+# Forks of one stopped data-free run share its first rounds: SR variants continue one ZSKT prefix.
+FORKS = """
+seeds: [0]
+stages:
+  teacher:
+    job: teacher
+    seeded: false
+    config: {data: {name: mnist_embedded, val_fraction: 0.05}, model: lenet5, attack: {name: badnets},
+             train: {epochs: 1, batch_size: 64, progress: false}}
+  prefix:
+    job: datafree
+    parent: teacher
+    config: {method: zskt, preset: cpu, student: lenet5, data: {name: mnist_embedded},
+             schedule: {rounds: 6, stop_after: 4, student_steps: 2, generator_steps: 1, batch_size: 16},
+             generator: {width: 8}, monitor: {every: 2, grid_every: 0, checkpoint_every: 1}, progress: false}
+  fork:
+    job: datafree-fork
+    parent: prefix
+    config: {schedule: {stop_after: null}}
+methods: [fork]
+matrix:
+  variant:
+    undefended: {}
+    sr: {fork: {abd: {mode: sr, sr: {phase: 0.34}}}}
+"""
+
+
+def test_datafree_forks_continue_one_prefix(tmp_path):
+    import json
+
+    from kdguard.datafree.loop import saved_round
+    from kdguard.suites import run_suite
+
+    path = tmp_path / "forks.yaml"
+    path.write_text(FORKS)
+    plan = plan_suite(load_suite(str(path)), out=tmp_path / "runs")
+    result = run_suite(plan, engine="local", ledger=tmp_path / "results")
+    prefix = {c.stages[1] for c in plan.cells}
+    assert len(prefix) == 1  # one prefix for both variants
+    prefix_dir = plan.stage_dir(prefix.pop())
+    assert saved_round(prefix_dir) == 4  # the prefix is left where it stopped
+    for cell in plan.cells:
+        fork_dir = plan.stage_dir(cell.stages[-1])
+        assert saved_round(fork_dir) == 6
+        config = (fork_dir / "config.yaml").read_text()
+        assert ("mode: sr" in config) == (cell.cell == "sr/fork")
+        record = json.loads((tmp_path / "results" / "forks" / "cpu" / cell.cell / "s0.json").read_text())
+        assert [s["name"] for s in record["stages"]] == ["teacher", "prefix", "fork"]
+    assert result is not None
+
+
+def test_datafree_fork_setting_is_checked_before_anything_runs(tmp_path, capsys):
+    path = tmp_path / "forks.yaml"
+    path.write_text(FORKS.replace("mode: sr, sr:", "mode: sr, sr_typo:"))
+    err = cli_error(["suite", "run", str(path), "--dry-run", "--out", str(tmp_path / "runs")], capsys)
+    assert "sr_typo" in err, err

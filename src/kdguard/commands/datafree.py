@@ -56,10 +56,37 @@ def translate_overrides(overrides: Optional[list[str]]) -> list[str]:
     return out
 
 
+def _fork_job(run: str, items: list[str], given: dict[str, object]):
+    """The job continuing a copy of the stopped run ``run`` with ``items`` on top (``--fork``)."""
+    from ..errors import KDGuardError
+    from ..jobs.datafree import fork_datafree_run, stopped_run_config
+
+    named = [flag for flag, value in given.items() if value is not None]
+    if named:
+        raise KDGuardError(f"--fork continues {run} with its own settings; {', '.join(named)} do not apply",
+                           "drop them and give only the settings that change, as key=value")
+    stopped_run_config(run)
+    outs = [i.split("=", 1)[1] for i in items if i.split("=", 1)[0].strip() == "out"]
+    if not outs:
+        raise KDGuardError("--fork needs out=DIR, the fork's own run directory", "add out=runs/my_fork")
+    out = Path(outs[-1]).expanduser()
+    if out.resolve() == Path(run).expanduser().resolve():
+        raise KDGuardError(f"out={outs[-1]} is the run being forked", "give the fork a new directory")
+    if out.exists() and any(out.iterdir()):
+        raise KDGuardError(f"out={outs[-1]} exists and is not empty (a fork starts from a fresh copy)",
+                           "give the fork a new directory, or remove that one")
+    return fork_datafree_run(run, out, [i for i in items if i.split("=", 1)[0].strip() != "out"])
+
+
 def distill_datafree_from_cli(overrides: Optional[list[str]] = None, config: Optional[Path] = None, *,
                               teacher: Optional[str] = None, method: Optional[str] = None,
-                              preset: Optional[str] = None, data_root: Optional[str] = None) -> dict:
+                              preset: Optional[str] = None, data_root: Optional[str] = None,
+                              fork: Optional[str] = None) -> dict:
     """Build the data-free job from CLI inputs, run it, print CA/ASR and return the metrics.
+
+    ``fork``: a stopped data-free run (``schedule.stop_after``) to continue in a copy at ``out=``
+    with its own settings and ``overrides`` on top (e.g. ``abd.mode=sr schedule.stop_after=null``);
+    the run itself is left as it is.
 
     Raises:
         KDGuardError: any configuration or run problem (the CLI turns it into ``error: ...``).
@@ -67,11 +94,16 @@ def distill_datafree_from_cli(overrides: Optional[list[str]] = None, config: Opt
     from ..jobs.datafree import build_datafree_job, run_datafree
 
     items = translate_overrides(overrides)
-    for key, value in (("teacher", teacher), ("method", method), ("preset", preset),
-                       ("data.root", data_root)):
-        if value is not None:
-            items.append(f"{key}={value}")
-    job = build_datafree_job(config, items)
+    if data_root is not None:
+        items.append(f"data.root={data_root}")
+    if fork is not None:
+        job = _fork_job(fork, items, {"--teacher": teacher, "--method": method, "--preset": preset,
+                                      "--config": config})
+    else:
+        for key, value in (("teacher", teacher), ("method", method), ("preset", preset)):
+            if value is not None:
+                items.append(f"{key}={value}")
+        job = build_datafree_job(config, items)
     result = run_datafree(job)
     m = result.metrics
     console.print("  ".join(f"{k.upper()}={100 * m[k]:.2f}%" for k in ("ca", "asr", "asr_all", "ra")
@@ -86,9 +118,12 @@ def distill_datafree_cmd(overrides: Optional[list[str]] = OVERRIDES, config: Opt
                          preset: Optional[str] = PRESET, data_root: Optional[str] = DATA_ROOT,
                          teacher_arch: Optional[str] = TEACHER_ARCH, num_classes: Optional[int] = NUM_CLASSES,
                          in_channels: Optional[int] = IN_CHANNELS,
-                         teacher_input_norm: Optional[str] = INPUT_NORM) -> None:
+                         teacher_input_norm: Optional[str] = INPUT_NORM,
+                         fork: Optional[str] = typer.Option(
+                             None, "--fork", help="Continue a copy of this stopped run (schedule.stop_after) "
+                                                  "at out=DIR with its settings and the key=value ones on top")) -> None:
     """Distil a teacher without training data (ZSKT, DFAD, DAFL, DeepInversion, CMI, OOD proxy data)."""
     overrides = [*(overrides or []),
                  *teacher_spec_overrides(teacher_arch, num_classes, in_channels, teacher_input_norm)]
     distill_datafree_from_cli(overrides, config, teacher=teacher, method=method, preset=preset,
-                              data_root=data_root)
+                              data_root=data_root, fork=fork)

@@ -24,8 +24,8 @@ usable cores).
 from __future__ import annotations
 
 from ..runs import RunResult
-from .datafree import (DataFreeABDJob, DataFreeSetup, ExtensionFactory, abd_extensions, build_datafree_job, fork_datafree_run, prepare_datafree,
-                       run_datafree, stopped_run_config, validate_datafree_job)
+from .datafree import (DataFreeABDJob, DataFreeForkJob, DataFreeSetup, ExtensionFactory, abd_extensions, build_datafree_job, fork_datafree_run, prepare_datafree,
+                       run_datafree, run_datafree_fork, stopped_run_config, validate_datafree_job)
 from .audit import AuditJob, run_audit
 from .defend import run_defense
 from .import_teacher import ImportJob, ImportResult, import_teacher
@@ -34,9 +34,9 @@ from .ssl import GridResult, SSLResult, run_badencoder_job, run_defend, run_grid
 from .supervised import build_distiller, distill, evaluate_checkpoint, train_teacher
 
 __all__ = [
-    "AuditJob", "DataFreeABDJob", "DataFreeSetup", "ExtensionFactory", "GridResult", "ImportJob", "ImportResult", "RunResult", "SSLResult",
+    "AuditJob", "DataFreeABDJob", "DataFreeForkJob", "DataFreeSetup", "ExtensionFactory", "GridResult", "ImportJob", "ImportResult", "RunResult", "SSLResult",
     "abd_extensions", "build_datafree_job", "build_distiller", "distill", "evaluate_checkpoint", "fork_datafree_run",
-    "import_teacher", "prepare_datafree", "run_audit", "run_badencoder_job", "run_datafree", "run_defend", "run_defense",
+    "import_teacher", "prepare_datafree", "run_audit", "run_badencoder_job", "run_datafree", "run_datafree_fork", "run_defend", "run_defense",
     "run_grid", "run_pretrain", "run_probe_job", "run_robustkd", "run_trigger_job", "stopped_run_config",
     "train_teacher", "validate_datafree_job",
 ]

@@ -124,6 +124,54 @@ def fork_datafree_run(run_dir: str | Path, out: str | Path, overrides: list[str]
 
 
 @dataclass
+class DataFreeForkJob:
+    """Continue a stopped data-free run under other settings (a suite's ``datafree-fork`` stage).
+
+    ``run`` is a data-free run stopped by ``schedule.stop_after`` (its checkpoint and
+    ``config.yaml``); the fork copies it to ``out`` and continues the copy with the run's own
+    settings and ``overrides`` on top (:func:`fork_datafree_run`), so forks of one run share its
+    first rounds exactly: undefended ZSKT and ZSKT with SR over its last rounds, say.
+    """
+
+    run: str = "-"                          # the stopped run directory (the parent stage's)
+    overrides: list[str] = field(default_factory=list)  # key=value settings that differ
+    out: str = "runs/datafree_fork"
+
+
+def build_fork_job(overrides: list[str]) -> DataFreeForkJob:
+    """A :class:`DataFreeForkJob` from ``key=value`` settings (``run=`` and ``out=`` are its own;
+    the rest are checked as data-free job settings now, against the defaults).
+
+    Raises:
+        KDGuardError: a malformed or unknown setting (:func:`build_datafree_job`).
+    """
+    import json
+
+    own: dict[str, str] = {}
+    rest = []
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if key in ("run", "out"):
+            try:
+                own[key] = str(json.loads(value))
+            except ValueError:
+                own[key] = value
+        else:
+            rest.append(item)
+    build_datafree_job(None, ["teacher=unused", *rest])  # the parent run is not there yet: checks keys and values
+    return DataFreeForkJob(run=own.get("run", "-"), overrides=rest, out=own.get("out", DataFreeForkJob.out))
+
+
+def run_datafree_fork(job: DataFreeForkJob, *, threads: int | None = None) -> RunResult:
+    """Fork ``job.run`` into ``job.out`` (replacing what is there) and run the continuation.
+
+    Raises:
+        KDGuardError: ``job.run`` holds no checkpoint, or as :func:`run_datafree` raises.
+    """
+    return run_datafree(fork_datafree_run(job.run, job.out, job.overrides), threads=threads)
+
+
+@dataclass
 class DataFreeSetup:
     """What a data-free run is built from (:func:`prepare_datafree`).
 

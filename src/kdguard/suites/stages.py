@@ -53,6 +53,11 @@ def _datafree(o: list[str]) -> Any:
     return build_datafree_job(None, o)
 
 
+def _datafree_fork(o: list[str]) -> Any:
+    from ..jobs.datafree import build_fork_job
+    return build_fork_job(o)
+
+
 def _defend(o: list[str]) -> Any:
     from ..defenses.config import DefenseJob
     return _build(DefenseJob, o)
@@ -121,6 +126,7 @@ JOB_KINDS: dict[str, JobKind] = {
     "teacher": JobKind(_teacher, _run("train_teacher"), None),
     "distill": JobKind(_distill, _run("distill"), "teacher"),
     "datafree": JobKind(_datafree, _run("run_datafree"), "teacher"),
+    "datafree-fork": JobKind(_datafree_fork, _run("run_datafree_fork"), "run"),
     "defend": JobKind(_defend, _run("run_defense"), "model"),
     "robustkd": JobKind(_robustkd, _run("run_robustkd"), "teacher"),
     "robustkd-trigger": JobKind(_trigger, _run("run_trigger_job"), "teacher", weights=False),
