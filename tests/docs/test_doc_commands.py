@@ -45,6 +45,7 @@ SCHEMAS: dict[str, str | None] = {
     "demo": None,
     "list": None,
     "suite": None,  # a group: run, report, list, status (suite files are checked by tests/suites)
+    "probe": None,  # a group: sv-premise, synthetic, sr-perturbation, target-share (tests/cli/test_probe.py)
 }
 #: ``kdguard distill --method zskt`` (or ``kd.method=zskt``) runs the data-free job: how the CLI
 #: decides that, and how it renames the overrides.

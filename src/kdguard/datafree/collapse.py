@@ -6,7 +6,7 @@ backdoor can cause this: a teacher whose trigger looks like noise (Blend with a 
 a dense watermark) may answer the target class on any noise-like image, and a generator that
 starts from noise then only ever sees that answer. kdguard's CPU-scale Blend teacher answers the
 target class on 100 % of uniform-noise images at probability ≈ 1, and its ZSKT run stays there
-(``docs/datafree-results.md`` §1, measured by ``benchmarks/synthetic_probe.py``). The generator's KL(teacher ‖ student) is then ≈ 0 with a vanishing
+(``docs/datafree-results.md`` §1, measured by ``kdguard probe synthetic``). The generator's KL(teacher ‖ student) is then ≈ 0 with a vanishing
 gradient, so nothing pulls the synthesis out.
 
 The check needs neither labels nor test data, so it works in the data-free setting itself. The

@@ -197,7 +197,7 @@ class DataFreeSetup:
 def prepare_datafree(job: DataFreeJob, *, device: torch.device | None = None) -> DataFreeSetup:
     """Load the teacher and the test split, build the student and the method context of ``job``.
 
-    Used by :func:`run_datafree` and by tools that restore a run (``benchmarks/synthetic_probe.py``).
+    Used by :func:`run_datafree` and by tools that restore a run (:func:`kdguard.diagnostics.rebuild_datafree_run`).
     ``device`` is where the models run (default: ``job.device`` resolved).
 
     Raises:
