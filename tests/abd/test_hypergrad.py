@@ -60,6 +60,32 @@ def test_truncation_and_the_direct_term():
     assert errors[0] > errors[1] > errors[2]  # the Neumann series converges
 
 
+def test_k_steps_are_the_truncated_neumann_series_with_k_minus_1_products(monkeypatch):
+    h, b, c, theta, inner, d_star, step = _quadratic()
+
+    def outer(d):
+        return ((d - c) ** 2).sum() + d.sum() * theta[0]
+
+    # the series by hand: v = sum_{k<K} (I - step*H)^k g, dF/dtheta = direct + (d Phi/d theta)^T v
+    g = 2 * (d_star - c) + theta[0].detach()
+    v, term = torch.zeros(3, dtype=torch.float64), g.clone()
+    for _ in range(5):
+        v, term = v + term, term - step * h @ term
+    by_hand = torch.tensor([d_star.sum().item(), 0.0], dtype=torch.float64) + step * (b.T @ v)
+    calls = []
+    grad = torch.autograd.grad
+
+    def counting(outputs, inputs, *args, **kwargs):
+        calls.append(kwargs.get("grad_outputs") is not None)
+        return grad(outputs, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", counting)
+    result, = fixed_point_hypergradient(d_star, [theta], inner, outer, steps=5, step_size=step)
+    assert torch.allclose(result, by_hand, atol=1e-12)
+    # outer grads, inner grad, K-1 = 4 products in the loop, the indirect term: v = 0 needs none
+    assert calls.count(True) == 4 + 1
+
+
 def _kl64(p_logits, q_logits):
     """Batch-mean KL(softmax p ‖ softmax q) in float64 (the library's KL runs in float32)."""
     log_p, log_q = p_logits.log_softmax(1), q_logits.log_softmax(1)

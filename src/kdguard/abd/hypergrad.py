@@ -13,8 +13,8 @@ and ``v`` is approximated by K fixed-point iterations ``v ← Jᵀ v + ∂_δ �
 i.e. the truncated Neumann series Σ_{k<K} (Jᵀ)^k ∂_δ ℓ_out. This is the fixed-point method of
 Grazzi et al. (ICML 2020, "On the iteration complexity of hypergradient computation"), used by
 I-BAU (Zeng et al., ICLR 2022) and by ABD's Self-Retrospection (their ``hypergrad.fixed_point``
-with K = 5, α = 0.1). Each iteration costs one vector–Jacobian product of ∇_δ ℓ_in (a
-double-backward pass); the series converges when the spectral radius of J is below 1
+with K = 5, α = 0.1). Each iteration after the first (which starts from v = 0 and so gives
+∂_δ ℓ_out without a product) costs one vector–Jacobian product of ∇_δ ℓ_in (a double-backward pass); the series converges when the spectral radius of J is below 1
 (ℓ_in smooth and α small enough), and the error of truncating it after K terms decays like ρ^K.
 
 kdguard's own implementation: no state, explicit arguments, parameters without gradient path
@@ -70,13 +70,15 @@ def fixed_point_hypergradient(inner_solution: torch.Tensor, params: Sequence[tor
 
     inner_grad, = torch.autograd.grad(inner_loss(delta), delta, create_graph=True)
     mapped = delta - step_size * inner_grad  # Φ(δ, θ), differentiable in δ and θ
-    v = torch.zeros_like(delta)
-    for _ in range(steps):
+    # the first iteration from v = 0 gives v = ∂_δ ℓ_out exactly (Jᵀ·0 = 0): no product needed
+    v = g_delta
+    converged = tol > 0 and float(torch.linalg.vector_norm(v)) < tol
+    for _ in range(steps - 1):
+        if converged:
+            break
         jv, = torch.autograd.grad(mapped, delta, grad_outputs=v, retain_graph=True, allow_unused=True)
         v_next = g_delta if jv is None else jv + g_delta
         converged = tol > 0 and float(torch.linalg.vector_norm(v_next - v)) < tol
         v = v_next
-        if converged:
-            break
     indirect = torch.autograd.grad(mapped, params, grad_outputs=v, allow_unused=True)
     return [d if i is None else d + i for d, i in zip(direct, indirect)]
