@@ -226,3 +226,40 @@ def test_sr_in_bf16_stays_close_to_float32(abd_kit):
     assert f32.norm() > 0
     cos = torch.nn.functional.cosine_similarity(f32, bf16, dim=0)
     assert cos > 0.95 and not torch.equal(f32, bf16)  # close, and bf16 really ran
+
+
+def test_a_given_trigger_is_unlearnt_on_the_chosen_samples_without_a_search(abd_kit, monkeypatch):
+    import kdguard.abd.retrospection as retrospection
+
+    def no_search(*args, **kwargs):
+        raise AssertionError("no δ search with a given trigger")
+
+    monkeypatch.setattr(retrospection, "universal_perturbation", no_search)
+    stamped_rows = []
+
+    def trigger(x):  # a bright corner
+        stamped_rows.append(len(x))
+        out = x.clone()
+        out[:, :, :3, :3] = 1.0
+        return out
+
+    student, plain = _student(), _student()
+    cfg = SelfRetrospectionConfig(phase=0.2, lr=1e-3, min_count=4, weight=5.0)
+    sr = SelfRetrospection(cfg, trigger=trigger)
+    ctx = _context(abd_kit, student, round_index=8)
+    out = sr(ctx)
+    assert set(out) == {"kd", "sr_unlearn"} and float(out["sr_unlearn"]) > 0
+    assert stamped_rows == [16] and sr.steps == 1
+    assert sr.summary()["perturbation"] == "given trigger" and sr.summary()["hypergradient"] is False
+    # the unlearning term changed the update against the plain step
+    default_student_step(_context(abd_kit, plain, round_index=0))
+    assert not torch.allclose(student[0].weight, plain[0].weight)
+    # and repeated steps shrink the student's response to the trigger on the same images
+    x = abd_kit.clean_images(16)
+    student2 = _student()
+    sr2 = SelfRetrospection(SelfRetrospectionConfig(phase=1.0, lr=1e-2, min_count=16, weight=50.0), trigger=trigger)
+    gaps = []
+    for i in range(15):
+        out = sr2(_context(abd_kit, student2, round_index=i, total_rounds=100, x=x))
+        gaps.append(float(out["sr_unlearn"]))
+    assert gaps[-1] < gaps[0]

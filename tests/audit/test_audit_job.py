@@ -147,3 +147,21 @@ def test_summary_compares_with_the_recorded_attack(audit_dir, capsys):
     out = capsys.readouterr().out
     assert "| mnist_embedded/" in out and "badnets → 2" in out and f"| {rec['verdict']} |" in out
     assert "kdguard" in out and "/2" in out  # two poisoned records counted
+
+
+def test_sr_unlearns_the_audits_trigger_in_data_free_kd(audit_dir, teacher_dir, tmp_path, capsys):
+    out = tmp_path / "zskt_sr_audit"
+    assert main(["distill-datafree", f"teacher={teacher_dir}", "method=zskt", "preset=cpu", "student=lenet5",
+                 "schedule.rounds=4", "schedule.batch_size=16", "schedule.student_steps=2", "generator.width=8",
+                 "monitor.every=4", "monitor.grid_every=0", "progress=false", "abd.mode=sr", "abd.sr.phase=0.5",
+                 "--from-audit", str(audit_dir), "--audit-class", "2", f"out={out}"]) == 0
+    sr = read_json(out / "metrics.json")["abd"]["sr"]
+    assert sr["perturbation"] == "given trigger" and sr["audit_class"] == 2 and sr["sr_steps"] == 4
+    assert sr["from_audit"] == str(audit_dir)
+    for args, needle in (
+            (["abd.mode=sv", "--from-audit", str(audit_dir)], "runs no SR"),
+            (["abd.mode=sr", "--audit-class", "2"], "--from-audit"),
+            (["abd.mode=sr", "--from-audit", str(teacher_dir)], "audit"),
+            (["abd.mode=sr", "--from-audit", str(audit_dir), "--audit-class", "10"], "outside the audit")):
+        assert needle in cli_error(["distill-datafree", f"teacher={teacher_dir}", "method=zskt", "preset=cpu", "student=lenet5",
+                                    "schedule.rounds=2", "progress=false", f"out={tmp_path / 'x'}", *args], capsys)

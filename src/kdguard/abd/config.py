@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 from ..errors import KDGuardError, check_choice, check_positive
 
@@ -66,6 +67,11 @@ class SelfRetrospectionConfig:
                                            # ~3 % of float32's) instead of float32
     nchw: bool = True                      # on CPU, SR's passes through a channels_last student run
                                            # in NCHW (1.2-1.3x faster there; no effect on CUDA)
+    from_audit: Optional[str] = None       # a `kdguard audit` run directory: unlearn its
+                                           # reconstructed trigger (stamped on the chosen samples)
+                                           # instead of searching δ; no hypergradient (the trigger
+                                           # is fixed, not an inner solution)
+    audit_class: Optional[int] = None      # the class whose trigger (null: the audit's first suspect)
 
 
 @dataclass
@@ -117,6 +123,13 @@ def validate_abd(cfg: ABDConfig) -> None:
     for label, value in (("abd.sr.lr", sr.lr), ("abd.sr.inner_lr", sr.inner_lr),
                          ("abd.sr.hypergradient_step_size", sr.hypergradient_step_size)):
         check_positive(label, value)
+    if sr.from_audit is not None and not cfg.uses_sr:
+        raise KDGuardError(f"abd.sr.from_audit is set but abd.mode={cfg.mode} runs no SR",
+                           "set abd.mode=sr (or full) to unlearn the audit's trigger")
+    if sr.audit_class is not None and sr.from_audit is None:
+        raise KDGuardError("abd.sr.audit_class is set without abd.sr.from_audit",
+                           "set abd.sr.from_audit=AUDIT_DIR too, or drop abd.sr.audit_class")
+    check_positive("abd.sr.audit_class", sr.audit_class, allow_zero=True)
     for label, value in (("abd.sr.inner_steps", sr.inner_steps), ("abd.sr.min_count", sr.min_count),
                          ("abd.sr.l2", sr.l2), ("abd.sr.weight", sr.weight),
                          ("abd.sr.hypergradient_steps", sr.hypergradient_steps)):

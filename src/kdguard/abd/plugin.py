@@ -44,8 +44,8 @@ class ABDPlugin:
 def build_abd(cfg: ABDConfig, *, teacher: nn.Module, image_shape: tuple[int, int, int],
               device: torch.device, method: str, seed: int = 0,
               input_std: tuple[float, ...] | None = None,
-              autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
-              ) -> ABDPlugin | None:
+              autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+              sr_trigger: Callable[[torch.Tensor], torch.Tensor] | None = None) -> ABDPlugin | None:
     """ABD for one run, or ``None`` when ``cfg.mode == "off"``.
 
     Args:
@@ -58,6 +58,8 @@ def build_abd(cfg: ABDConfig, *, teacher: nn.Module, image_shape: tuple[int, int
         input_std: the teacher's per-channel input std (SR's perturbation lives in normalised
             units, as in the reference); ``None`` = 1.
         autocast: forward-pass context (bf16 or no-op).
+        sr_trigger: a trigger SR unlearns instead of searching δ (``abd.sr.from_audit``, built by
+            the job layer from the audit's files).
 
     Raises:
         KDGuardError: the teacher has no layer to shuffle, or bad settings.
@@ -81,6 +83,6 @@ def build_abd(cfg: ABDConfig, *, teacher: nn.Module, image_shape: tuple[int, int
         else:
             ext.generator_regularizers.append(vaccine)
     if cfg.uses_sr:
-        retro = SelfRetrospection(cfg.sr, seed=seed, input_std=input_std)
+        retro = SelfRetrospection(cfg.sr, seed=seed, input_std=input_std, trigger=sr_trigger)
         ext.student_step = retro
     return ABDPlugin(ext, vaccine, retro)

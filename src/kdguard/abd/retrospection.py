@@ -158,12 +158,21 @@ class SelfRetrospection:
     Args:
         cfg: :class:`~kdguard.abd.config.SelfRetrospectionConfig`.
         seed: seeds the choice of perturbed samples (checkpointed).
+        input_std: the teacher's per-channel input std (δ's units, see the module docstring).
+        trigger: a known or reconstructed trigger (``N×C×H×W`` in [0, 1] → same; e.g. a ``kdguard
+            audit``'s, ``abd.sr.from_audit``). Given, no δ is searched: the chosen samples are
+            stamped with it (clamped to [0, 1] first) and the student unlearns it with the direct
+            gradient of the outer loss (a fixed trigger solves no inner problem, so there is no
+            hypergradient) — Neural Cleanse's unlearning (Wang et al., S&P 2019, §VI-C) on the
+            synthetic batch, in SR's place and schedule.
     """
 
     def __init__(self, cfg: SelfRetrospectionConfig | None = None, *, seed: int = 0,
-                 input_std: tuple[float, ...] | None = None) -> None:
+                 input_std: tuple[float, ...] | None = None,
+                 trigger: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         self.cfg = cfg or SelfRetrospectionConfig()
         self.input_std = input_std
+        self.trigger = trigger
         self.generator = torch.Generator().manual_seed(seed)
         self.entered = False
         self.steps = 0
@@ -263,10 +272,12 @@ class SelfRetrospection:
         n = len(x)
         scale = self._scale(x)
         div = self.divergence(ctx)
-        delta = self._perturbation(ctx, scale, div)  # u, in normalised units; the images get scale·u
         chosen = torch.randperm(n, generator=self.generator)[:self.perturbed_count(n)].to(x.device)
         rows = torch.zeros(n, 1, 1, 1, device=x.device)
         rows[chosen] = 1.0
+        if self.trigger is not None:
+            return self._unlearn_trigger(ctx, div, chosen, rows)
+        delta = self._perturbation(ctx, scale, div)  # u, in normalised units; the images get scale·u
 
         outputs = ctx.forward_student()
         losses = ctx.distill_losses(outputs)
@@ -312,9 +323,36 @@ class SelfRetrospection:
         losses["sr_unlearn"] = last["sr_unlearn"]
         return losses
 
+    def _unlearn_trigger(self, ctx: StudentStepContext, div: Divergence, chosen: torch.Tensor,
+                         rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The step with a given trigger: the method's losses plus ``weight`` × the divergence
+        between the student on the clean and on the stamped chosen samples (SR's reduction)."""
+        c, x, student = self.cfg, ctx.x, ctx.student
+        n = len(x)
+        outputs = ctx.forward_student()
+        losses = ctx.distill_losses(outputs)
+        forward = nchw_forward(student) if c.nchw else student
+        precision = ctx.autocast if c.amp else contextlib.nullcontext
+        with torch.no_grad():
+            stamped = torch.where(rows.bool(), self.trigger(x.detach().clamp(0, 1)), x)
+            with frozen_bn_statistics(student), precision():
+                clean = forward(x).float()
+        with frozen_bn_statistics(student), precision():
+            ref = clean if c.detach_clean else forward(x).float()
+            per = div(ref, forward(stamped).float())[chosen]
+        value = c.weight * (per.mean() if c.outer_reduction == "perturbed" else per.sum() / n)
+        ctx.optimizer.zero_grad(set_to_none=True)
+        (sum(losses.values()) + value).backward()
+        ctx.clip_and_step()
+        self.steps += 1
+        losses["sr_unlearn"] = value.detach()
+        return losses
+
     def summary(self) -> dict[str, Any]:
         return {"phase": self.cfg.phase, "sr_steps": self.steps, "perturb_model": self.cfg.perturb_model,
-                "hypergradient": self.cfg.hypergradient, "amp": self.cfg.amp}
+                "hypergradient": self.cfg.hypergradient and self.trigger is None, "amp": self.cfg.amp,
+                "perturbation": "search" if self.trigger is None else "given trigger",
+                "from_audit": self.cfg.from_audit, "audit_class": self.cfg.audit_class}
 
     # -- checkpointing -------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -121,9 +121,21 @@ def distill_datafree_cmd(overrides: Optional[list[str]] = OVERRIDES, config: Opt
                          teacher_input_norm: Optional[str] = INPUT_NORM,
                          fork: Optional[str] = typer.Option(
                              None, "--fork", help="Continue a copy of this stopped run (schedule.stop_after) "
-                                                  "at out=DIR with its settings and the key=value ones on top")) -> None:
+                                                  "at out=DIR with its settings and the key=value ones on top"),
+                         from_audit: Optional[str] = typer.Option(
+                             None, "--from-audit", help="A `kdguard audit` run directory: SR (abd.mode=sr|full) "
+                                                        "unlearns its reconstructed trigger instead of searching one"),
+                         audit_class: Optional[int] = typer.Option(
+                             None, "--audit-class", help="With --from-audit: the class whose trigger "
+                                                         "(default: the audit's first suspected target)")) -> None:
     """Distil a teacher without training data (ZSKT, DFAD, DAFL, DeepInversion, CMI, OOD proxy data)."""
+    from ..errors import KDGuardError
+
+    if audit_class is not None and from_audit is None:
+        raise KDGuardError("--audit-class needs --from-audit", "add --from-audit AUDIT_DIR")
     overrides = [*(overrides or []),
-                 *teacher_spec_overrides(teacher_arch, num_classes, in_channels, teacher_input_norm)]
+                 *teacher_spec_overrides(teacher_arch, num_classes, in_channels, teacher_input_norm),
+                 *([f"abd.sr.from_audit={from_audit}"] if from_audit is not None else []),
+                 *([f"abd.sr.audit_class={audit_class}"] if audit_class is not None else [])]
     distill_datafree_from_cli(overrides, config, teacher=teacher, method=method, preset=preset,
                               data_root=data_root, fork=fork)

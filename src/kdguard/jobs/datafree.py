@@ -14,6 +14,7 @@ reported metrics are those of the last round (never the best over the test curve
 
 from __future__ import annotations
 
+import logging
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,6 +39,8 @@ from ..rundir import adopt_copy
 from ..runs import RunContext, RunResult, evaluate_model
 from ..runtime import autocast, resolve_device
 from ..train.engine import place_modules
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -246,7 +249,34 @@ def abd_extensions(job: DataFreeJob, setup: DataFreeSetup) -> ABDPlugin | None:
     device, bf16 = setup.device, setup.bf16
     return build_abd(cfg, teacher=setup.teacher, image_shape=setup.test.shape, device=device,
                      method=job.method, seed=job.seed, input_std=setup.ctx.std,
-                     autocast=lambda: autocast(device, bf16))
+                     autocast=lambda: autocast(device, bf16), sr_trigger=audit_sr_trigger(cfg, setup))
+
+
+def audit_sr_trigger(cfg: ABDConfig, setup: DataFreeSetup) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The reconstructed trigger of ``abd.sr.from_audit`` (class ``abd.sr.audit_class``, else the
+    audit's first suspect) as a batched function on [0, 1] images, on the run's device; None
+    without an audit. The audit directory is read as data (its ``.npy`` trigger files).
+
+    Raises:
+        KDGuardError: as :func:`kdguard.jobs.audit.audit_trigger` (no audit there, no suspect and
+            no class given, a class outside the audit's), or a trigger that does not fit the images.
+    """
+    if not cfg.uses_sr or cfg.sr.from_audit is None:
+        return None
+    from ..attacks import make_attack
+    from .audit import audit_trigger
+
+    attack_cfg = audit_trigger(cfg.sr.from_audit, cfg.sr.audit_class)
+    spec = make_attack(attack_cfg, setup.test.shape, setup.test.num_classes)
+    if setup.attack is not None and int(setup.attack.target) != int(attack_cfg.target):
+        log.info("SR unlearns the audit's class-%d trigger; the teacher's recorded target is %d",
+                 attack_cfg.target, int(setup.attack.target))
+    trigger, device = spec.trigger, setup.device
+
+    def stamp(x: torch.Tensor) -> torch.Tensor:  # the trigger's tensors live on the CPU
+        return trigger(x.float().cpu()).to(device=device, dtype=x.dtype)
+
+    return stamp
 
 
 #: builds a run's defence from its job and set-up: ``None`` or an object with ``extensions``
