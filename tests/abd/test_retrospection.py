@@ -263,3 +263,22 @@ def test_a_given_trigger_is_unlearnt_on_the_chosen_samples_without_a_search(abd_
         out = sr2(_context(abd_kit, student2, round_index=i, total_rounds=100, x=x))
         gaps.append(float(out["sr_unlearn"]))
     assert gaps[-1] < gaps[0]
+
+
+def test_a_given_trigger_can_be_pulled_to_the_teachers_clean_output(abd_kit):
+    def trigger(x):
+        out = x.clone()
+        out[:, :, :3, :3] = 1.0
+        return out
+
+    runs = {}
+    for reference in ("student", "teacher"):
+        student = _student()
+        sr = SelfRetrospection(SelfRetrospectionConfig(phase=0.2, lr=1e-3, min_count=16, audit_reference=reference),
+                               trigger=trigger)
+        out = sr(_context(abd_kit, student, round_index=8))
+        runs[reference] = (float(out["sr_unlearn"]), student[0].weight.detach().clone())
+        assert sr.summary()["audit_reference"] == reference
+    # the student's clean output and the teacher's differ, so the terms and the updates differ
+    assert runs["student"][0] != pytest.approx(runs["teacher"][0])
+    assert not torch.allclose(runs["student"][1], runs["teacher"][1])

@@ -162,6 +162,7 @@ def test_sr_unlearns_the_audits_trigger_in_data_free_kd(audit_dir, teacher_dir, 
             (["abd.mode=sv", "--from-audit", str(audit_dir)], "runs no SR"),
             (["abd.mode=sr", "--audit-class", "2"], "--from-audit"),
             (["abd.mode=sr", "--from-audit", str(teacher_dir)], "audit"),
-            (["abd.mode=sr", "--from-audit", str(audit_dir), "--audit-class", "10"], "outside the audit")):
+            (["abd.mode=sr", "--from-audit", str(audit_dir), "--audit-class", "10"], "outside the audit"),
+            (["abd.mode=sr", "--from-audit", str(audit_dir), "abd.sr.audit_reference=oracle"], "audit_reference")):
         assert needle in cli_error(["distill-datafree", f"teacher={teacher_dir}", "method=zskt", "preset=cpu", "student=lenet5",
                                     "schedule.rounds=2", "progress=false", f"out={tmp_path / 'x'}", *args], capsys)

@@ -72,6 +72,9 @@ class SelfRetrospectionConfig:
                                            # instead of searching δ; no hypergradient (the trigger
                                            # is fixed, not an inner solution)
     audit_class: Optional[int] = None      # the class whose trigger (null: the audit's first suspect)
+    audit_reference: str = "student"       # what stamped samples are pulled to: student (the
+                                           # student's clean output, SR's term) | teacher (the
+                                           # teacher's clean output: distillation on stamped copies)
 
 
 @dataclass
@@ -120,6 +123,7 @@ def validate_abd(cfg: ABDConfig) -> None:
     check_choice("abd.sr.perturb_model", sr.perturb_model, ("teacher", "student"))
     check_choice("abd.sr.outer_reduction", sr.outer_reduction, ("perturbed", "batch"))
     check_choice("abd.sr.divergence", sr.divergence, ("kl", "method"))
+    check_choice("abd.sr.audit_reference", sr.audit_reference, ("student", "teacher"))
     for label, value in (("abd.sr.lr", sr.lr), ("abd.sr.inner_lr", sr.inner_lr),
                          ("abd.sr.hypergradient_step_size", sr.hypergradient_step_size)):
         check_positive(label, value)

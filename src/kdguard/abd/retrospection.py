@@ -161,7 +161,8 @@ class SelfRetrospection:
         input_std: the teacher's per-channel input std (δ's units, see the module docstring).
         trigger: a known or reconstructed trigger (``N×C×H×W`` in [0, 1] → same; e.g. a ``kdguard
             audit``'s, ``abd.sr.from_audit``). Given, no δ is searched: the chosen samples are
-            stamped with it (clamped to [0, 1] first) and the student unlearns it with the direct
+            stamped with it (the pixels it changes on the image clamped to [0, 1]; the others
+            stay as synthesised) and the student unlearns it with the direct
             gradient of the outer loss (a fixed trigger solves no inner problem, so there is no
             hypergradient) — Neural Cleanse's unlearning (Wang et al., S&P 2019, §VI-C) on the
             synthetic batch, in SR's place and schedule.
@@ -326,7 +327,8 @@ class SelfRetrospection:
     def _unlearn_trigger(self, ctx: StudentStepContext, div: Divergence, chosen: torch.Tensor,
                          rows: torch.Tensor) -> dict[str, torch.Tensor]:
         """The step with a given trigger: the method's losses plus ``weight`` × the divergence
-        between the student on the clean and on the stamped chosen samples (SR's reduction)."""
+        from the student's (``audit_reference=student``) or the teacher's (``teacher``) output on
+        the clean samples to the student's on their stamped copies (SR's reduction)."""
         c, x, student = self.cfg, ctx.x, ctx.student
         n = len(x)
         outputs = ctx.forward_student()
@@ -334,11 +336,19 @@ class SelfRetrospection:
         forward = nchw_forward(student) if c.nchw else student
         precision = ctx.autocast if c.amp else contextlib.nullcontext
         with torch.no_grad():
-            stamped = torch.where(rows.bool(), self.trigger(x.detach().clamp(0, 1)), x)
+            # the trigger needs [0, 1] images; synthetic ones may lie outside. Only the pixels the
+            # trigger changes take its stamped value, the others stay exactly as synthesised (a
+            # clamp of the whole image would teach invariance to the clamp, not to the trigger).
+            inside = x.detach().clamp(0, 1)
+            marked = self.trigger(inside)
+            stamped = torch.where(rows.bool() & (marked != inside), marked, x)
             with frozen_bn_statistics(student), precision():
                 clean = forward(x).float()
         with frozen_bn_statistics(student), precision():
-            ref = clean if c.detach_clean else forward(x).float()
+            if c.audit_reference == "teacher":
+                ref = ctx.teacher_outputs.logits.detach().float()
+            else:
+                ref = clean if c.detach_clean else forward(x).float()
             per = div(ref, forward(stamped).float())[chosen]
         value = c.weight * (per.mean() if c.outer_reduction == "perturbed" else per.sum() / n)
         ctx.optimizer.zero_grad(set_to_none=True)
@@ -352,7 +362,8 @@ class SelfRetrospection:
         return {"phase": self.cfg.phase, "sr_steps": self.steps, "perturb_model": self.cfg.perturb_model,
                 "hypergradient": self.cfg.hypergradient and self.trigger is None, "amp": self.cfg.amp,
                 "perturbation": "search" if self.trigger is None else "given trigger",
-                "from_audit": self.cfg.from_audit, "audit_class": self.cfg.audit_class}
+                "from_audit": self.cfg.from_audit, "audit_class": self.cfg.audit_class,
+                "audit_reference": self.cfg.audit_reference}
 
     # -- checkpointing -------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
