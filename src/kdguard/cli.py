@@ -156,11 +156,16 @@ def _trigger_params(params: dict, items: list[str]) -> dict:
 
 
 @command("demo")
-def demo_cmd(out: Optional[Path] = typer.Option(None, help="Run directory (default runs/demo-<time>)")) -> None:
+def demo_cmd(out: Optional[Path] = typer.Option(None, help="Run directory (default runs/demo-<time>)"),
+             ledger: Path = typer.Option(Path("results"), "--ledger",
+                                         help="Results ledger holding the abd-demo-seeds suite: the ABD row's "
+                                              "spread over seeds is read from it")) -> None:
     """The main job: poisoned teacher → distilled student → CA/ASR table and report."""
     from .jobs.demo import run_demo
+    from .suites.report import seeds_sentence
 
-    run_demo(out, console=console)
+    run_demo(out, console=console, seed_spread=seeds_sentence(ledger, "abd-demo-seeds",
+                                                              {"badnets/zskt": "ZSKT", "badnets/zskt_abd": "ZSKT + ABD"}))
 
 
 @command("list")

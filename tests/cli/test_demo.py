@@ -12,7 +12,7 @@ from kdguard.jobs.demo import DEMO_ABD, abd_verdict, demo_datafree_job, run_demo
 def test_demo_runs_all_four_models_and_writes_one_report(tmp_path):
     console = Console(record=True, width=140)
     results = run_demo(tmp_path / "demo", console=console, rounds=2, epochs=1, student_epochs=1,
-                       progress=False)
+                       progress=False, seed_spread="Over seeds 0, 1 of this setting: (a sentence)")
     assert list(results) == ["teacher (BadNets 10 %)", "student: KD on 20 % clean data",
                              "student: ZSKT, data-free", "student: ZSKT + ABD"]
     printed = console.export_text()
@@ -27,6 +27,7 @@ def test_demo_runs_all_four_models_and_writes_one_report(tmp_path):
     assert "ZSKT + ABD" in report and "zskt_abd/datafree_curves.png" in report
     assert abd_verdict(summary["student: ZSKT, data-free"], summary["student: ZSKT + ABD"]) in report
     assert (tmp_path / "demo" / "zskt_abd" / "model.safetensors").exists()
+    assert "Over seeds 0, 1 of this setting" in printed and "Over seeds 0, 1 of this setting" in report
 
 
 def test_demo_abd_job_differs_from_the_plain_one_only_by_abd(tmp_path):

@@ -84,3 +84,20 @@ def test_list_and_status_commands(tiny_local, capsys):
     assert main(["suite", "status", "tiny", "--out", str(runs), "--ledger", str(ledger)]) == 0
     out = capsys.readouterr().out
     assert "8/8 cell runs recorded" in out and "badnets/zskt" in out
+
+
+def test_seeds_sentence_summarises_cells_over_the_recorded_seeds(tiny_local, tmp_path):
+    import json
+    import statistics
+
+    from kdguard.suites.report import seeds_sentence
+
+    _, ledger, _ = tiny_local
+    text = seeds_sentence(ledger, "tiny", {"badnets/kd": "KD", "blend/zskt": "ZSKT"})
+    kd = [json.loads((ledger / "tiny" / "cpu" / "badnets" / "kd" / f"s{s}.json").read_text())["metrics"]
+          for s in (0, 1)]
+    ca = [100 * m["ca"] for m in kd]
+    assert text.startswith("Over seeds 0, 1 of this setting")
+    assert f"KD: CA {statistics.mean(ca):.1f} ± {statistics.stdev(ca):.1f} (2) %" in text
+    assert "ZSKT: CA" in text and "worst seed" in text
+    assert "records them" in seeds_sentence(tmp_path / "empty", "tiny", {"badnets/kd": "KD"})

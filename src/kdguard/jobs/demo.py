@@ -80,13 +80,15 @@ def abd_verdict(zskt: dict, zskt_abd: dict) -> str:
 
 
 def run_demo(out: str | Path | None = None, *, console: Console | None = None, rounds: int = 200,
-             **kw) -> dict[str, RunResult]:
+             seed_spread: str | None = None, **kw) -> dict[str, RunResult]:
     """Run the demo; returns the results by role. ``out`` defaults to ``runs/demo-<timestamp>``.
 
     Args:
         out: run directory.
         console: where to print.
         rounds: ZSKT pseudo-batches of the two data-free students.
+        seed_spread: a sentence on the same setting over seeds (the ``abd-demo-seeds`` suite's
+            records), printed and reported beside this run's one-seed ABD row.
         **kw: :func:`demo_jobs` arguments (``epochs``, ``student_epochs``, ``progress``, data).
     """
     console = console or Console()
@@ -114,6 +116,8 @@ def run_demo(out: str | Path | None = None, *, console: Console | None = None, r
         table.add_row(role, *(f"{100 * m[k]:.2f}" if m.get(k) is not None else "—"
                               for k in ("ca", "asr", "asr_all", "ra")), f"{res.seconds:.0f}")
     console.print(table)
+    if seed_spread:
+        console.print(seed_spread, markup=False)
 
     rows = [(role, "lenet5", res.metrics) for role, res in results.items()]
     summary = {role: res.metrics for role, res in results.items()}
@@ -125,6 +129,7 @@ def run_demo(out: str | Path | None = None, *, console: Console | None = None, r
         "students: logit KD on 20 % of the training split (clean); ZSKT with no data at all "
         f"({rounds} pseudo-batches of synthetic images); the same ZSKT run with ABD "
         "(`abd.mode=full`).", "", metrics_table(rows), "", abd_verdict(zskt.metrics, zskt_abd.metrics), "",
+        *([seed_spread, ""] if seed_spread else []),
         "![trigger preview](teacher/trigger_preview.png)", "",
         "Teacher training curves: ![teacher](teacher/curves.png)", "",
         "Student distillation curves: ![student](student/curves.png)", "",

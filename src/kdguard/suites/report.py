@@ -15,6 +15,7 @@ import html
 import io
 import math
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 #: the line before the records converted from an earlier ledger (``converted`` in the record)
@@ -74,6 +75,30 @@ def summary_rows(records: list[dict[str, Any]], order: Sequence[str] = ()) -> li
         row["wall_minutes"] = sum(walls) / len(walls) / 60 if walls else None
         rows.append(row)
     return rows
+
+
+def seeds_sentence(ledger: str | Path, suite: str, cells: dict[str, str], scale: str = "cpu") -> str:
+    """One paragraph on ``cells`` (cell → label) of ``suite`` over the seeds the ledger holds:
+    per cell mean ± std (n) of CA, ASR and the no-trigger rate, and the worst seed; or, without
+    records, the command that makes them. Numbers come from the records, read as data."""
+    from .ledger import read_records
+
+    records, _ = read_records(ledger, suite, scale) if Path(ledger).is_dir() else ([], [])
+    groups = by_cell([r for r in records if r["cell"] in cells], list(cells))
+    command = f"kdguard suite run {suite} --only {','.join(cells)} --seeds 0,1,2,3,4"
+    if not groups:
+        return f"No seeds of this setting are recorded in {ledger}/{suite}; `{command}` records them."
+    parts = []
+    for cell, recs in groups.items():
+        stat = {key: fmt_mean_std([r["metrics"].get(key) for r in recs]) for key, _ in COLUMNS}
+        worst = worst_seed(recs)
+        worst_text = "" if worst is None else (f"; worst seed {worst['seed']}: CA {_pct(worst['metrics'].get('ca'))} %, "
+                                               f"ASR {_pct(worst['metrics'].get('asr'))} %")
+        parts.append(f"{cells[cell]}: CA {stat['ca']} %, ASR {stat['asr']} % (no-trigger {stat['asr_no_trigger']} %)"
+                     + worst_text)
+    seeds = sorted({r["seed"] for recs in groups.values() for r in recs})
+    return (f"Over seeds {', '.join(map(str, seeds))} of this setting ({ledger}/{suite}, mean ± std (n), recorded by "
+            f"`{command}`): " + "; ".join(parts) + ".")
 
 
 def markdown_tables(records: list[dict[str, Any]], order: Sequence[str] = ()) -> str:
