@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 from helpers import cli_error
 
@@ -84,6 +85,11 @@ def test_list_and_status_commands(tiny_local, capsys):
     assert main(["suite", "status", "tiny", "--out", str(runs), "--ledger", str(ledger)]) == 0
     out = capsys.readouterr().out
     assert "8/8 cell runs recorded" in out and "badnets/zskt" in out
+    assert main(["suite", "status", "tiny", "--only", "badnets/zskt", "--seeds", "0", "--out", str(runs),
+                 "--ledger", str(ledger), "--dirs"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    zskt_dir = next(line.split()[1] for line in lines if line.strip().startswith("zskt "))
+    assert (Path(zskt_dir) / "datafree_state.pt").exists() or (Path(zskt_dir) / "metrics.json").exists()
 
 
 def test_seeds_sentence_summarises_cells_over_the_recorded_seeds(tiny_local, tmp_path):

@@ -128,7 +128,9 @@ def list_cmd(suite: Optional[str] = typer.Argument(None, help="Print this suite'
 
 @command("status", group=suite_app)
 def status_cmd(suite: str = SUITE, scale: str = SCALE, seeds: Optional[str] = SEEDS, only: Optional[str] = ONLY,
-               out: str = OUT, ledger: str = LEDGER) -> None:
+               out: str = OUT, ledger: str = LEDGER,
+               dirs: bool = typer.Option(False, "--dirs", help="Also print each stage's run directory "
+                                                               "(what kdguard probe, evaluate or --fork read)")) -> None:
     """Per cell and seed: which stages are done, started or missing, and whether it is recorded."""
     from ..suites import suite_status
 
@@ -137,5 +139,8 @@ def status_cmd(suite: str = SUITE, scale: str = SCALE, seeds: Optional[str] = SE
     for row in rows:
         stages = " ".join(f"{name}:{state}" for name, state in row["stages"].items())
         typer.echo(f"{row['cell']:<32} s{row['seed']:<3} {'recorded' if row['recorded'] else 'pending ':<9} {stages}")
+        if dirs:
+            for name, path in row["dirs"].items():
+                typer.echo(f"    {name:<20} {path}")
     done = sum(r["recorded"] for r in rows)
     typer.echo(f"{done}/{len(rows)} cell runs recorded")

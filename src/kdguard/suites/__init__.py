@@ -29,17 +29,18 @@ from .stages import JOB_KINDS, read_stage, run_stage, stage_done
 
 def suite_status(plan: SuitePlan, ledger: str | Path | None) -> list[dict[str, Any]]:
     """Per cell and seed: ``cell``, ``seed``, ``stages`` (done / started / missing each, by name),
-    ``recorded`` (a ledger record exists)."""
+    ``dirs`` (each stage's run directory, by name), ``recorded`` (a ledger record exists)."""
     rows = []
     for cell in plan.cells:
-        states = {}
+        states, dirs = {}, {}
         for name, key in zip(cell.stage_names, cell.stages):
             out = Path(plan.stages[key].out)
+            dirs[name] = str(out)
             states[name] = "done" if stage_done(out, key) else ("started" if out.is_dir() and any(out.iterdir())
                                                                else "missing")
         recorded = ledger is not None and record_path(ledger, plan.suite.name, plan.scale, cell.cell,
                                                       cell.seed).is_file()
-        rows.append({"cell": cell.cell, "seed": cell.seed, "stages": states, "recorded": recorded})
+        rows.append({"cell": cell.cell, "seed": cell.seed, "stages": states, "dirs": dirs, "recorded": recorded})
     return rows
 
 
