@@ -15,7 +15,7 @@ import torch
 
 from kdguard.checkpoint import load_model
 from kdguard.jobs import build_datafree_job
-from kdguard.jobs.datafree_cost import RoundVariant, matmul_peak, median_run, round_cost
+from kdguard.jobs.datafree_cost import RoundVariant, cost_table, matmul_peak, median_run, round_cost
 from kdguard.models import build_model
 from kdguard.runtime import configure_threads, machine_label, resolve_device
 
@@ -83,12 +83,4 @@ Path(a.out).mkdir(parents=True, exist_ok=True)
      "shape": a.shape, "preset": a.preset, "matmul_peak_gflops": peaks, "rows": rows}, indent=2))
 print(f"\n{a.teacher} -> {a.student}, {tuple(a.shape)}, {machine_label(device)}, {torch.get_num_threads()} threads; "
       "matmul peak " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peaks.items()))
-print("| method | variant | ABD | batch | g-steps | s-steps | s/round (median, range) | synthesis s | student s | "
-      "teacher img/s | student img/s | GFLOP/round | GFLOP/s | % of peak | SV flagged |\n" + "|---" * 15 + "|")
-for x in rows:
-    flagged = "" if x["sv_flagged_share"] is None else f"{100 * x['sv_flagged_share']:.0f} %"
-    spread = f" ({min(x['samples']):.3f}–{max(x['samples']):.3f})" if x["repeats"] > 1 else ""
-    print(f"| {x['method']} | {x['variant']} | {x['abd']} | {x['batch']} | {x['generator_steps']} | {x['student_steps']} | "
-          f"{x['seconds_per_round']:.3f}{spread} | {x['synthesis_seconds']:.3f} | {x['student_seconds']:.3f} | "
-          f"{x['teacher_images_per_s']:.0f} | {x['student_images_per_s']:.0f} | {x['gflop_per_round']:.2f} | "
-          f"{x['gflops']:.1f} | {100 * x['gflops'] / peaks['bf16' if x['variant'].startswith('bf16') else 'fp32']:.0f} | {flagged} |")
+print(cost_table(rows, peaks))

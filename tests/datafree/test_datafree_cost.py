@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from kdguard.jobs import build_datafree_job
-from kdguard.jobs.datafree_cost import ImageCounter, RoundVariant, median_run, round_cost
+from kdguard.jobs.datafree_cost import ImageCounter, RoundVariant, cost_table, median_run, round_cost
 from kdguard.models import build_model
 
 TINY = ["teacher=unused", "student=resnet8", "preset=cpu", "schedule.batch_size=8", "schedule.generator_steps=1",
@@ -28,6 +28,8 @@ def test_round_cost_splits_a_round_and_counts_its_work():
     assert r["gflop_per_round"] > 0 and r["student_steps"] == 2 and r["batch"] == 8
     assert r["sv_flagged_share"] is not None
     assert not teacher._forward_pre_hooks and not student._forward_pre_hooks  # counters removed
+    table = cost_table([median_run([{**r, "method": "zskt", "variant": "fp32", "abd": "sv"}])], {"fp32": 100.0})
+    assert table.count("\n") == 2 and "| zskt | fp32 | sv | 8 |" in table
 
 
 def test_teacher_rerun_per_student_step_costs_more_teacher_passes():

@@ -170,3 +170,21 @@ def median_run(runs: list[dict[str, Any]], key: str = "seconds_per_round") -> di
     value (``samples``) and the count (``repeats``)."""
     ordered = sorted(runs, key=lambda r: r[key])
     return {**ordered[(len(ordered) - 1) // 2], "repeats": len(runs), "samples": [r[key] for r in runs]}
+
+
+def cost_table(rows: list[dict[str, Any]], peaks: dict[str, float]) -> str:
+    """Markdown table of :func:`round_cost` rows (with ``method``, ``variant``, ``abd`` and, from
+    :func:`median_run`, ``repeats``/``samples``); % of peak against ``peaks["bf16"]`` for bf16
+    variants, else ``peaks["fp32"]`` (GFLOP/s of :func:`matmul_peak`)."""
+    lines = ["| method | variant | ABD | batch | g-steps | s-steps | s/round (median, range) | synthesis s | "
+             "student s | teacher img/s | student img/s | GFLOP/round | GFLOP/s | % of peak | SV flagged |",
+             "|---" * 15 + "|"]
+    for x in rows:
+        flagged = "" if x["sv_flagged_share"] is None else f"{100 * x['sv_flagged_share']:.0f} %"
+        spread = f" ({min(x['samples']):.3f}–{max(x['samples']):.3f})" if x.get("repeats", 1) > 1 else ""
+        peak = peaks["bf16" if x["variant"].startswith("bf16") else "fp32"]
+        lines.append(f"| {x['method']} | {x['variant']} | {x['abd']} | {x['batch']} | {x['generator_steps']} | "
+                     f"{x['student_steps']} | {x['seconds_per_round']:.3f}{spread} | {x['synthesis_seconds']:.3f} | "
+                     f"{x['student_seconds']:.3f} | {x['teacher_images_per_s']:.0f} | {x['student_images_per_s']:.0f} | "
+                     f"{x['gflop_per_round']:.2f} | {x['gflops']:.1f} | {100 * x['gflops'] / peak:.0f} | {flagged} |")
+    return "\n".join(lines)
