@@ -397,6 +397,13 @@ CASES = [
         ("status-unknown-suite", ["status", "no-such-suite"], "unknown suite"),
         ("list-unknown-suite", ["list", "no-such-suite"], "unknown suite"),
     ]),
+    *_cases(["probe"], [  # the diagnostics on real runs: tests/cli/test_probe.py
+        ("sv-premise-missing-run", ["sv-premise", "/nonexistent/run"], "not a directory"),
+        ("sv-premise-bad-layers", ["sv-premise", ".", "--layers", "a,b"], "--layers"),
+        ("synthetic-zero-images", ["synthetic", ".", "--n", "0"], "--n"),
+        ("sr-perturbation-zero-batches", ["sr-perturbation", ".", "--batches", "0"], "--batches"),
+        ("target-share-zero-temperature", ["target-share", ".", "--temperature", "0"], "--temperature"),
+    ]),
     *_cases(["no-such-command"], [("unknown-command", [], "no-such-command")]),
 ]
 

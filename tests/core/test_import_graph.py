@@ -36,7 +36,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("L2 methods", ("abd",)),
     ("L2 methods", ("audit",)),
     ("L3 jobs", ("jobs",)),
-    ("L3 jobs", ("suites",)),
+    ("L3 jobs", ("suites", "diagnostics")),
     ("L4 fronts", ("commands._app",)),
     ("L4 fronts", ("commands",)),
     ("L4 fronts", ("cli",)),
