@@ -57,9 +57,8 @@ def sv_premise(run: str | Path, *, data_root: str | None = None, n: int = 2000, 
         KDGuardError: an unreadable teacher, or a manifest naming no dataset or no attack.
     """
     from .abd.plugin import SHUFFLE_SEED_OFFSET
-    from .abd.shuffle import ShuffledTeacher
-    from .abd.vaccine import divergence_per_sample
     from .attacks import attack_from_manifest, make_attack
+    from .audit.shuffle_check import ShuffleCheck, ShuffleProbe
     from .checkpoint import load_model
     from .data import load_dataset
 
@@ -76,27 +75,20 @@ def sv_premise(run: str | Path, *, data_root: str | None = None, n: int = 2000, 
     keep = keep[_seeded_subset(len(keep), n)]
     clean = test.images[keep].float().div(255.0)
     sets = {"clean": clean, "triggered": attack.trigger(clean)}
-    t_logits = {name: _outputs(teacher, x) for name, x in sets.items()}
-    t_pred = {name: t.argmax(1) for name, t in t_logits.items()}
-    rows: dict[str, dict[str, Any]] = {
-        name: {"teacher_target_share": float((t_pred[name] == target).float().mean()),
-               "shuffled_target_share": [], "flagged": [], "flagged_hits": [], "median_log10_div": []}
-        for name in sets}
-    paths: list[str] = []
-    for s in range(shuffles):
-        shuffled = ShuffledTeacher(teacher, torch.zeros((2, *test.shape)), layers=layers,
-                                   generator=torch.Generator().manual_seed(s + SHUFFLE_SEED_OFFSET))
-        paths = list(shuffled.paths)
-        for name, x in sets.items():
-            ts = _outputs(shuffled, x)
-            s_pred, hits = ts.argmax(1), t_pred[name] == target
-            flag = s_pred == t_pred[name]
-            row = rows[name]
-            row["shuffled_target_share"].append(float((s_pred == target).float().mean()))
-            row["flagged"].append(float(flag.float().mean()))
-            row["flagged_hits"].append(float(flag[hits].float().mean()) if hits.any() else None)
-            div = divergence_per_sample(t_logits[name], ts).clamp_min(1e-12).log10().median()
-            row["median_log10_div"].append(float(div))
+    # ABD's shuffled teachers: shuffle r is built as build_abd builds it for seed r
+    probe = ShuffleProbe(teacher, torch.zeros((2, *test.shape)), ShuffleCheck(layers=layers, rounds=shuffles),
+                         seed=SHUFFLE_SEED_OFFSET)
+    rows: dict[str, dict[str, Any]] = {}
+    for name, x in sets.items():
+        t_pred, s_pred, divs = probe.predict(x)  # N, R×N, R×N
+        hits = t_pred == target
+        flags = s_pred == t_pred
+        rows[name] = {"teacher_target_share": float(hits.float().mean()),
+                      "shuffled_target_share": [float((p == target).float().mean()) for p in s_pred],
+                      "flagged": [float(f.float().mean()) for f in flags],
+                      "flagged_hits": [float(f[hits].float().mean()) if hits.any() else None for f in flags],
+                      "median_log10_div": [float(d.clamp_min(1e-12).log10().median()) for d in divs]}
+    paths = probe.paths
     return {"run": str(run), "attack": attack_cfg.name, "target": target, "n": len(keep), "layers": layers,
             "shuffled_layers": paths, "shuffles": shuffles, "rows": rows}
 

@@ -295,9 +295,7 @@ class SelfRetrospection:
             with frozen_bn_statistics(student), precision():
                 ref = clean if c.detach_clean else forward(x).float()
                 perturbed = forward(x + scale * d * rows).float()
-            per = div(ref, perturbed)[chosen]
-            value = per.mean() if c.outer_reduction == "perturbed" else per.sum() / n
-            value = c.weight * value
+            value = self._unlearning_term(div(ref, perturbed)[chosen], n)
             last["sr_unlearn"] = value.detach()
             return value
 
@@ -324,6 +322,13 @@ class SelfRetrospection:
         losses["sr_unlearn"] = last["sr_unlearn"]
         return losses
 
+    def _unlearning_term(self, per_sample: torch.Tensor, batch_size: int) -> torch.Tensor:
+        """``weight`` × the perturbed samples' divergences reduced as ``outer_reduction`` says:
+        their mean (``perturbed``) or their sum over the batch size (``batch``, the reference's)."""
+        c = self.cfg
+        value = per_sample.mean() if c.outer_reduction == "perturbed" else per_sample.sum() / batch_size
+        return c.weight * value
+
     def _unlearn_trigger(self, ctx: StudentStepContext, div: Divergence, chosen: torch.Tensor,
                          rows: torch.Tensor) -> dict[str, torch.Tensor]:
         """The step with a given trigger: the method's losses plus ``weight`` × the divergence
@@ -342,15 +347,15 @@ class SelfRetrospection:
             inside = x.detach().clamp(0, 1)
             marked = self.trigger(inside)
             stamped = torch.where(rows.bool() & (marked != inside), marked, x)
-            with frozen_bn_statistics(student), precision():
-                clean = forward(x).float()
         with frozen_bn_statistics(student), precision():
             if c.audit_reference == "teacher":
                 ref = ctx.teacher_outputs.logits.detach().float()
+            elif c.detach_clean:
+                with torch.no_grad():
+                    ref = forward(x).float()
             else:
-                ref = clean if c.detach_clean else forward(x).float()
-            per = div(ref, forward(stamped).float())[chosen]
-        value = c.weight * (per.mean() if c.outer_reduction == "perturbed" else per.sum() / n)
+                ref = forward(x).float()
+            value = self._unlearning_term(div(ref, forward(stamped).float())[chosen], n)
         ctx.optimizer.zero_grad(set_to_none=True)
         (sum(losses.values()) + value).backward()
         ctx.clip_and_step()

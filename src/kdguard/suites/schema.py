@@ -121,7 +121,8 @@ class Suite:
         return refs
 
     def parents(self, stage: str, axes: dict[str, str] | None = None) -> list[str]:
-        """The stage names ``stage`` reads from in a cell with matrix values ``axes``."""
+        """The stage names ``stage`` reads from in a cell with matrix values ``axes`` (``parent``
+        first, then ``after``; without ``axes``, the stage's own references)."""
         spec = self.spec.stages[stage]
         names = [spec.parent] if spec.parent else []
         names += [ref.split("/", 1)[0] for ref in self.after_of(stage, axes).values()]
@@ -139,13 +140,6 @@ class Suite:
 
         visit(method)
         return order
-
-
-def parents_of(stage: StageSpec) -> list[str]:
-    """The stage names ``stage`` reads from (``parent`` first, then ``after``)."""
-    names = [stage.parent] if stage.parent else []
-    names += [ref.split("/", 1)[0] for ref in stage.after.values()]
-    return list(dict.fromkeys(names))
 
 
 def target_stages(target: str) -> list[str]:
@@ -239,7 +233,7 @@ def check_graph(suite: Suite) -> None:
                                "rename the stage")
         if stage.job not in JOB_KINDS:
             raise unknown_name(f"job kind of stage {stage_name!r} in suite {name!r}:", stage.job, JOB_KINDS)
-        for parent in parents_of(stage):
+        for parent in suite.parents(stage_name):
             if parent not in spec.stages:
                 raise unknown_name(f"parent stage of {stage_name!r} in suite {name!r}:", parent, spec.stages)
         if stage.parent and not JOB_KINDS[stage.job].parent:
