@@ -159,3 +159,6 @@ def test_fork_continues_a_copy_of_a_stopped_run(setup, tmp_path, capsys):
         assert needle in cli_error(["distill-datafree", "--fork", str(prefix), *extra], capsys)
     assert "no datafree_state.pt" in cli_error(["distill-datafree", "--fork", str(teacher), f"out={tmp_path / 'f3'}"],
                                                capsys)
+    # the fork has run all its rounds: forking it again would run none
+    assert "finished all 4" in cli_error(["distill-datafree", "--fork", str(fork), f"out={tmp_path / 'f4'}"], capsys)
+    assert not (tmp_path / "f4").exists()

@@ -210,6 +210,20 @@ def test_datafree_forks_continue_one_prefix(tmp_path):
     assert result is not None
 
 
+def test_a_stopped_prefix_is_not_the_finished_run(tmp_path):
+    # a run directory ignores stop_after (it resumes from there); a stage must not: a finished
+    # run found under the prefix's key would leave every fork with no round of its own
+    stopped = FORKS
+    finished = FORKS.replace("rounds: 6, stop_after: 4,", "rounds: 6,")
+    keys = []
+    for n, text in enumerate((stopped, finished)):
+        path = tmp_path / f"s{n}.yaml"
+        path.write_text(text)
+        plan = plan_suite(load_suite(str(path)), out=tmp_path / "runs")
+        keys.append(plan.cells[0].stages[1])
+    assert keys[0] != keys[1]
+
+
 def test_datafree_fork_setting_is_checked_before_anything_runs(tmp_path, capsys):
     path = tmp_path / "forks.yaml"
     path.write_text(FORKS.replace("mode: sr, sr:", "mode: sr, sr_typo:"))

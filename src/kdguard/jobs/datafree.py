@@ -30,7 +30,7 @@ from ..config import AttackConfig, TrainConfig
 from ..data import ImageDataset, load_dataset
 from ..datafree.config import DataFreeJob, validate_job
 from ..datafree.config import build_datafree_job as build_datafree_base
-from ..datafree.loop import STATE_FILE, DataFreeExtensions, DataFreeLoop, RoundRecord
+from ..datafree.loop import STATE_FILE, DataFreeExtensions, DataFreeLoop, RoundRecord, saved_round
 from ..datafree.methods import MethodContext, build_method, input_statistics
 from ..datafree.summary import plot_datafree_curves, synthesis_summary
 from ..errors import KDGuardError
@@ -117,6 +117,13 @@ def fork_datafree_run(run_dir: str | Path, out: str | Path, overrides: list[str]
             is malformed or unknown (:func:`build_datafree_job`).
     """
     stopped_run_config(run_dir)
+    # checked before anything is copied: a fork of a finished run would run no round of its own
+    job = build_datafree_job(Path(run_dir) / "config.yaml", [f"out={out}", *overrides])
+    done = saved_round(run_dir)
+    if done is not None and done >= job.schedule.rounds:
+        raise KDGuardError(f"{run_dir} has finished all {done} of its rounds: a fork would run none "
+                           "of its own", "fork a run stopped early (schedule.stop_after=K), or raise "
+                           "schedule.rounds in the fork's settings")
     out = Path(out)
     shutil.rmtree(out, ignore_errors=True)
     shutil.copytree(run_dir, out)

@@ -89,9 +89,15 @@ def stage_key(kind: str, job: Any, parent_refs: dict[str, str]) -> str:
     from ..config import to_dict
     from ..rundir import identity_config, job_kind
 
+    config = to_dict(job)
     body = {"kind": kind, "job": job_kind(job),
-            "config": identity_config(to_dict(job), parents=tuple(parent_refs)),
+            "config": identity_config(config, parents=tuple(parent_refs)),
             "parents": parent_refs, "kdguard": __version__}
+    # a run directory ignores where a data-free run stops (it resumes from there), but a stage
+    # stopped early is another artefact than the finished run: a fork continues its checkpoint
+    stop_after = (config.get("schedule") or {}).get("stop_after") if isinstance(config, dict) else None
+    if stop_after is not None:
+        body["stop_after"] = stop_after
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()
 
 
