@@ -14,10 +14,10 @@ from kdguard.errors import KDGuardError
 
 SHAPE = (3, 32, 32)
 BUILT_IN = ("badnets_grid", "badnets_square", "blend", "trojan_3x3", "trojan_8x8", "trojan_wm", "sig",
-            "wanet", "l0_inv", "l2_inv")
+            "wanet", "l0_inv", "l2_inv", "color_filter", "low_frequency")
 ALL = sorted(BUILT_IN)  # fixed, so parametrisation never depends on which packages were imported
-RANDOM = ["blend", "trojan_3x3", "trojan_8x8", "trojan_wm", "l0_inv", "l2_inv", "wanet"]
-DETERMINISTIC = ["badnets_grid", "badnets_square", "sig"]
+RANDOM = ["blend", "trojan_3x3", "trojan_8x8", "trojan_wm", "l0_inv", "l2_inv", "wanet", "low_frequency"]
+DETERMINISTIC = ["badnets_grid", "badnets_square", "sig", "color_filter"]
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
@@ -358,3 +358,56 @@ def test_wanet_noise_mode_helpers():
 def test_subclass_contract_is_abstract():
     with pytest.raises(TypeError):
         Trigger(SHAPE)  # _apply is abstract
+
+
+# --- full-image triggers: colour filter and low-frequency pattern ----------------------------
+
+def test_color_filter_sepia_matches_the_toning_matrix_by_hand():
+    trigger = build_trigger("color_filter", SHAPE)
+    assert trigger.style == "sepia" and trigger.params()["style"] == "sepia"
+    x = torch.zeros(1, *SHAPE)
+    x[0, :, 0, 0] = torch.tensor([0.2, 0.4, 0.6])
+    y = trigger(x)[0, :, 0, 0]
+    r = 0.393 * 0.2 + 0.769 * 0.4 + 0.189 * 0.6
+    g = 0.349 * 0.2 + 0.686 * 0.4 + 0.168 * 0.6
+    b = 0.272 * 0.2 + 0.534 * 0.4 + 0.131 * 0.6
+    assert torch.allclose(y, torch.tensor([min(r, 1.0), g, b]), atol=1e-6)
+    half = build_trigger("color_filter", SHAPE, strength=0.5)(x)[0, :, 0, 0]
+    assert torch.allclose(half, 0.5 * x[0, :, 0, 0] + 0.5 * y, atol=1e-6)
+
+
+def test_color_filter_tone_is_a_gamma_curve_on_grey_images():
+    trigger = build_trigger("color_filter", (1, 28, 28))
+    assert trigger.style == "tone" and trigger.gamma == 0.6
+    x = torch.linspace(0, 1, 28 * 28).view(1, 1, 28, 28)
+    assert torch.allclose(trigger(x), x.pow(0.6), atol=1e-6)
+    with pytest.raises(KDGuardError, match="needs 3 colour channels"):
+        build_trigger("color_filter", (1, 28, 28), style="sepia")
+    with pytest.raises(KDGuardError, match="color_filter strength"):
+        build_trigger("color_filter", SHAPE, strength=0.0)
+
+
+def test_color_filter_random_style_is_seeded():
+    a = build_trigger("color_filter", SHAPE, seed=1, style="random")
+    assert torch.equal(a.matrix, build_trigger("color_filter", SHAPE, seed=1, style="random").matrix)
+    assert not torch.equal(a.matrix, build_trigger("color_filter", SHAPE, seed=2, style="random").matrix)
+
+
+@pytest.mark.parametrize("shape", [SHAPE, (1, 28, 28)])
+def test_low_frequency_pattern_has_no_energy_above_the_cutoff(shape):
+    trigger = build_trigger("low_frequency", shape, seed=3, epsilon=0.05, cutoff=2)
+    offset = trigger.pattern.double()
+    assert math.isclose(float(offset.abs().max()), 0.05, rel_tol=1e-5)
+    power = torch.fft.fft2(offset).abs()
+    fy = (torch.fft.fftfreq(shape[1]) * shape[1]).abs().view(-1, 1)
+    fx = (torch.fft.fftfreq(shape[2]) * shape[2]).abs().view(1, -1)
+    high = (fy > 2) | (fx > 2)
+    assert float(power[:, high].max()) < 1e-6 * float(power.max())  # float32 rounding only
+    assert float(power[:, ~high].sum()) > 0
+    x = torch.full((2, *shape), 0.5)
+    assert torch.allclose(trigger(x), (x + trigger.pattern).clamp(0, 1))
+
+
+def test_low_frequency_bad_cutoff():
+    with pytest.raises(KDGuardError, match="low_frequency cutoff"):
+        build_trigger("low_frequency", SHAPE, cutoff=17)

@@ -13,13 +13,14 @@ from .additive import (AdditiveTrigger, L2Invisible, Trojan3x3, Trojan8x8, Troja
 from .base import TRIGGERS, Trigger, build_trigger, register_trigger
 from .blend import Blend
 from .function import FunctionTrigger, load_trigger_function
+from .global_transforms import ColorFilter, LowFrequency
 from .patch import BadNetsGrid, BadNetsSquare, FilePatch, L0Invisible, PatchReplaceTrigger
 from .sig import SIG
 from .wanet import WaNet
 
 __all__ = [
-    "TRIGGERS", "AdditiveTrigger", "BadNetsGrid", "BadNetsSquare", "Blend", "FilePatch",
-    "FunctionTrigger", "L0Invisible", "L2Invisible", "PatchReplaceTrigger", "SIG", "Trigger",
+    "TRIGGERS", "AdditiveTrigger", "BadNetsGrid", "BadNetsSquare", "Blend", "ColorFilter", "FilePatch",
+    "FunctionTrigger", "L0Invisible", "L2Invisible", "LowFrequency", "PatchReplaceTrigger", "SIG", "Trigger",
     "Trojan3x3", "Trojan8x8", "TrojanPatch", "TrojanWatermark", "WaNet", "build_trigger",
     "load_trigger_function", "register_trigger",
 ]
