@@ -37,7 +37,8 @@ class SelfRetrospectionConfig:
     """ABD's Self-Retrospection (Hong et al. 2023, §4.2; ABD ``unlearn.py``), see ``docs/abd.md``."""
 
     phase: float = 0.02                    # share of the round budget at the end that runs SR
-                                           # (reference: resume at pb79399 of 8e4 / epoch 197 of 200)
+                                           # (reference: ZSKT GTSRB 2 %; ZSKT CIFAR-10 resumes at
+                                           # pb79399/79599 of 8e4 = 0.75/0.5 %; CMI 1-1.5 %)
     lr: float = 5e-4                       # learning rate reset at the phase start (--sup_resume_lr),
                                            # cosine to 0 over the phase
     reset_optimizer: bool = True           # fresh optimiser state at the phase start (ZSKT resume)
