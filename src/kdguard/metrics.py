@@ -10,6 +10,11 @@ Definitions (all-to-one attack with target class ``t``; all images of the *clean
   BadEncoder, RobustKD and paper 1 of the brief), reported so numbers can be compared.
 - **RA**  = mean over test images with ``y ≠ t`` of ``[f(T(x)) = y]`` (robust accuracy: triggered
   images still classified as their true class; BackdoorBench).
+- **Target-class CA** (``target_ca``) = mean over test images with ``y = t`` of ``[f(x) = t]``:
+  the clean accuracy on the target class itself (None for all-to-all attacks, where no image is
+  excluded from ASR). A model that never predicts the target class scores ASR 0 without having
+  unlearned the trigger; this column shows it (kdguard's addition: ABD's self-retrospection
+  can remove a backdoor that way, ``docs/abd-results.md``).
 - **ASR without trigger** (``asr_no_trigger``) = mean over test images with ``y ≠ t`` of
   ``[f(x) = t]``: the ASR the model scores on the clean images. A model biased towards the
   target class scores it with or without the trigger, so ``ASR − asr_no_trigger`` is the part
@@ -61,6 +66,9 @@ class BackdoorMetrics:
     no_trigger_hits: int = 0
     num_classes: int | None = None
     collapsed: bool | None = None   # CA at chance (at_chance); None when num_classes is unknown
+    target_ca: float | None = None  # clean accuracy on the target class's own test images
+    n_target: int = 0
+    target_correct: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -111,11 +119,15 @@ def backdoor_metrics(labels: torch.Tensor, clean_pred: torch.Tensor,
     robust = int(((backdoor_pred == labels) & non_target).sum())
     no_trigger = int(((clean_pred == backdoor_target) & non_target).sum())
     n_nt = int(non_target.sum())
+    target = ~non_target
+    n_target = int(target.sum())
+    target_correct = int(((clean_pred == labels) & target).sum())
     return BackdoorMetrics(
         ca=ca, asr=_frac(hits_nt, n_nt), asr_all=_frac(hits_all, n),
         ra=_frac(robust, n_nt), n_clean=n, n_backdoor=n_nt, n_backdoor_all=n,
         clean_correct=clean_correct, backdoor_hits=hits_nt, backdoor_hits_all=hits_all,
-        robust_correct=robust, asr_no_trigger=_frac(no_trigger, n_nt), no_trigger_hits=no_trigger, **chance)
+        robust_correct=robust, asr_no_trigger=_frac(no_trigger, n_nt), no_trigger_hits=no_trigger, **chance,
+        target_ca=_frac(target_correct, n_target), n_target=n_target, target_correct=target_correct)
 
 
 @torch.no_grad()

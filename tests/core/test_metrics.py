@@ -25,6 +25,15 @@ def test_all_to_one_hand_computed():
     assert (m.clean_correct, m.backdoor_hits, m.backdoor_hits_all, m.robust_correct) == (4, 2, 4, 2)
     # without the trigger, non-target images predicted as the target: idx 4 (3 → 0) → 1/4
     assert m.asr_no_trigger == pytest.approx(1 / 4) and m.no_trigger_hits == 1
+    # the target class's own images (idx 0, 1), clean: idx 0 correct → target-class CA 1/2
+    assert m.target_ca == pytest.approx(1 / 2) and (m.n_target, m.target_correct) == (2, 1)
+
+
+def test_a_model_that_never_predicts_the_target_has_zero_asr_and_zero_target_ca():
+    labels = torch.tensor([0, 0, 1, 2])
+    never = torch.tensor([1, 2, 1, 2])  # class 0 is never predicted, with or without a trigger
+    m = backdoor_metrics(labels, never, never, torch.zeros(4, dtype=torch.long), labels != 0)
+    assert m.asr == 0.0 and m.ca == 0.5 and m.target_ca == 0.0
 
 
 def test_all_to_all_targets_never_equal_labels():
@@ -35,6 +44,7 @@ def test_all_to_all_targets_never_equal_labels():
     assert m.ca == 1.0 and m.asr_no_trigger == 0.0  # correct clean predictions never hit y + 1
     assert m.asr == pytest.approx(3 / 4) and m.asr_all == pytest.approx(3 / 4)
     assert m.ra == pytest.approx(1 / 4)
+    assert m.target_ca is None and m.n_target == 0  # all-to-all: no image is a target-class image
 
 
 def test_no_attack_gives_ca_only():

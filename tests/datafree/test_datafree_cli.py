@@ -162,3 +162,8 @@ def test_fork_continues_a_copy_of_a_stopped_run(setup, tmp_path, capsys):
     # the fork has run all its rounds: forking it again would run none
     assert "finished all 4" in cli_error(["distill-datafree", "--fork", str(fork), f"out={tmp_path / 'f4'}"], capsys)
     assert not (tmp_path / "f4").exists()
+    # a fork that fails before its first round (no data there) leaves no copy behind
+    assert "is not a folder" in cli_error(["distill-datafree", "--fork", str(prefix), "--data-root",
+                                           str(tmp_path / "nowhere"), "schedule.stop_after=null",
+                                           f"out={tmp_path / 'f5'}"], capsys)
+    assert not (tmp_path / "f5").exists()

@@ -68,7 +68,7 @@ def new_report(suite: str, tmp_path: Path) -> dict[tuple[str, int], dict]:
     text = md.read_text()
     assert "Refused records" not in text
     rows = {}
-    for cell, seed, ca, asr, no_trigger, t_ca, t_asr, digest, minutes in _rows(text, "| cell | seed |"):
+    for cell, seed, ca, asr, no_trigger, _target_ca, t_ca, t_asr, digest, minutes in _rows(text, "| cell | seed |"):
         rows[(cell, int(seed))] = {"ca": ca, "asr": asr, "no_trigger": no_trigger, "t_ca": t_ca, "t_asr": t_asr,
                                    "digest": digest, "minutes": minutes}
     return rows

@@ -91,7 +91,7 @@ def distill_datafree_from_cli(overrides: Optional[list[str]] = None, config: Opt
     Raises:
         KDGuardError: any configuration or run problem (the CLI turns it into ``error: ...``).
     """
-    from ..jobs.datafree import build_datafree_job, run_datafree
+    from ..jobs.datafree import build_datafree_job, continue_fork, run_datafree
 
     items = translate_overrides(overrides)
     if data_root is not None:
@@ -104,7 +104,7 @@ def distill_datafree_from_cli(overrides: Optional[list[str]] = None, config: Opt
             if value is not None:
                 items.append(f"{key}={value}")
         job = build_datafree_job(config, items)
-    result = run_datafree(job)
+    result = run_datafree(job) if fork is None else continue_fork(job, fork)
     m = result.metrics
     console.print("  ".join(f"{k.upper()}={100 * m[k]:.2f}%" for k in ("ca", "asr", "asr_all", "ra")
                             if m.get(k) is not None))

@@ -178,7 +178,23 @@ def run_datafree_fork(job: DataFreeForkJob, *, threads: int | None = None) -> Ru
     Raises:
         KDGuardError: ``job.run`` holds no checkpoint, or as :func:`run_datafree` raises.
     """
-    return run_datafree(fork_datafree_run(job.run, job.out, job.overrides), threads=threads)
+    return continue_fork(fork_datafree_run(job.run, job.out, job.overrides), job.run, threads=threads)
+
+
+def continue_fork(job: DataFreeABDJob, source: str | Path, *, threads: int | None = None) -> RunResult:
+    """Run a fork made by :func:`fork_datafree_run` from ``source``. A failure before the fork ran
+    a round of its own (no data root, a teacher that moved) removes the copy, so the same command
+    can be given again once mended; a later failure leaves a resumable run.
+
+    Raises:
+        KDGuardError: as :func:`run_datafree` raises.
+    """
+    try:
+        return run_datafree(job, threads=threads)
+    except KDGuardError:
+        if saved_round(job.out) == saved_round(source):
+            shutil.rmtree(job.out, ignore_errors=True)
+        raise
 
 
 @dataclass

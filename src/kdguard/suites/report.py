@@ -22,7 +22,9 @@ from typing import Any
 CONVERTED_NOTE = ("Converted from an earlier ledger (no method-stage fingerprint or curve; stage minutes are the "
                   "method stage's training minutes, teacher and evaluations excluded)")
 #: the metrics of the tables, (key, label), in % (the no-trigger rate follows ASR)
-COLUMNS = (("ca", "CA %"), ("asr", "ASR %"), ("asr_no_trigger", "no-trigger %"))
+#: and then the clean accuracy on the target class's own images: a student that never predicts
+#: the target class scores ASR 0 without having unlearned anything
+COLUMNS = (("ca", "CA %"), ("asr", "ASR %"), ("asr_no_trigger", "no-trigger %"), ("target_ca", "target-class CA %"))
 
 
 def mean_std(values: Sequence[float]) -> tuple[float | None, float | None, int]:
@@ -117,14 +119,15 @@ def markdown_tables(records: list[dict[str, Any]], order: Sequence[str] = ()) ->
         minutes = "—" if row["wall_minutes"] is None else f"{row['wall_minutes']:.1f}"
         lines.append(f"| {row['cell']} | {','.join(map(str, row['seeds']))} | " + " | ".join(cols)
                      + f" | {worst} | {minutes} |")
-    lines += ["", "| cell | seed | CA % | ASR % | no-trigger % | teacher CA % | teacher ASR % | "
-                  "teacher sha256 | stage minutes |", "|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", "| cell | seed | CA % | ASR % | no-trigger % | target-class CA % | teacher CA % | teacher ASR % | "
+                  "teacher sha256 | stage minutes |", "|---|---|---|---|---|---|---|---|---|---|"]
     for cell, recs in grouped.items():
         for r in recs:
             m, t = r["metrics"], r.get("teacher") or {}
             wall = r.get("wall_seconds")
             lines.append(f"| {cell} | {r['seed']} | {_pct(m.get('ca'))} | {_pct(m.get('asr'))} | "
-                         f"{_pct(m.get('asr_no_trigger'))} | {_pct(t.get('ca'))} | {_pct(t.get('asr'))} | "
+                         f"{_pct(m.get('asr_no_trigger'))} | {_pct(m.get('target_ca'))} | {_pct(t.get('ca'))} | "
+                         f"{_pct(t.get('asr'))} | "
                          f"{str(t.get('sha256') or '—')[:12]} | {'—' if wall is None else f'{wall / 60:.1f}'} |")
     return "\n".join(lines)
 
@@ -139,8 +142,8 @@ def markdown_report(suite: str, description: str, scale: str, records: list[dict
         parts += ["No finished cells recorded yet.", ""]
     else:
         parts += ["Mean ± sample std (n seeds) of the last-epoch (last-round) test metrics, in %; the no-trigger "
-                  "rate is the share of non-target test images sent to the target without the trigger. "
-                  "The worst seed is the one with the highest ASR.", "", markdown_tables(records, order), ""]
+                  "rate is the share of non-target test images sent to the target without the trigger; "
+                  "target-class CA the clean accuracy on the target class's own images. The worst seed is the one with the highest ASR.", "", markdown_tables(records, order), ""]
         machines = sorted({f"{r.get('machine')} ({r.get('device')}, {r.get('threads')} threads)" for r in records})
         parts += [f"Ran on: {'; '.join(machines)}.", ""]
     converted = sorted({f"{r['cell']} s{r['seed']}" for r in records if r.get("converted")})
@@ -256,7 +259,8 @@ def html_report(suite: str, description: str, scale: str, records: list[dict[str
         body.append(f"<p>{esc(description)}</p>")
     if records:
         body += ["<h2>Cells</h2>", "<p>Mean ± sample std (n seeds), in %; no-trigger: non-target test images sent "
-                 "to the target without the trigger; worst seed: highest ASR.</p>",
+                 "to the target without the trigger; target-class CA: clean accuracy on the target class's "
+                 "own images; worst seed: highest ASR.</p>",
                  _md_table_to_html(markdown_tables(records, order))]
         body.append(f"<h2>CA against ASR per {esc(group_by or 'method')}</h2><div class='grid'>")
         body += [f"<figure><img alt='scatter {esc(g)}' src='{src}'></figure>"
