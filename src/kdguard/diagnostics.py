@@ -14,6 +14,8 @@ whose backdoor is known, not defences.
   target? concentrated on the trigger's pixels?
 * :func:`target_share`: how much of a model's non-true-class distribution on clean images points
   at the target class (what logit KD's dark knowledge passes on).
+* :func:`target_bias`: is a low ASR an unlearned trigger or a suppressed target class? The
+  model's CA, target-class CA, ASR and no-trigger rate with an offset added to its target logit.
 
 Images are float ``N×C×H×W`` in [0, 1]; shares are fractions in [0, 1].
 """
@@ -241,3 +243,62 @@ def target_share(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, t
         shares.append(p[:, target])
         tops.append(p.argmax(1) == target)
     return torch.cat(shares).mean().item(), torch.cat(tops).float().mean().item()
+
+
+# -- a removed backdoor or a suppressed class? -------------------------------------------------------
+
+@torch.inference_mode()
+def target_bias(run: str | Path, *, offsets: tuple[float, ...] = (0.0, 1.0, 2.0, 3.0, 4.0),
+                data_root: str | None = None, attack_run: str | Path | None = None) -> dict[str, Any]:
+    """CA, target-class CA, ASR and no-trigger rate of a model when ``b`` is added to its target
+    logit, for each ``b`` in ``offsets`` (logit units; 0 = the model as it is).
+
+    A defence can reach ASR 0 by making the model stop predicting the target class: then its
+    target-class CA is low as well, and raising the target logit until the target-class CA is back
+    brings the trigger's hits back too. A model whose trigger response is gone keeps its ASR near
+    its no-trigger rate at every offset. One pass over the clean and the triggered test split.
+
+    Args:
+        run: a run directory whose manifest names the dataset and, unless ``attack_run`` is given,
+            the attack (a data-free or distilled student records its teacher's).
+        attack_run: take the attack from this run's manifest instead.
+
+    Returns:
+        ``{"run", "attack", "target", "rows": [{"offset", "ca", "target_ca", "asr", "asr_no_trigger"}]}``
+        (fractions in [0, 1]).
+
+    Raises:
+        KDGuardError: an unreadable model, or a manifest naming no dataset or no attack.
+    """
+    from .attacks import attack_from_manifest, make_attack
+    from .checkpoint import load_model, read_manifest
+    from .data import load_dataset
+
+    model, manifest = load_model(run)
+    model.eval()
+    dataset = (manifest.get("dataset") or {}).get("name")
+    attack_cfg = attack_from_manifest(read_manifest(attack_run) if attack_run is not None else manifest)
+    if dataset is None or attack_cfg is None:
+        raise KDGuardError(f"{run}: the manifest names no dataset or no attack",
+                           "give a run distilled from a backdoored teacher, or --attack-from TEACHER_RUN")
+    test = load_dataset(dataset, "test", root=data_root)
+    attack = make_attack(attack_cfg, test.shape, test.num_classes)
+    if attack.label_mode != "all_to_one":
+        raise KDGuardError(f"{run}: the attack is all-to-all; the probe needs one target class",
+                           "give a run of an all-to-one attack")
+    target = int(attack.target)
+    clean = test.images.float().div(255.0)
+    labels = test.labels
+    logits_clean = _outputs(model, clean)
+    logits_trig = _outputs(model, attack.trigger(clean))
+    non_target = labels != target
+    rows = []
+    for b in offsets:
+        shift = torch.zeros(logits_clean.shape[1])
+        shift[target] = float(b)
+        pc, pt = (logits_clean + shift).argmax(1), (logits_trig + shift).argmax(1)
+        rows.append({"offset": float(b), "ca": float((pc == labels).float().mean()),
+                     "target_ca": float((pc[~non_target] == target).float().mean()),
+                     "asr": float((pt[non_target] == target).float().mean()),
+                     "asr_no_trigger": float((pc[non_target] == target).float().mean())})
+    return {"run": str(run), "attack": attack_cfg.name, "target": target, "rows": rows}

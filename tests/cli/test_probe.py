@@ -68,3 +68,21 @@ def test_bad_input_is_one_line(runs, tmp_path, capsys):
     assert "--n" in cli_error(["probe", "synthetic", str(zskt), "--n", "0"], capsys)
     assert "--layers" in cli_error(["probe", "sv-premise", str(teacher), "--layers", "1 2"], capsys)
     assert "--target" in cli_error(["probe", "target-share", str(teacher), "--target", "12"], capsys)
+    assert "--offsets" in cli_error(["probe", "target-bias", str(teacher), "--offsets", "a,b"], capsys)
+    assert "no attack" in cli_error(["probe", "target-bias", str(clean)], capsys)
+
+
+def test_target_bias_matches_the_run_metrics_and_saturates(runs, tmp_path, capsys):
+    _, _, zskt = runs
+    out = tmp_path / "bias.json"
+    assert main(["probe", "target-bias", str(zskt), "--offsets", "0,1000", "--out", str(out)]) == 0
+    assert "| target-logit offset |" in capsys.readouterr().out
+    (res,) = json.loads(out.read_text())
+    plain, saturated = res["rows"]
+    metrics = json.loads((zskt / "metrics.json").read_text())
+    # offset 0 is the model as it is: the run's own last-round test metrics
+    for key in ("ca", "target_ca", "asr", "asr_no_trigger"):
+        assert plain[key] == pytest.approx(metrics[key]), key
+    # a huge offset sends every image to the target
+    assert saturated["target_ca"] == saturated["asr"] == saturated["asr_no_trigger"] == 1.0
+    assert saturated["ca"] < 0.2

@@ -1,4 +1,4 @@
-"""``kdguard probe sv-premise|synthetic|sr-perturbation|target-share``: the diagnostics of
+"""``kdguard probe sv-premise|synthetic|sr-perturbation|target-share|target-bias``: the diagnostics of
 :mod:`kdguard.diagnostics` on run directories, printed as Markdown tables (``--out`` also writes
 JSON).
 
@@ -164,4 +164,33 @@ def target_share_cmd(runs: list[Path] = RUNS, data_root: Optional[str] = DATA_RO
         share, top = target_share(load_model(run)[0], images, labels, int(target), temperature)
         results.append({"run": str(run), "target": int(target), "share": share, "top": top})
         typer.echo(f"| `{run}` | {share:.3f} | {100 * top:.1f} % |")
+    _write(out, results)
+
+
+@command("target-bias", group=probe_app)
+def target_bias_cmd(runs: list[Path] = RUNS, data_root: Optional[str] = DATA_ROOT,
+                    offsets: str = typer.Option("0,1,2,3,4", "--offsets",
+                                                help="Offsets added to the target logit, comma-separated"),
+                    attack_from: Optional[Path] = typer.Option(None, "--attack-from",
+                                                               help="Take the attack from this run's manifest"),
+                    out: Optional[Path] = OUT) -> None:
+    """Is a low ASR an unlearned trigger or a suppressed target class? CA, target-class CA, ASR
+    and no-trigger rate as the target logit is raised."""
+    from ..diagnostics import target_bias
+
+    _check_runs(runs)
+    try:
+        values = tuple(float(v) for v in offsets.split(",") if v.strip())
+    except ValueError:
+        raise KDGuardError(f"--offsets {offsets!r} is not a comma-separated list of numbers",
+                           "write e.g. --offsets 0,1,2,3") from None
+    if not values:
+        raise KDGuardError("--offsets is empty", "write e.g. --offsets 0,1,2,3")
+    results = [target_bias(r, offsets=values, data_root=data_root, attack_run=attack_from) for r in runs]
+    typer.echo("| model | target-logit offset | CA % | target-class CA % | ASR % | no-trigger % |\n"
+               "|---|---|---|---|---|---|")
+    for res in results:
+        for row in res["rows"]:
+            typer.echo(f"| {Path(res['run']).name} | {row['offset']:g} | {100 * row['ca']:.1f} | "
+                       f"{100 * row['target_ca']:.1f} | {100 * row['asr']:.1f} | {100 * row['asr_no_trigger']:.1f} |")
     _write(out, results)
