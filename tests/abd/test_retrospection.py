@@ -124,11 +124,15 @@ def test_the_teacher_perturbation_is_computed_once_per_batch(abd_kit, monkeypatc
 
 def test_state_round_trip():
     a = SelfRetrospection(seed=3)
-    a.entered, a.steps = True, 7
+    a.entered, a.steps, a.votes = True, 7, {0: 3, 4: 1}
     torch.randperm(10, generator=a.generator)
     b = SelfRetrospection(seed=4)
     b.load_state_dict(a.state_dict())
-    assert (b.entered, b.steps) == (True, 7)
+    assert (b.entered, b.steps, b.votes) == (True, 7, {0: 3, 4: 1})
+    old = {k: v for k, v in a.state_dict().items() if k != "votes"}  # a checkpoint from before votes
+    c = SelfRetrospection(seed=4)
+    c.load_state_dict(old)
+    assert c.votes == {}
     assert torch.equal(torch.randperm(10, generator=a.generator), torch.randperm(10, generator=b.generator))
 
 
@@ -282,3 +286,57 @@ def test_a_given_trigger_can_be_pulled_to_the_teachers_clean_output(abd_kit):
     # the student's clean output and the teacher's differ, so the terms and the updates differ
     assert runs["student"][0] != pytest.approx(runs["teacher"][0])
     assert not torch.allclose(runs["student"][1], runs["teacher"][1])
+
+
+def test_the_sparse_search_puts_its_mass_on_the_trigger_pixel():
+    from kdguard.abd import target_directed_perturbation
+
+    # 1×6×6 images, 3 classes: classes 0 and 1 read the left and the right half; the target (2)
+    # reads every pixel weakly (a dense "natural" route) and one corner pixel strongly (the trigger)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(36, 3))
+    with torch.no_grad():
+        w = torch.zeros(3, 36)
+        left = torch.arange(36) % 6 < 3
+        w[0, left], w[1, ~left] = 1.0, 1.0
+        w[2] = 0.3
+        w[2, 35] = 30.0
+        model[1].weight.copy_(w)
+        model[1].bias.copy_(torch.tensor([0.0, 0.0, -8.0]))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    x = torch.rand(64, 1, 6, 6, generator=torch.Generator().manual_seed(0)) * 0.5
+    x[..., 5, 5] = 0.0  # clean images leave the trigger pixel dark
+    assert (model(x).argmax(1) == 2).float().mean() == 0.0
+    u = target_directed_perturbation(model, x, 2, steps=100, lr=0.1, l1=0.01)
+    assert u.shape == (1, 1, 6, 6) and not u.requires_grad
+    mass = u.abs().flatten()
+    assert mass[35] > 0.6 * mass.sum() and mass[35] > 20 * mass[:35].max()  # the trigger pixel, not the dense route
+    assert (model(x + u).argmax(1) == 2).float().mean() > 0.9
+
+
+def test_a_sparse_sr_step_names_the_target_and_skips_the_hypergradient(abd_kit, monkeypatch):
+    import kdguard.abd.retrospection as mod
+
+    def no_hypergradient(*args, **kwargs):
+        raise AssertionError("a sparse δ solves no inner problem of the student")
+
+    monkeypatch.setattr(mod, "fixed_point_hypergradient", no_hypergradient)
+    sr = SelfRetrospection(SelfRetrospectionConfig(phase=0.2, search="sparse", inner_lr=0.3, min_count=4))
+    student = _student()
+    out = sr(_context(abd_kit, student, round_index=9))
+    assert torch.isfinite(out["sr_unlearn"]) and sr.target == abd_kit.TARGET
+    summary = sr.summary()
+    assert summary["perturbation"] == "sparse search" and not summary["hypergradient"]
+    assert summary["suspected_target"] == abd_kit.TARGET
+
+
+def test_the_logit_unlearning_term_ignores_a_shift_of_one_class():
+    from kdguard.abd.retrospection import centred_logit_distance
+
+    a = torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]])
+    assert torch.allclose(centred_logit_distance(a, a + 5.0), torch.zeros(2))  # a constant per sample
+    shift = torch.tensor([0.0, 0.0, -4.0])  # the target's logit lowered everywhere, alike in both
+    b = a + torch.tensor([[0.0, 0.0, 2.0], [1.0, 0.0, 0.0]])
+    assert torch.allclose(centred_logit_distance(a + shift, b + shift), centred_logit_distance(a, b))
+    # by hand: b − a = (0, 0, 2) → centred (−2/3, −2/3, 4/3) → 4/9 + 4/9 + 16/9 = 8/3
+    assert centred_logit_distance(a, b)[0] == pytest.approx(8 / 3)

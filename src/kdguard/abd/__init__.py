@@ -15,6 +15,7 @@ from .plugin import ABDPlugin, build_abd
 from .retrospection import (
     SelfRetrospection,
     frozen_bn_statistics,
+    target_directed_perturbation,
     universal_perturbation,
 )
 from .shuffle import (
@@ -34,5 +35,5 @@ __all__ = [
     "ABDConfig", "ABDPlugin", "SelfRetrospection", "SelfRetrospectionConfig", "ShuffledTeacher", "ShufflingVaccine", "ShufflingVaccineConfig", "VaccineWeighting",
     "build_abd", "divergence_per_sample", "execution_order", "fixed_point_hypergradient",
     "frozen_bn_statistics", "permute_input_channels", "select_shuffle_layers", "tail_ratio",
-    "universal_perturbation", "validate_abd",
+    "target_directed_perturbation", "universal_perturbation", "validate_abd",
 ]

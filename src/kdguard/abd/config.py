@@ -44,6 +44,18 @@ class SelfRetrospectionConfig:
     reset_optimizer: bool = True           # fresh optimiser state at the phase start (ZSKT resume)
     perturb_model: str = "teacher"         # teacher | student: the model δ is synthesised against
                                            # (ABD sweeps: teacher; ZSKT code default: student)
+    search: str = "kl"                     # kl: δ maximises KL(M(x) ‖ M(x+δ)) − λ‖δ‖² (the reference) |
+                                           # sparse: then, towards the class that δ sends the batch
+                                           # to, δ minimises CE(M(x+δ), t) + l1‖δ‖₁ (kdguard's; a
+                                           # trigger-sized δ instead of a dense class pattern,
+                                           # docs/abd-results.md §4); no hypergradient
+    l1: float = 0.01                       # sparse search: weight of ‖δ‖₁ (normalised units)
+    unlearn: str = "kl"                    # kl: the divergence from the clean to the perturbed
+                                           # output (the reference) | logit: the squared distance
+                                           # of the two centred logit vectors, gradient through
+                                           # both: blind to a shift of one class's logit, so the
+                                           # student cannot unlearn by dropping the target class
+    sparse_steps: int = 50                 # sparse search: Adam steps (lr inner_lr)
     inner_steps: int = 10                  # --inner_round: Adam steps on δ
     inner_lr: float = 0.1                  # --pert_lr (δ in normalised input units, as the reference)
     l2: float = 1e-3                       # λ of the ‖δ‖² term of the inner problem
@@ -124,6 +136,10 @@ def validate_abd(cfg: ABDConfig) -> None:
     check_choice("abd.sr.perturb_model", sr.perturb_model, ("teacher", "student"))
     check_choice("abd.sr.outer_reduction", sr.outer_reduction, ("perturbed", "batch"))
     check_choice("abd.sr.divergence", sr.divergence, ("kl", "method"))
+    check_choice("abd.sr.search", sr.search, ("kl", "sparse"))
+    check_choice("abd.sr.unlearn", sr.unlearn, ("kl", "logit"))
+    check_positive("abd.sr.l1", sr.l1, allow_zero=True)
+    check_positive("abd.sr.sparse_steps", sr.sparse_steps)
     check_choice("abd.sr.audit_reference", sr.audit_reference, ("student", "teacher"))
     for label, value in (("abd.sr.lr", sr.lr), ("abd.sr.inner_lr", sr.inner_lr),
                          ("abd.sr.hypergradient_step_size", sr.hypergradient_step_size)):

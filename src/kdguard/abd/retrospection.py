@@ -149,6 +149,45 @@ def universal_perturbation(model: nn.Module, x: torch.Tensor, reference_logits: 
     return u.detach()
 
 
+def centred_logit_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-sample ``‖(b − a) − mean_k(b − a)‖²`` of two ``N×K`` logit batches: zero when they
+    differ by a constant per sample, unchanged when one class's logit moves alike in both (SR's
+    ``unlearn=logit`` term: a student cannot lower it by dropping the target class)."""
+    diff = b - a
+    return (diff - diff.mean(1, keepdim=True)).pow(2).sum(1)
+
+
+def target_directed_perturbation(model: nn.Module, x: torch.Tensor, target: int, *, steps: int = 50,
+                                 lr: float = 0.1, l1: float = 0.01,
+                                 scale: torch.Tensor | float = 1.0) -> torch.Tensor:
+    """u (``1×C×H×W``, float32) minimising ``CE(M(x + s·u), target) + l1·‖u‖₁`` by Adam from u = 0:
+    the sparsest universal change that sends the batch to ``target`` (kdguard's SR search,
+    ``abd.sr.search=sparse``; the objective of Neural Cleanse's trigger reverse-engineering, Wang
+    et al., S&P 2019, with an additive δ instead of a mask and pattern).
+
+    The KL search (:func:`universal_perturbation`) starts where its gradient vanishes and grows a
+    dense pattern of the target class's own features (on MNIST a faint target digit over the whole
+    image), whose unlearning suppresses the class; the cross-entropy towards a named class has a
+    gradient at u = 0, and the L1 term keeps only the few pixels that matter most, which on a
+    backdoored model are the trigger's (docs/abd-results.md §4).
+
+    Args:
+        model: M in eval mode with frozen weights; x: float ``N×C×H×W`` in its input space.
+        target: the class (e.g. where the KL search's δ sends most of the batch).
+        steps, lr, l1: Adam steps, learning rate, L1 weight (on u, normalised units).
+        scale: s, as :func:`universal_perturbation`.
+    """
+    u = torch.zeros((1, *x.shape[1:]), device=x.device, requires_grad=True)
+    opt = torch.optim.Adam([u], lr=lr)
+    labels = torch.full((len(x),), int(target), device=x.device, dtype=torch.long)
+    for _ in range(steps):
+        loss = torch.nn.functional.cross_entropy(model(x + scale * u).float(), labels) + l1 * u.abs().sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return u.detach()
+
+
 class SelfRetrospection:
     """The SR plug-in: a ``student_step`` for :class:`~kdguard.datafree.loop.DataFreeExtensions`.
 
@@ -177,6 +216,8 @@ class SelfRetrospection:
         self.generator = torch.Generator().manual_seed(seed)
         self.entered = False
         self.steps = 0
+        self.target: int | None = None  # the sparse search's class at its last call
+        self.votes: dict[int, int] = {}  # per class, the sparse searches whose KL δ pointed there
         self._delta_key: torch.Tensor | None = None
         self._delta: torch.Tensor | None = None
         self._schedule: torch.optim.lr_scheduler.LambdaLR | None = None
@@ -245,6 +286,8 @@ class SelfRetrospection:
                 delta = universal_perturbation(ctx.teacher, ctx.x, ctx.teacher_outputs.logits,
                                                steps=c.inner_steps, lr=c.inner_lr, l2=c.l2, scale=scale,
                                                divergence=div)
+                if c.search == "sparse":
+                    delta = self._sparse(ctx.teacher, ctx.x, delta, scale)
             self._delta_key, self._delta = ctx.x, delta
             return delta
         student = ctx.student
@@ -254,10 +297,24 @@ class SelfRetrospection:
             with frozen(student), torch.no_grad(), ctx.autocast():
                 ref = student(ctx.x).float()
             with frozen(student), ctx.autocast():
-                return universal_perturbation(student, ctx.x, ref, steps=c.inner_steps,
-                                              lr=c.inner_lr, l2=c.l2, scale=scale, divergence=div)
+                delta = universal_perturbation(student, ctx.x, ref, steps=c.inner_steps,
+                                               lr=c.inner_lr, l2=c.l2, scale=scale, divergence=div)
+                return self._sparse(student, ctx.x, delta, scale) if c.search == "sparse" else delta
         finally:
             student.train(was_training)
+
+    def _sparse(self, model: nn.Module, x: torch.Tensor, delta: torch.Tensor,
+                scale: torch.Tensor | float) -> torch.Tensor:
+        """The sparse search towards the class the KL search's ``delta`` sends most of ``x`` to."""
+        c = self.cfg
+        with torch.no_grad():
+            batch_target = int(model(x + scale * delta).argmax(1).mode().values)
+        # the class most of the phase's batches pointed to so far: one odd batch does not steer
+        self.votes[batch_target] = self.votes.get(batch_target, 0) + 1
+        target = max(self.votes, key=lambda k: (self.votes[k], k == batch_target))
+        self.target = target
+        return target_directed_perturbation(model, x, target, steps=c.sparse_steps, lr=c.inner_lr,
+                                            l1=c.l1, scale=scale)
 
     def __call__(self, ctx: StudentStepContext) -> dict[str, torch.Tensor]:
         if not self.in_phase(ctx.round_index, ctx.total_rounds):
@@ -293,9 +350,13 @@ class SelfRetrospection:
 
         def outer_loss(d: torch.Tensor) -> torch.Tensor:
             with frozen_bn_statistics(student), precision():
-                ref = clean if c.detach_clean else forward(x).float()
+                if c.unlearn == "logit":
+                    ref = forward(x).float()
+                else:
+                    ref = clean if c.detach_clean else forward(x).float()
                 perturbed = forward(x + scale * d * rows).float()
-            value = self._unlearning_term(div(ref, perturbed)[chosen], n)
+            per_sample = centred_logit_distance(ref, perturbed) if c.unlearn == "logit" else div(ref, perturbed)
+            value = self._unlearning_term(per_sample[chosen], n)
             last["sr_unlearn"] = value.detach()
             return value
 
@@ -306,7 +367,7 @@ class SelfRetrospection:
 
         ctx.optimizer.zero_grad(set_to_none=True)
         sum(losses.values()).backward()
-        if c.hypergradient:
+        if c.hypergradient and c.search == "kl":  # a sparse δ solves no inner problem of the student
             grads = fixed_point_hypergradient(delta, params, inner_loss, outer_loss,
                                               steps=c.hypergradient_steps,
                                               step_size=c.hypergradient_step_size)
@@ -365,15 +426,19 @@ class SelfRetrospection:
 
     def summary(self) -> dict[str, Any]:
         return {"phase": self.cfg.phase, "sr_steps": self.steps, "perturb_model": self.cfg.perturb_model,
-                "hypergradient": self.cfg.hypergradient and self.trigger is None, "amp": self.cfg.amp,
-                "perturbation": "search" if self.trigger is None else "given trigger",
+                "hypergradient": self.cfg.hypergradient and self.trigger is None and self.cfg.search == "kl",
+                "amp": self.cfg.amp, "perturbation": "given trigger" if self.trigger is not None else
+                ("search" if self.cfg.search == "kl" else "sparse search"), "suspected_target": self.target,
+                "target_votes": {str(k): v for k, v in sorted(self.votes.items())},
                 "from_audit": self.cfg.from_audit, "audit_class": self.cfg.audit_class,
                 "audit_reference": self.cfg.audit_reference}
 
     # -- checkpointing -------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"entered": self.entered, "steps": self.steps, "rng": self.generator.get_state()}
+        return {"entered": self.entered, "steps": self.steps, "rng": self.generator.get_state(),
+                "votes": torch.tensor(sorted(self.votes.items()), dtype=torch.long).view(-1, 2)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.entered, self.steps = bool(state["entered"]), int(state["steps"])
         self.generator.set_state(state["rng"])
+        self.votes = {int(k): int(v) for k, v in state.get("votes", torch.zeros(0, 2, dtype=torch.long)).tolist()}
