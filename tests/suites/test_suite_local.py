@@ -107,3 +107,34 @@ def test_seeds_sentence_summarises_cells_over_the_recorded_seeds(tiny_local, tmp
     assert f"KD: CA {statistics.mean(ca):.1f} ± {statistics.stdev(ca):.1f} (2) %" in text
     assert "ZSKT: CA" in text and "worst seed" in text
     assert "records them" in seeds_sentence(tmp_path / "empty", "tiny", {"badnets/kd": "KD"})
+
+
+def test_rescore_adds_a_metric_a_record_lacks_and_checks_the_counts(tiny_local, tmp_path, capsys):
+    runs, ledger, _ = tiny_local
+    mine_runs, mine = tmp_path / "runs", tmp_path / "results"
+    shutil.copytree(runs, mine_runs)
+    shutil.copytree(ledger, mine)
+    plan = plan_suite(load_suite("tiny"), out=mine_runs, seeds=[0])
+    leaf = {c.cell: plan.stage_dir(c.stages[-1]) for c in plan.cells}
+    added = ("target_ca", "n_target", "target_correct")
+    original = json.loads((leaf["badnets/zskt"] / "metrics.json").read_text())
+    for cell in ("badnets/zskt", "blend/kd"):  # as if recorded before the metric existed
+        path = leaf[cell] / "metrics.json"
+        metrics = {k: v for k, v in json.loads(path.read_text()).items() if k not in added}
+        if cell == "blend/kd":
+            metrics["clean_correct"] += 1  # a run whose stored counts do not reproduce
+        path.write_text(json.dumps(metrics))
+    record_file = mine / "tiny" / "cpu" / "badnets" / "zskt" / "s0.json"
+    record = json.loads(record_file.read_text())
+    record["metrics"] = {k: v for k, v in record["metrics"].items() if k not in added}
+    record_file.write_text(json.dumps(record))
+    args = ["suite", "rescore", "tiny", "--seeds", "0", "--out", str(mine_runs), "--ledger", str(mine)]
+    assert main([*args, "--only", "badnets/zskt"]) == 0
+    assert "added target_ca, n_target, target_correct" in capsys.readouterr().out
+    again = json.loads((leaf["badnets/zskt"] / "metrics.json").read_text())
+    assert {k: again[k] for k in added} == {k: original[k] for k in added}
+    assert json.loads(record_file.read_text())["metrics"]["target_ca"] == original["target_ca"]
+    assert main([*args, "--only", "badnets/zskt"]) == 0 and "complete" in capsys.readouterr().out
+    err = cli_error([*args, "--only", "blend/kd"], capsys)
+    assert "clean_correct" in err and "differs from the recorded" in err
+    assert "target_ca" not in json.loads((leaf["blend/kd"] / "metrics.json").read_text())

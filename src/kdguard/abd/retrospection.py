@@ -409,14 +409,18 @@ class SelfRetrospection:
             marked = self.trigger(inside)
             stamped = torch.where(rows.bool() & (marked != inside), marked, x)
         with frozen_bn_statistics(student), precision():
-            if c.audit_reference == "teacher":
+            if c.unlearn == "logit":
+                ref = forward(x).float()
+            elif c.audit_reference == "teacher":
                 ref = ctx.teacher_outputs.logits.detach().float()
             elif c.detach_clean:
                 with torch.no_grad():
                     ref = forward(x).float()
             else:
                 ref = forward(x).float()
-            value = self._unlearning_term(div(ref, forward(stamped).float())[chosen], n)
+            perturbed = forward(stamped).float()
+            per_sample = centred_logit_distance(ref, perturbed) if c.unlearn == "logit" else div(ref, perturbed)
+            value = self._unlearning_term(per_sample[chosen], n)
         ctx.optimizer.zero_grad(set_to_none=True)
         (sum(losses.values()) + value).backward()
         ctx.clip_and_step()

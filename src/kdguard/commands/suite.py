@@ -1,4 +1,4 @@
-"""``kdguard suite run|report|list|status``: experiment suites (:mod:`kdguard.suites`, docs/suites.md).
+"""``kdguard suite run|report|list|status|rescore``: experiment suites (:mod:`kdguard.suites`, docs/suites.md).
 
 Example::
 
@@ -144,3 +144,23 @@ def status_cmd(suite: str = SUITE, scale: str = SCALE, seeds: Optional[str] = SE
                 typer.echo(f"    {name:<20} {path}")
     done = sum(r["recorded"] for r in rows)
     typer.echo(f"{done}/{len(rows)} cell runs recorded")
+
+
+@command("rescore", group=suite_app)
+def rescore_cmd(suite: str = SUITE, scale: str = SCALE, seeds: Optional[str] = SEEDS, only: Optional[str] = ONLY,
+                out: str = OUT, ledger: str = LEDGER,
+                data_root: Optional[str] = typer.Option(None, "--data-root",
+                                                        help="Directory holding the datasets (else $KDGUARD_DATA_ROOT)")
+                ) -> None:
+    """Add the metrics a finished cell's run lacks (metrics added after it was recorded) by
+    re-evaluating its model, checked against the counts it recorded, and record it again."""
+    from ..suites import rescore_suite
+
+    plan = _plan(suite, scale, seeds, only, out)
+    rows = rescore_suite(plan, ledger, data_root=data_root)
+    for row in rows:
+        state = "not finished" if row["added"] is None else (
+            f"added {', '.join(row['added'])}" if row["added"] else "complete")
+        typer.echo(f"{row['cell']:<32} s{row['seed']:<3} {state}")
+    typer.echo(f"{sum(bool(r['added']) for r in rows)} of {len(rows)} cell runs rescored; records in "
+               f"{Path(ledger) / plan.suite.name}")

@@ -23,6 +23,7 @@ from typing import Any
 from .engine import ENGINES, SuiteRunResult, run_suite
 from .ledger import comparable, read_records, record_path
 from .plan import CellPlan, StagePlan, SuitePlan, plan_suite
+from .rescore import rescore_run, rescore_suite
 from .schema import StageSpec, Suite, SuiteSpec, load_suite, shipped_suites
 from .stages import JOB_KINDS, read_stage, run_stage, stage_done
 
@@ -66,6 +67,7 @@ def write_report(suite: Suite, ledger: str | Path, out_dir: str | Path, *, scale
 
 __all__ = [
     "CellPlan", "ENGINES", "JOB_KINDS", "StagePlan", "StageSpec", "Suite", "SuitePlan", "SuiteRunResult", "SuiteSpec",
-    "comparable", "load_suite", "plan_suite", "read_records", "read_stage", "record_path", "run_stage", "run_suite",
+    "comparable", "load_suite", "plan_suite", "read_records", "read_stage", "record_path", "rescore_run",
+    "rescore_suite", "run_stage", "run_suite",
     "shipped_suites", "stage_done", "suite_status", "write_report",
 ]
