@@ -33,15 +33,16 @@ def collapsed(metrics: dict[str, Any], num_classes: int | None = None) -> bool:
 
 
 def metrics_table(rows: Sequence[Row], num_classes: int | None = None) -> str:
-    """A Markdown table with CA, ASR, ASR-all and RA (in %) and the ASR denominator; the CA of a
+    """A Markdown table with CA, ASR, ASR-all, RA and the target-class CA (in %) and the ASR
+    denominator; the CA of a
     model at chance level (:func:`collapsed`) reads ``12.30 (chance)``."""
-    lines = ["| role | model | CA % | ASR % | ASR-all % | RA % | n_clean | n_backdoor |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| role | model | CA % | ASR % | ASR-all % | RA % | target-class CA % | n_clean | n_backdoor |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for role, arch, m in rows:
         ca = _pct(m.get("ca")) + (" (chance)" if collapsed(m, num_classes) else "")
         lines.append(f"| {role} | {arch} | {ca} | {_pct(m.get('asr'))} | "
-                     f"{_pct(m.get('asr_all'))} | {_pct(m.get('ra'))} | {m.get('n_clean', '—')} | "
-                     f"{m.get('n_backdoor', '—')} |")
+                     f"{_pct(m.get('asr_all'))} | {_pct(m.get('ra'))} | {_pct(m.get('target_ca'))} | "
+                     f"{m.get('n_clean', '—')} | {m.get('n_backdoor', '—')} |")
     return "\n".join(lines)
 
 
@@ -109,7 +110,9 @@ def write_run_report(out: Path, *, title: str, rows: Sequence[Row], history: dic
     parts = [f"# {title}", "", metrics_table(rows, k), "",
              "CA: clean test accuracy. ASR: triggered test images of non-target classes classified as "
              "the target. ASR-all: the same over all test images. RA: triggered non-target images "
-             "still classified as their true class. Last-epoch model; the test split was not used "
+             "still classified as their true class. Target-class CA: clean accuracy on the target class's own "
+             "images (a model that stops predicting the target scores ASR 0 without unlearning the "
+             "trigger). Last-epoch model; the test split was not used "
              "for any selection.", ""]
     down = [f"{role} ({_pct(m.get('ca'))} %)" for role, _, m in rows if collapsed(m, k)]
     if down:

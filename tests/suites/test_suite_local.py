@@ -105,7 +105,7 @@ def test_seeds_sentence_summarises_cells_over_the_recorded_seeds(tiny_local, tmp
     ca = [100 * m["ca"] for m in kd]
     assert text.startswith("Over seeds 0, 1 of this setting")
     assert f"KD: CA {statistics.mean(ca):.1f} ± {statistics.stdev(ca):.1f} (2) %" in text
-    assert "ZSKT: CA" in text and "worst seed" in text
+    assert "ZSKT: CA" in text and "worst seed" in text and "target-class CA" in text
     assert "records them" in seeds_sentence(tmp_path / "empty", "tiny", {"badnets/kd": "KD"})
 
 

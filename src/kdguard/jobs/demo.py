@@ -109,12 +109,12 @@ def run_demo(out: str | Path | None = None, *, console: Console | None = None, r
                "student: ZSKT, data-free": zskt, "student: ZSKT + ABD": zskt_abd}
 
     table = Table(title="Poisoned teacher → distilled students (test split, last epoch / round)")
-    for col in ("model", "CA %", "ASR %", "ASR-all %", "RA %", "wall s"):
+    for col in ("model", "CA %", "ASR %", "ASR-all %", "RA %", "target-class CA %", "wall s"):
         table.add_column(col, justify="right" if col != "model" else "left")
     for role, res in results.items():
         m = res.metrics
         table.add_row(role, *(f"{100 * m[k]:.2f}" if m.get(k) is not None else "—"
-                              for k in ("ca", "asr", "asr_all", "ra")), f"{res.seconds:.0f}")
+                              for k in ("ca", "asr", "asr_all", "ra", "target_ca")), f"{res.seconds:.0f}")
     console.print(table)
     if seed_spread:
         console.print(seed_spread, markup=False)

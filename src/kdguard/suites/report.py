@@ -81,7 +81,8 @@ def summary_rows(records: list[dict[str, Any]], order: Sequence[str] = ()) -> li
 
 def seeds_sentence(ledger: str | Path, suite: str, cells: dict[str, str], scale: str = "cpu") -> str:
     """One paragraph on ``cells`` (cell → label) of ``suite`` over the seeds the ledger holds:
-    per cell mean ± std (n) of CA, ASR and the no-trigger rate, and the worst seed; or, without
+    per cell mean ± std (n) of CA, ASR, the no-trigger rate and (where recorded) the target-class
+    CA, and the worst seed; or, without
     records, the command that makes them. Numbers come from the records, read as data."""
     from .ledger import read_records
 
@@ -96,8 +97,10 @@ def seeds_sentence(ledger: str | Path, suite: str, cells: dict[str, str], scale:
         worst = worst_seed(recs)
         worst_text = "" if worst is None else (f"; worst seed {worst['seed']}: CA {_pct(worst['metrics'].get('ca'))} %, "
                                                f"ASR {_pct(worst['metrics'].get('asr'))} %")
+        target = (f", target-class CA {stat['target_ca']} %"
+                  if any(r["metrics"].get("target_ca") is not None for r in recs) else "")
         parts.append(f"{cells[cell]}: CA {stat['ca']} %, ASR {stat['asr']} % (no-trigger {stat['asr_no_trigger']} %)"
-                     + worst_text)
+                     + target + worst_text)
     seeds = sorted({r["seed"] for recs in groups.values() for r in recs})
     return (f"Over seeds {', '.join(map(str, seeds))} of this setting ({ledger}/{suite}, mean ± std (n), recorded by "
             f"`{command}`): " + "; ".join(parts) + ".")
