@@ -59,7 +59,7 @@ class ColorFilter(Trigger):
         self.style = as_choice(self.name, "style", style, self.STYLES)
         if self.style in ("sepia", "warm") and self.channels != 3:
             raise KDGuardError(f"{self.name} style {self.style!r} needs 3 colour channels, the images "
-                               f"have {self.channels}", "use style='tone' or style='random'")
+                               f"have {self.channels}", "use the tone or random style (attack.params.style=tone)")
         self.strength = as_float(self.name, "strength", strength, 0.0, 1.0, low_open=True)
         if gamma is None:
             gamma = 0.6 if self.style == "tone" else 1.0
