@@ -85,6 +85,9 @@ class SelfRetrospectionConfig:
                                            # instead of searching δ; no hypergradient (the trigger
                                            # is fixed, not an inner solution)
     audit_class: Optional[int] = None      # the class whose trigger (null: the audit's first suspect)
+    oracle_trigger: bool = False           # unlearn the teacher's own recorded trigger instead of
+                                           # searching δ (an oracle for analysis: what SR could do
+                                           # if its search found the real trigger; not a defence)
     audit_reference: str = "student"       # what stamped samples are pulled to: student (the
                                            # student's clean output, SR's term) | teacher (the
                                            # teacher's clean output: distillation on stamped copies)
@@ -147,6 +150,12 @@ def validate_abd(cfg: ABDConfig) -> None:
     if sr.from_audit is not None and not cfg.uses_sr:
         raise KDGuardError(f"abd.sr.from_audit is set but abd.mode={cfg.mode} runs no SR",
                            "set abd.mode=sr (or full) to unlearn the audit's trigger")
+    if sr.oracle_trigger and not cfg.uses_sr:
+        raise KDGuardError(f"abd.sr.oracle_trigger is set but abd.mode={cfg.mode} runs no SR",
+                           "set abd.mode=sr (or full)")
+    if sr.oracle_trigger and sr.from_audit is not None:
+        raise KDGuardError("abd.sr.oracle_trigger and abd.sr.from_audit both name the trigger to unlearn",
+                           "keep one of them")
     if sr.audit_class is not None and sr.from_audit is None:
         raise KDGuardError("abd.sr.audit_class is set without abd.sr.from_audit",
                            "set abd.sr.from_audit=AUDIT_DIR too, or drop abd.sr.audit_class")

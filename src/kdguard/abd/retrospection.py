@@ -431,7 +431,8 @@ class SelfRetrospection:
     def summary(self) -> dict[str, Any]:
         return {"phase": self.cfg.phase, "sr_steps": self.steps, "perturb_model": self.cfg.perturb_model,
                 "hypergradient": self.cfg.hypergradient and self.trigger is None and self.cfg.search == "kl",
-                "amp": self.cfg.amp, "perturbation": "given trigger" if self.trigger is not None else
+                "amp": self.cfg.amp, "oracle_trigger": self.cfg.oracle_trigger,
+                "perturbation": "given trigger" if self.trigger is not None else
                 ("search" if self.cfg.search == "kl" else "sparse search"), "suspected_target": self.target,
                 "target_votes": {str(k): v for k, v in sorted(self.votes.items())},
                 "from_audit": self.cfg.from_audit, "audit_class": self.cfg.audit_class,

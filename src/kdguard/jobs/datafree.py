@@ -277,13 +277,23 @@ def abd_extensions(job: DataFreeJob, setup: DataFreeSetup) -> ABDPlugin | None:
 
 def audit_sr_trigger(cfg: ABDConfig, setup: DataFreeSetup) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """The reconstructed trigger of ``abd.sr.from_audit`` (class ``abd.sr.audit_class``, else the
-    audit's first suspect) as a batched function on [0, 1] images, on the run's device; None
-    without an audit. The audit directory is read as data (its ``.npy`` trigger files).
+    audit's first suspect), or with ``abd.sr.oracle_trigger`` the teacher's own recorded trigger,
+    as a batched function on [0, 1] images, on the run's device; None without either. The audit directory is read as data (its ``.npy`` trigger files).
 
     Raises:
         KDGuardError: as :func:`kdguard.jobs.audit.audit_trigger` (no audit there, no suspect and
             no class given, a class outside the audit's), or a trigger that does not fit the images.
     """
+    if cfg.uses_sr and cfg.sr.oracle_trigger:
+        if setup.attack is None:
+            raise KDGuardError("abd.sr.oracle_trigger needs the teacher's recorded attack, and its manifest "
+                               "records none", "give the attack (attack.name=...) or drop abd.sr.oracle_trigger")
+        oracle, where = setup.attack.trigger, setup.device
+
+        def stamp_oracle(x: torch.Tensor) -> torch.Tensor:
+            return oracle(x.float().cpu()).to(device=where, dtype=x.dtype)
+
+        return stamp_oracle
     if not cfg.uses_sr or cfg.sr.from_audit is None:
         return None
     from ..attacks import make_attack
