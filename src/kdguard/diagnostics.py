@@ -273,6 +273,7 @@ def target_bias(run: str | Path, *, offsets: tuple[float, ...] = (0.0, 1.0, 2.0,
     from .attacks import attack_from_manifest, make_attack
     from .checkpoint import load_model, read_manifest
     from .data import load_dataset
+    from .metrics import backdoor_metrics
 
     model, manifest = load_model(run)
     model.eval()
@@ -291,14 +292,13 @@ def target_bias(run: str | Path, *, offsets: tuple[float, ...] = (0.0, 1.0, 2.0,
     labels = test.labels
     logits_clean = _outputs(model, clean)
     logits_trig = _outputs(model, attack.trigger(clean))
-    non_target = labels != target
+    targets = torch.full_like(labels, target)
     rows = []
     for b in offsets:
         shift = torch.zeros(logits_clean.shape[1])
         shift[target] = float(b)
-        pc, pt = (logits_clean + shift).argmax(1), (logits_trig + shift).argmax(1)
-        rows.append({"offset": float(b), "ca": float((pc == labels).float().mean()),
-                     "target_ca": float((pc[~non_target] == target).float().mean()),
-                     "asr": float((pt[non_target] == target).float().mean()),
-                     "asr_no_trigger": float((pc[non_target] == target).float().mean())})
+        m = backdoor_metrics(labels, (logits_clean + shift).argmax(1), (logits_trig + shift).argmax(1),
+                             targets, labels != target)
+        rows.append({"offset": float(b), "ca": m.ca, "target_ca": m.target_ca, "asr": m.asr,
+                     "asr_no_trigger": m.asr_no_trigger})
     return {"run": str(run), "attack": attack_cfg.name, "target": target, "rows": rows}

@@ -34,8 +34,7 @@ def collapsed(metrics: dict[str, Any], num_classes: int | None = None) -> bool:
 
 def metrics_table(rows: Sequence[Row], num_classes: int | None = None) -> str:
     """A Markdown table with CA, ASR, ASR-all, RA and the target-class CA (in %) and the ASR
-    denominator; the CA of a
-    model at chance level (:func:`collapsed`) reads ``12.30 (chance)``."""
+    denominator; the CA of a model at chance level (:func:`collapsed`) reads ``12.30 (chance)``."""
     lines = ["| role | model | CA % | ASR % | ASR-all % | RA % | target-class CA % | n_clean | n_backdoor |",
              "|---|---|---|---|---|---|---|---|---|"]
     for role, arch, m in rows:
@@ -110,10 +109,10 @@ def write_run_report(out: Path, *, title: str, rows: Sequence[Row], history: dic
     parts = [f"# {title}", "", metrics_table(rows, k), "",
              "CA: clean test accuracy. ASR: triggered test images of non-target classes classified as "
              "the target. ASR-all: the same over all test images. RA: triggered non-target images "
-             "still classified as their true class. Target-class CA: clean accuracy on the target class's own "
-             "images (a model that stops predicting the target scores ASR 0 without unlearning the "
-             "trigger). Last-epoch model; the test split was not used "
-             "for any selection.", ""]
+             "still classified as their true class. Target-class CA: clean accuracy on the target "
+             "class's own images (a model that stops predicting the target scores ASR 0 without "
+             "unlearning the trigger). Last-epoch model; the test split was not used for any "
+             "selection.", ""]
     down = [f"{role} ({_pct(m.get('ca'))} %)" for role, _, m in rows if collapsed(m, k)]
     if down:
         kk = k or next((m.get("num_classes") for _, _, m in rows if m.get("num_classes")), None)

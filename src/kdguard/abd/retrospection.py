@@ -223,6 +223,12 @@ class SelfRetrospection:
         self._schedule: torch.optim.lr_scheduler.LambdaLR | None = None
         self._schedule_at: tuple[int, int, int] | None = None  # (round, rounds, optimiser) it is at
 
+    @property
+    def uses_hypergradient(self) -> bool:
+        """Whether SR's update adds the implicit hypergradient: only a KL-searched δ solves the
+        student's inner problem (a given trigger or a sparse δ does not)."""
+        return self.cfg.hypergradient and self.trigger is None and self.cfg.search == "kl"
+
     def phase_start(self, total_rounds: int) -> int:
         """First round (0-based) of the SR phase: the last ``max(1, ceil(phase·R))`` rounds."""
         return total_rounds - min(total_rounds, max(1, math.ceil(self.cfg.phase * total_rounds)))
@@ -355,8 +361,7 @@ class SelfRetrospection:
                 else:
                     ref = clean if c.detach_clean else forward(x).float()
                 perturbed = forward(x + scale * d * rows).float()
-            per_sample = centred_logit_distance(ref, perturbed) if c.unlearn == "logit" else div(ref, perturbed)
-            value = self._unlearning_term(per_sample[chosen], n)
+            value = self._unlearning_term(self._per_sample(div, ref, perturbed)[chosen], n)
             last["sr_unlearn"] = value.detach()
             return value
 
@@ -367,7 +372,7 @@ class SelfRetrospection:
 
         ctx.optimizer.zero_grad(set_to_none=True)
         sum(losses.values()).backward()
-        if c.hypergradient and c.search == "kl":  # a sparse δ solves no inner problem of the student
+        if self.uses_hypergradient:
             grads = fixed_point_hypergradient(delta, params, inner_loss, outer_loss,
                                               steps=c.hypergradient_steps,
                                               step_size=c.hypergradient_step_size)
@@ -382,6 +387,11 @@ class SelfRetrospection:
         self.steps += 1
         losses["sr_unlearn"] = last["sr_unlearn"]
         return losses
+
+    def _per_sample(self, div: Divergence, ref: torch.Tensor, perturbed: torch.Tensor) -> torch.Tensor:
+        """Per-sample unlearning terms between clean and perturbed logits (``N``): the divergence
+        (``unlearn=kl``) or :func:`centred_logit_distance` (``unlearn=logit``)."""
+        return centred_logit_distance(ref, perturbed) if self.cfg.unlearn == "logit" else div(ref, perturbed)
 
     def _unlearning_term(self, per_sample: torch.Tensor, batch_size: int) -> torch.Tensor:
         """``weight`` × the perturbed samples' divergences reduced as ``outer_reduction`` says:
@@ -418,9 +428,7 @@ class SelfRetrospection:
                     ref = forward(x).float()
             else:
                 ref = forward(x).float()
-            perturbed = forward(stamped).float()
-            per_sample = centred_logit_distance(ref, perturbed) if c.unlearn == "logit" else div(ref, perturbed)
-            value = self._unlearning_term(per_sample[chosen], n)
+            value = self._unlearning_term(self._per_sample(div, ref, forward(stamped).float())[chosen], n)
         ctx.optimizer.zero_grad(set_to_none=True)
         (sum(losses.values()) + value).backward()
         ctx.clip_and_step()
@@ -430,7 +438,7 @@ class SelfRetrospection:
 
     def summary(self) -> dict[str, Any]:
         return {"phase": self.cfg.phase, "sr_steps": self.steps, "perturb_model": self.cfg.perturb_model,
-                "hypergradient": self.cfg.hypergradient and self.trigger is None and self.cfg.search == "kl",
+                "hypergradient": self.uses_hypergradient,
                 "amp": self.cfg.amp, "oracle_trigger": self.cfg.oracle_trigger,
                 "perturbation": "given trigger" if self.trigger is not None else
                 ("search" if self.cfg.search == "kl" else "sparse search"), "suspected_target": self.target,

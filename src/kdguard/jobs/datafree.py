@@ -116,9 +116,9 @@ def fork_datafree_run(run_dir: str | Path, out: str | Path, overrides: list[str]
         KDGuardError: ``run_dir`` has no checkpoint (:func:`stopped_run_config`), or an override
             is malformed or unknown (:func:`build_datafree_job`).
     """
-    stopped_run_config(run_dir)
-    # checked before anything is copied: a fork of a finished run would run no round of its own
-    job = build_datafree_job(Path(run_dir) / "config.yaml", [f"out={out}", *overrides])
+    # the job is built and checked before anything is copied (the copy's config.yaml is the same
+    # file): a fork of a finished run would run no round of its own
+    job = build_datafree_job(stopped_run_config(run_dir), [f"out={out}", *overrides])
     done = saved_round(run_dir)
     if done is not None and done >= job.schedule.rounds:
         raise KDGuardError(f"{run_dir} has finished all {done} of its rounds: a fork would run none "
@@ -127,7 +127,6 @@ def fork_datafree_run(run_dir: str | Path, out: str | Path, overrides: list[str]
     out = Path(out)
     shutil.rmtree(out, ignore_errors=True)
     shutil.copytree(run_dir, out)
-    job = build_datafree_job(out / "config.yaml", [f"out={out}", *overrides])
     # the copy is the new job's run now (its run.json says so, and where it was forked from)
     adopt_copy(out, job, source=run_dir, parents=("teacher",))
     return job
@@ -278,33 +277,33 @@ def abd_extensions(job: DataFreeJob, setup: DataFreeSetup) -> ABDPlugin | None:
 def audit_sr_trigger(cfg: ABDConfig, setup: DataFreeSetup) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """The reconstructed trigger of ``abd.sr.from_audit`` (class ``abd.sr.audit_class``, else the
     audit's first suspect), or with ``abd.sr.oracle_trigger`` the teacher's own recorded trigger,
-    as a batched function on [0, 1] images, on the run's device; None without either. The audit directory is read as data (its ``.npy`` trigger files).
+    as a batched function on [0, 1] images, on the run's device; None without either. The audit
+    directory is read as data (its ``.npy`` trigger files).
 
     Raises:
         KDGuardError: as :func:`kdguard.jobs.audit.audit_trigger` (no audit there, no suspect and
-            no class given, a class outside the audit's), or a trigger that does not fit the images.
+            no class given, a class outside the audit's), a trigger that does not fit the images,
+            or ``oracle_trigger`` on a teacher whose manifest records no attack.
     """
-    if cfg.uses_sr and cfg.sr.oracle_trigger:
+    if not cfg.uses_sr:
+        return None
+    if cfg.sr.oracle_trigger:
         if setup.attack is None:
             raise KDGuardError("abd.sr.oracle_trigger needs the teacher's recorded attack, and its manifest "
                                "records none", "give the attack (attack.name=...) or drop abd.sr.oracle_trigger")
-        oracle, where = setup.attack.trigger, setup.device
+        trigger = setup.attack.trigger
+    elif cfg.sr.from_audit is not None:
+        from ..attacks import make_attack
+        from .audit import audit_trigger
 
-        def stamp_oracle(x: torch.Tensor) -> torch.Tensor:
-            return oracle(x.float().cpu()).to(device=where, dtype=x.dtype)
-
-        return stamp_oracle
-    if not cfg.uses_sr or cfg.sr.from_audit is None:
+        attack_cfg = audit_trigger(cfg.sr.from_audit, cfg.sr.audit_class)
+        trigger = make_attack(attack_cfg, setup.test.shape, setup.test.num_classes).trigger
+        if setup.attack is not None and int(setup.attack.target) != int(attack_cfg.target):
+            log.info("SR unlearns the audit's class-%d trigger; the teacher's recorded target is %d",
+                     attack_cfg.target, int(setup.attack.target))
+    else:
         return None
-    from ..attacks import make_attack
-    from .audit import audit_trigger
-
-    attack_cfg = audit_trigger(cfg.sr.from_audit, cfg.sr.audit_class)
-    spec = make_attack(attack_cfg, setup.test.shape, setup.test.num_classes)
-    if setup.attack is not None and int(setup.attack.target) != int(attack_cfg.target):
-        log.info("SR unlearns the audit's class-%d trigger; the teacher's recorded target is %d",
-                 attack_cfg.target, int(setup.attack.target))
-    trigger, device = spec.trigger, setup.device
+    device = setup.device
 
     def stamp(x: torch.Tensor) -> torch.Tensor:  # the trigger's tensors live on the CPU
         return trigger(x.float().cpu()).to(device=device, dtype=x.dtype)

@@ -82,8 +82,7 @@ def summary_rows(records: list[dict[str, Any]], order: Sequence[str] = ()) -> li
 def seeds_sentence(ledger: str | Path, suite: str, cells: dict[str, str], scale: str = "cpu") -> str:
     """One paragraph on ``cells`` (cell → label) of ``suite`` over the seeds the ledger holds:
     per cell mean ± std (n) of CA, ASR, the no-trigger rate and (where recorded) the target-class
-    CA, and the worst seed; or, without
-    records, the command that makes them. Numbers come from the records, read as data."""
+    CA, and the worst seed; or, without records, the command that makes them. Numbers come from the records, read as data."""
     from .ledger import read_records
 
     records, _ = read_records(ledger, suite, scale) if Path(ledger).is_dir() else ([], [])
@@ -146,7 +145,8 @@ def markdown_report(suite: str, description: str, scale: str, records: list[dict
     else:
         parts += ["Mean ± sample std (n seeds) of the last-epoch (last-round) test metrics, in %; the no-trigger "
                   "rate is the share of non-target test images sent to the target without the trigger; "
-                  "target-class CA the clean accuracy on the target class's own images. The worst seed is the one with the highest ASR.", "", markdown_tables(records, order), ""]
+                  "target-class CA the clean accuracy on the target class's own images. The worst seed "
+                  "is the one with the highest ASR.", "", markdown_tables(records, order), ""]
         machines = sorted({f"{r.get('machine')} ({r.get('device')}, {r.get('threads')} threads)" for r in records})
         parts += [f"Ran on: {'; '.join(machines)}.", ""]
     converted = sorted({f"{r['cell']} s{r['seed']}" for r in records if r.get("converted")})

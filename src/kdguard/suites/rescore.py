@@ -32,12 +32,10 @@ def rescore_run(run_dir: str | Path, *, data_root: str | None = None) -> list[st
         KDGuardError: the model or dataset cannot be loaded, or the re-evaluation disagrees with
             a count the run recorded (nothing is written then).
     """
-    from ..attacks import attack_from_manifest, make_attack
-    from ..checkpoint import load_model
-    from ..config import TrainConfig
-    from ..data import load_dataset
+    from ..checkpoint import read_manifest
+    from ..config import DataConfig, TrainConfig
     from ..io import read_json, write_json
-    from ..runs import evaluate_model
+    from ..jobs.supervised import evaluate_checkpoint
 
     run_dir = Path(run_dir)
     path = run_dir / "metrics.json"
@@ -47,14 +45,12 @@ def rescore_run(run_dir: str | Path, *, data_root: str | None = None) -> list[st
     missing = [f.name for f in dataclasses.fields(BackdoorMetrics) if f.name not in stored]
     if not missing:
         return []
-    model, manifest = load_model(run_dir)
-    dataset = (manifest.get("dataset") or {}).get("name")
+    dataset = (read_manifest(run_dir).get("dataset") or {}).get("name")
     if dataset is None:
         raise KDGuardError(f"{run_dir}: the manifest names no dataset", "give a kdguard run directory")
-    test = load_dataset(dataset, "test", root=data_root)
-    attack_cfg = attack_from_manifest(manifest)
-    attack = None if attack_cfg is None else make_attack(attack_cfg, test.shape, test.num_classes)
-    fresh = evaluate_model(model, test, attack, train_cfg=TrainConfig(device="cpu")).to_dict()
+    # the run's model, its dataset's test split and the attack its manifest records (read as data)
+    fresh = evaluate_checkpoint(run_dir, DataConfig(name=dataset, root=data_root),
+                                train_cfg=TrainConfig(device="cpu"))
     for key in CHECKED:
         if key in stored and stored[key] != fresh[key]:
             raise KDGuardError(f"{run_dir}: re-evaluated {key} {fresh[key]} differs from the recorded "
