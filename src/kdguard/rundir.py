@@ -76,7 +76,7 @@ NEUTRAL_ADDED = {("optim", "betas"): [0.9, 0.999], ("optim", "grad_clip"): None,
                  ("detox", "only"): False, ("sr", "from_audit"): None, ("sr", "audit_class"): None,
                  ("sr", "audit_reference"): "student", ("sr", "search"): "kl", ("sr", "l1"): 0.01,
                  ("sr", "sparse_steps"): 50, ("sr", "unlearn"): "kl",
-                 ("sr", "oracle_trigger"): False}
+                 ("sr", "oracle_trigger"): False, ("sr", "modules"): None}
 #: All keys left out of the fingerprint (documentation; :func:`identity_config` applies them).
 IGNORED_KEYS = tuple(sorted(IGNORED_PATHS)) + tuple(f"*.{k}" for k in sorted(IGNORED_LEAVES))
 #: Keys ``--resume`` may raise: the length of training (epochs, data-free rounds).

@@ -11,6 +11,7 @@ from torch import nn
 from kdguard.abd import SelfRetrospection, frozen_bn_statistics, universal_perturbation
 from kdguard.abd import SelfRetrospectionConfig
 from kdguard.datafree.losses import kl_per_sample
+from kdguard.errors import KDGuardError
 from kdguard.datafree.student import (
     DistillObjective,
     StudentStepContext,
@@ -340,3 +341,34 @@ def test_the_logit_unlearning_term_ignores_a_shift_of_one_class():
     assert torch.allclose(centred_logit_distance(a + shift, b + shift), centred_logit_distance(a, b))
     # by hand: b − a = (0, 0, 2) → centred (−2/3, −2/3, 4/3) → 4/9 + 4/9 + 16/9 = 8/3
     assert centred_logit_distance(a, b)[0] == pytest.approx(8 / 3)
+
+
+def _corner(x):
+    out = x.clone()
+    out[:, :, :3, :3] = 1.0
+    return out
+
+
+@pytest.mark.parametrize("variant", ["hypergradient", "direct", "given trigger"])
+def test_modules_confine_the_unlearning_gradient_to_the_named_parameters(abd_kit, variant):
+    def step(weight):
+        student = _student()
+        cfg = SelfRetrospectionConfig(phase=0.2, lr=1e-2, min_count=8, weight=weight, modules=["5"],
+                                      hypergradient=variant == "hypergradient")
+        sr = SelfRetrospection(cfg, trigger=_corner if variant == "given trigger" else None)
+        sr(_context(abd_kit, student, round_index=8))
+        return dict(student.named_parameters())
+
+    plain, unlearnt = step(0.0), step(50.0)
+    for name in ("0.weight", "0.bias", "1.weight", "1.bias"):  # outside "5": the KD update alone
+        assert torch.equal(plain[name], unlearnt[name]), name
+    assert not torch.allclose(plain["5.weight"], unlearnt["5.weight"])
+
+
+def test_modules_select_parameters_by_path_and_reject_an_unknown_one():
+    student = _student()
+    sr = SelfRetrospection(SelfRetrospectionConfig(modules=["0", "5.bias"]))
+    assert [p.shape for p in sr.unlearn_parameters(student)] == [(6, 3, 3, 3), (6,), (4,)]
+    assert len(SelfRetrospection().unlearn_parameters(student)) == 6
+    with pytest.raises(KDGuardError, match="'fc9'.*e.g. one of 0, 1, 5"):
+        SelfRetrospection(SelfRetrospectionConfig(modules=["fc9"])).unlearn_parameters(student)

@@ -166,6 +166,14 @@ def test_sr_unlearns_the_audits_trigger_in_data_free_kd(audit_dir, teacher_dir, 
                  "abd.sr.oracle_trigger=true", f"out={oracle}"]) == 0
     sr = read_json(oracle / "metrics.json")["abd"]["sr"]
     assert sr["perturbation"] == "given trigger" and sr["oracle_trigger"] and sr["sr_steps"] == 4
+    assert sr["modules"] is None
+    # the unlearning confined to the convolutions (abd.sr.modules)
+    confined = tmp_path / "zskt_sr_conv"
+    assert main(["distill-datafree", f"teacher={teacher_dir}", "method=zskt", "preset=cpu", "student=lenet5",
+                 "schedule.rounds=4", "schedule.batch_size=16", "schedule.student_steps=2", "generator.width=8",
+                 "monitor.every=4", "monitor.grid_every=0", "progress=false", "abd.mode=sr", "abd.sr.phase=0.5",
+                 "abd.sr.modules=[block1,block2]", f"out={confined}"]) == 0
+    assert read_json(confined / "metrics.json")["abd"]["sr"]["modules"] == ["block1", "block2"]
     for args, needle in (
             (["abd.mode=sv", "--from-audit", str(audit_dir)], "runs no SR"),
             (["abd.mode=sr", "--audit-class", "2"], "--from-audit"),
@@ -173,6 +181,8 @@ def test_sr_unlearns_the_audits_trigger_in_data_free_kd(audit_dir, teacher_dir, 
             (["abd.mode=sr", "--from-audit", str(audit_dir), "--audit-class", "10"], "outside the audit"),
             (["abd.mode=sr", "--from-audit", str(audit_dir), "abd.sr.audit_reference=oracle"], "audit_reference"),
             (["abd.mode=sr", "--from-audit", str(audit_dir), "abd.sr.oracle_trigger=true"], "keep one of them"),
-            (["abd.mode=sv", "abd.sr.oracle_trigger=true"], "runs no SR")):
+            (["abd.mode=sv", "abd.sr.oracle_trigger=true"], "runs no SR"),
+            (["abd.mode=sr", "abd.sr.modules=[fc9]"], "holds no trainable parameter"),
+            (["abd.mode=sr", "abd.sr.modules=[]"], "non-empty list")):
         assert needle in cli_error(["distill-datafree", f"teacher={teacher_dir}", "method=zskt", "preset=cpu", "student=lenet5",
                                     "schedule.rounds=2", "progress=false", f"out={tmp_path / 'x'}", *args], capsys)

@@ -91,6 +91,10 @@ class SelfRetrospectionConfig:
     audit_reference: str = "student"       # what stamped samples are pulled to: student (the
                                            # student's clean output, SR's term) | teacher (the
                                            # teacher's clean output: distillation on stamped copies)
+    modules: Optional[list[str]] = None    # module paths of the student (e.g. [block1, block2])
+                                           # whose parameters take the unlearning term's gradient
+                                           # (direct and implicit); the distillation losses still
+                                           # train every parameter. null: all (the reference)
 
 
 @dataclass
@@ -160,6 +164,10 @@ def validate_abd(cfg: ABDConfig) -> None:
         raise KDGuardError("abd.sr.audit_class is set without abd.sr.from_audit",
                            "set abd.sr.from_audit=AUDIT_DIR too, or drop abd.sr.audit_class")
     check_positive("abd.sr.audit_class", sr.audit_class, allow_zero=True)
+    if sr.modules is not None and (not isinstance(sr.modules, (list, tuple)) or not sr.modules
+                                   or not all(isinstance(m, str) and m for m in sr.modules)):
+        raise KDGuardError(f"abd.sr.modules {sr.modules!r} is not a non-empty list of module paths",
+                           "give e.g. abd.sr.modules=[block1,block2], or null for every parameter")
     for label, value in (("abd.sr.inner_steps", sr.inner_steps), ("abd.sr.min_count", sr.min_count),
                          ("abd.sr.l2", sr.l2), ("abd.sr.weight", sr.weight),
                          ("abd.sr.hypergradient_steps", sr.hypergradient_steps)):

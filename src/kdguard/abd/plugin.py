@@ -45,7 +45,8 @@ def build_abd(cfg: ABDConfig, *, teacher: nn.Module, image_shape: tuple[int, int
               device: torch.device, method: str, seed: int = 0,
               input_std: tuple[float, ...] | None = None,
               autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-              sr_trigger: Callable[[torch.Tensor], torch.Tensor] | None = None) -> ABDPlugin | None:
+              sr_trigger: Callable[[torch.Tensor], torch.Tensor] | None = None,
+              student: nn.Module | None = None) -> ABDPlugin | None:
     """ABD for one run, or ``None`` when ``cfg.mode == "off"``.
 
     Args:
@@ -60,9 +61,12 @@ def build_abd(cfg: ABDConfig, *, teacher: nn.Module, image_shape: tuple[int, int
         autocast: forward-pass context (bf16 or no-op).
         sr_trigger: a trigger SR unlearns instead of searching δ (``abd.sr.from_audit``, built by
             the job layer from the audit's files).
+        student: given, SR's ``modules`` are checked against it here rather than at the first
+            SR round.
 
     Raises:
-        KDGuardError: the teacher has no layer to shuffle, or bad settings.
+        KDGuardError: the teacher has no layer to shuffle, ``abd.sr.modules`` names no module of
+            ``student``, or bad settings.
     """
     if cfg.mode == "off":
         return None
@@ -84,5 +88,7 @@ def build_abd(cfg: ABDConfig, *, teacher: nn.Module, image_shape: tuple[int, int
             ext.generator_regularizers.append(vaccine)
     if cfg.uses_sr:
         retro = SelfRetrospection(cfg.sr, seed=seed, input_std=input_std, trigger=sr_trigger)
+        if student is not None:
+            retro.unlearn_parameters(student)
         ext.student_step = retro
     return ABDPlugin(ext, vaccine, retro)

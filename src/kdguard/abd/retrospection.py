@@ -31,7 +31,10 @@ Hong et al., ICML 2023, §4.2; reference ``UnlearnOptimizer`` (``cmi/datafree/un
    (``K`` = ``hypergradient_steps``, α = ``hypergradient_step_size``), as I-BAU does. With
    ``hypergradient=False`` only the direct term ∂_θ ℓ_out is used (plain adversarial unlearning).
 4. The method's usual distillation loss (KD, + attention for ZSKT) is added, the sum is clipped
-   and stepped.
+   and stepped. With ``modules`` (kdguard's option; the reference updates every parameter) the
+   gradient of ℓ_out, direct and implicit, reaches only the parameters under those module paths;
+   confined to the convolutions, the student cannot lower ℓ_out by lowering the target class in
+   its classifier layers (``docs/abd-results.md`` §5).
 
 Phase and learning rate: the reference resumes a near-final checkpoint with a fresh optimiser at
 a reset learning rate (5e-4) and a cosine schedule over what is left. kdguard does the same
@@ -62,6 +65,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .config import SelfRetrospectionConfig
 from ..datafree.losses import kl_per_sample
 from ..datafree.student import StudentStepContext, default_student_step, frozen
+from ..errors import KDGuardError
 from ..optim import advance, lr_scheduler
 from .hypergrad import fixed_point_hypergradient
 
@@ -186,6 +190,18 @@ def target_directed_perturbation(model: nn.Module, x: torch.Tensor, target: int,
         loss.backward()
         opt.step()
     return u.detach()
+
+
+def accumulate(params: list[torch.Tensor], grads: tuple[torch.Tensor | None, ...] | list[torch.Tensor]) -> None:
+    """Add ``grads`` to the ``.grad`` of ``params`` (after the distillation losses' backward). A
+    parameter neither reaches keeps ``grad`` None, so the optimiser takes no decay step on it."""
+    for p, g in zip(params, grads):
+        if g is None:
+            continue
+        if p.grad is not None:
+            p.grad = p.grad + g
+        elif g.any():
+            p.grad = g
 
 
 class SelfRetrospection:
@@ -351,7 +367,7 @@ class SelfRetrospection:
         # may be bf16), so that the KL is exactly 0 at δ = 0.
         with torch.no_grad(), frozen_bn_statistics(student), precision():
             clean = forward(x).float()
-        params = [p for p in student.parameters() if p.requires_grad]
+        params = self.unlearn_parameters(student)
         last: dict[str, torch.Tensor] = {}
 
         def outer_loss(d: torch.Tensor) -> torch.Tensor:
@@ -376,17 +392,34 @@ class SelfRetrospection:
             grads = fixed_point_hypergradient(delta, params, inner_loss, outer_loss,
                                               steps=c.hypergradient_steps,
                                               step_size=c.hypergradient_step_size)
-            for p, g in zip(params, grads):
-                if p.grad is not None:
-                    p.grad = p.grad + g
-                elif g.any():  # a parameter nothing reaches keeps grad None (no Adam/decay step)
-                    p.grad = g
         else:
-            outer_loss(delta).backward()
+            grads = torch.autograd.grad(outer_loss(delta), params, allow_unused=True)
+        accumulate(params, grads)
         ctx.clip_and_step()
         self.steps += 1
         losses["sr_unlearn"] = last["sr_unlearn"]
         return losses
+
+    def unlearn_parameters(self, student: nn.Module) -> list[torch.Tensor]:
+        """The trainable parameters the unlearning term's gradient reaches: all of them, or with
+        ``modules`` those under the named module paths (``block1`` takes ``block1.conv.weight``…).
+
+        Raises:
+            KDGuardError: a path names no module of ``student`` holding trainable parameters.
+        """
+        named = [(name, p) for name, p in student.named_parameters() if p.requires_grad]
+        if self.cfg.modules is None:
+            return [p for _, p in named]
+        chosen = []
+        for path in self.cfg.modules:
+            hits = [p for name, p in named if name == path or name.startswith(path + ".")]
+            if not hits:
+                roots = sorted({name.split(".")[0] for name, _ in named})
+                raise KDGuardError(f"abd.sr.modules names {path!r}, which holds no trainable "
+                                   f"parameter of the student",
+                                   f"name module paths of the student, e.g. one of {', '.join(roots)}")
+            chosen.extend(p for p in hits if not any(p is q for q in chosen))
+        return chosen
 
     def _per_sample(self, div: Divergence, ref: torch.Tensor, perturbed: torch.Tensor) -> torch.Tensor:
         """Per-sample unlearning terms between clean and perturbed logits (``N``): the divergence
@@ -430,7 +463,9 @@ class SelfRetrospection:
                 ref = forward(x).float()
             value = self._unlearning_term(self._per_sample(div, ref, forward(stamped).float())[chosen], n)
         ctx.optimizer.zero_grad(set_to_none=True)
-        (sum(losses.values()) + value).backward()
+        sum(losses.values()).backward()
+        params = self.unlearn_parameters(student)
+        accumulate(params, torch.autograd.grad(value, params, allow_unused=True))
         ctx.clip_and_step()
         self.steps += 1
         losses["sr_unlearn"] = value.detach()
@@ -444,7 +479,8 @@ class SelfRetrospection:
                 ("search" if self.cfg.search == "kl" else "sparse search"), "suspected_target": self.target,
                 "target_votes": {str(k): v for k, v in sorted(self.votes.items())},
                 "from_audit": self.cfg.from_audit, "audit_class": self.cfg.audit_class,
-                "audit_reference": self.cfg.audit_reference}
+                "audit_reference": self.cfg.audit_reference,
+                "modules": None if self.cfg.modules is None else list(self.cfg.modules)}
 
     # -- checkpointing -------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

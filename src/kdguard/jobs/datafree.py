@@ -271,7 +271,8 @@ def abd_extensions(job: DataFreeJob, setup: DataFreeSetup) -> ABDPlugin | None:
     device, bf16 = setup.device, setup.bf16
     return build_abd(cfg, teacher=setup.teacher, image_shape=setup.test.shape, device=device,
                      method=job.method, seed=job.seed, input_std=setup.ctx.std,
-                     autocast=lambda: autocast(device, bf16), sr_trigger=audit_sr_trigger(cfg, setup))
+                     autocast=lambda: autocast(device, bf16), sr_trigger=audit_sr_trigger(cfg, setup),
+                     student=setup.student)
 
 
 def audit_sr_trigger(cfg: ABDConfig, setup: DataFreeSetup) -> Callable[[torch.Tensor], torch.Tensor] | None:
