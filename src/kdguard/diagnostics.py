@@ -42,6 +42,29 @@ def _seeded_subset(n_total: int, n: int, seed: int = 0) -> torch.Tensor:
     return torch.randperm(n_total, generator=torch.Generator().manual_seed(seed))[:n]
 
 
+def _model_test_attack(run: str | Path, data_root: str | None, fix: str,
+                       attack_run: str | Path | None = None) -> tuple[nn.Module, Any, Any, Any]:
+    """The model of ``run`` (eval mode), its dataset's test split and the attack its manifest (or
+    ``attack_run``'s) records, built for that split: ``(model, test, attack, attack_cfg)``.
+
+    Raises:
+        KDGuardError: an unreadable model, or a manifest naming no dataset or no attack (``fix``
+            is the remedy the message gives).
+    """
+    from .attacks import attack_from_manifest, make_attack
+    from .checkpoint import load_model, read_manifest
+    from .data import load_dataset
+
+    model, manifest = load_model(run)
+    model.eval()
+    dataset = (manifest.get("dataset") or {}).get("name")
+    attack_cfg = attack_from_manifest(read_manifest(attack_run) if attack_run is not None else manifest)
+    if dataset is None or attack_cfg is None:
+        raise KDGuardError(f"{run}: the manifest names no dataset or no attack", fix)
+    test = load_dataset(dataset, "test", root=data_root)
+    return model, test, make_attack(attack_cfg, test.shape, test.num_classes), attack_cfg
+
+
 # -- the Shuffling Vaccine's premise -------------------------------------------------------------
 
 def sv_premise(run: str | Path, *, data_root: str | None = None, n: int = 2000, shuffles: int = 5,
@@ -59,19 +82,10 @@ def sv_premise(run: str | Path, *, data_root: str | None = None, n: int = 2000, 
         KDGuardError: an unreadable teacher, or a manifest naming no dataset or no attack.
     """
     from .abd.plugin import SHUFFLE_SEED_OFFSET
-    from .attacks import attack_from_manifest, make_attack
     from .audit.shuffle_check import ShuffleCheck, ShuffleProbe
-    from .checkpoint import load_model
-    from .data import load_dataset
 
-    teacher, manifest = load_model(run)
-    teacher.eval()
-    dataset, attack_cfg = (manifest.get("dataset") or {}).get("name"), attack_from_manifest(manifest)
-    if dataset is None or attack_cfg is None:
-        raise KDGuardError(f"{run}: the manifest names no dataset or no attack",
-                           "give a backdoored teacher's run directory (kdguard train-teacher with an attack)")
-    test = load_dataset(dataset, "test", root=data_root)
-    attack = make_attack(attack_cfg, test.shape, test.num_classes)
+    teacher, test, attack, attack_cfg = _model_test_attack(
+        run, data_root, "give a backdoored teacher's run directory (kdguard train-teacher with an attack)")
     target = int(attack.target)
     keep = (test.labels != target).nonzero().squeeze(1)
     keep = keep[_seeded_subset(len(keep), n)]
@@ -270,20 +284,11 @@ def target_bias(run: str | Path, *, offsets: tuple[float, ...] = (0.0, 1.0, 2.0,
     Raises:
         KDGuardError: an unreadable model, or a manifest naming no dataset or no attack.
     """
-    from .attacks import attack_from_manifest, make_attack
-    from .checkpoint import load_model, read_manifest
-    from .data import load_dataset
     from .metrics import backdoor_metrics
 
-    model, manifest = load_model(run)
-    model.eval()
-    dataset = (manifest.get("dataset") or {}).get("name")
-    attack_cfg = attack_from_manifest(read_manifest(attack_run) if attack_run is not None else manifest)
-    if dataset is None or attack_cfg is None:
-        raise KDGuardError(f"{run}: the manifest names no dataset or no attack",
-                           "give a run distilled from a backdoored teacher, or --attack-from TEACHER_RUN")
-    test = load_dataset(dataset, "test", root=data_root)
-    attack = make_attack(attack_cfg, test.shape, test.num_classes)
+    model, test, attack, attack_cfg = _model_test_attack(
+        run, data_root, "give a run distilled from a backdoored teacher, or --attack-from TEACHER_RUN",
+        attack_run)
     if attack.label_mode != "all_to_one":
         raise KDGuardError(f"{run}: the attack is all-to-all; the probe needs one target class",
                            "give a run of an all-to-one attack")
