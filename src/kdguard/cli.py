@@ -165,7 +165,9 @@ def demo_cmd(out: Optional[Path] = typer.Option(None, help="Run directory (defau
     from .suites.report import seeds_sentence
 
     run_demo(out, console=console, seed_spread=seeds_sentence(ledger, "abd-demo-seeds",
-                                                              {"badnets/zskt": "ZSKT", "badnets/zskt_abd": "ZSKT + ABD"}))
+                                                              {"badnets/zskt": "ZSKT", "badnets/zskt_abd": "ZSKT + ABD",
+                                                               "badnets/sr_conv": "ZSKT + SR confined to the "
+                                                                                  "convolutions (abd.sr.modules)"}))
 
 
 @command("list")
