@@ -370,5 +370,7 @@ def test_modules_select_parameters_by_path_and_reject_an_unknown_one():
     sr = SelfRetrospection(SelfRetrospectionConfig(modules=["0", "5.bias"]))
     assert [p.shape for p in sr.unlearn_parameters(student)] == [(6, 3, 3, 3), (6,), (4,)]
     assert len(SelfRetrospection().unlearn_parameters(student)) == 6
-    with pytest.raises(KDGuardError, match="'fc9'.*e.g. one of 0, 1, 5"):
+    with pytest.raises(KDGuardError, match="abd.sr.modules: module path 'fc9' does not exist.*valid paths: 0, 1, 2, 3, 4, 5"):
         SelfRetrospection(SelfRetrospectionConfig(modules=["fc9"])).unlearn_parameters(student)
+    with pytest.raises(KDGuardError, match="'2', which holds no trainable parameter"):  # the ReLU
+        SelfRetrospection(SelfRetrospectionConfig(modules=["2"])).unlearn_parameters(student)

@@ -182,7 +182,8 @@ def test_sr_unlearns_the_audits_trigger_in_data_free_kd(audit_dir, teacher_dir, 
             (["abd.mode=sr", "--from-audit", str(audit_dir), "abd.sr.audit_reference=oracle"], "audit_reference"),
             (["abd.mode=sr", "--from-audit", str(audit_dir), "abd.sr.oracle_trigger=true"], "keep one of them"),
             (["abd.mode=sv", "abd.sr.oracle_trigger=true"], "runs no SR"),
-            (["abd.mode=sr", "abd.sr.modules=[fc9]"], "holds no trainable parameter"),
+            (["abd.mode=sr", "abd.sr.modules=[fc9]"], "abd.sr.modules: module path 'fc9' does not exist"),
+            (["abd.mode=sr", "abd.sr.modules=[pool]"], "holds no trainable parameter"),
             (["abd.mode=sr", "abd.sr.modules=[]"], "non-empty list")):
         assert needle in cli_error(["distill-datafree", f"teacher={teacher_dir}", "method=zskt", "preset=cpu", "student=lenet5",
                                     "schedule.rounds=2", "progress=false", f"out={tmp_path / 'x'}", *args], capsys)

@@ -67,6 +67,7 @@ from ..datafree.losses import kl_per_sample
 from ..datafree.student import StudentStepContext, default_student_step, frozen
 from ..errors import KDGuardError
 from ..optim import advance, lr_scheduler
+from ..taps import resolve_module
 from .hypergrad import fixed_point_hypergradient
 
 
@@ -402,24 +403,31 @@ class SelfRetrospection:
 
     def unlearn_parameters(self, student: nn.Module) -> list[torch.Tensor]:
         """The trainable parameters the unlearning term's gradient reaches: all of them, or with
-        ``modules`` those under the named module paths (``block1`` takes ``block1.conv.weight``…).
+        ``modules`` those of the named submodules (``block1`` takes ``block1.conv.weight``…; a
+        parameter's own path, e.g. ``fc.bias``, takes that parameter), each once.
 
         Raises:
-            KDGuardError: a path names no module of ``student`` holding trainable parameters.
+            KDGuardError: a path names no submodule or parameter of ``student`` (with the valid
+                paths, :func:`kdguard.taps.resolve_module`), or one without trainable parameters.
         """
-        named = [(name, p) for name, p in student.named_parameters() if p.requires_grad]
         if self.cfg.modules is None:
-            return [p for _, p in named]
-        chosen = []
+            return [p for p in student.parameters() if p.requires_grad]
+        chosen: dict[int, torch.Tensor] = {}
         for path in self.cfg.modules:
-            hits = [p for name, p in named if name == path or name.startswith(path + ".")]
-            if not hits:
-                roots = sorted({name.split(".")[0] for name, _ in named})
-                raise KDGuardError(f"abd.sr.modules names {path!r}, which holds no trainable "
-                                   f"parameter of the student",
-                                   f"name module paths of the student, e.g. one of {', '.join(roots)}")
-            chosen.extend(p for p in hits if not any(p is q for q in chosen))
-        return chosen
+            try:
+                params = [student.get_parameter(path)]
+            except AttributeError:
+                try:
+                    params = list(resolve_module(student, path).parameters())
+                except KDGuardError as err:
+                    raise KDGuardError(f"abd.sr.modules: {err.problem}", err.fix) from None
+            trainable = [p for p in params if p.requires_grad]
+            if not trainable:
+                raise KDGuardError(f"abd.sr.modules names {path!r}, which holds no trainable parameter "
+                                   f"of the student", "name a submodule with trainable weights")
+            for p in trainable:
+                chosen.setdefault(id(p), p)
+        return list(chosen.values())
 
     def _per_sample(self, div: Divergence, ref: torch.Tensor, perturbed: torch.Tensor) -> torch.Tensor:
         """Per-sample unlearning terms between clean and perturbed logits (``N``): the divergence
