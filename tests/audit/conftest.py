@@ -83,3 +83,21 @@ def backdoored_model():
     images[poison] = stamp(images[poison])
     labels[poison] = TARGET
     return train(images, labels, seed=0)
+
+
+def wave(images: torch.Tensor) -> torch.Tensor:
+    """A smooth full-image trigger: ``+50 · sin(2π j / 12)`` along the columns (one period across
+    the image, same on every row), added to uint8 ``N×1×12×12`` images and clipped."""
+    j = torch.arange(12, dtype=torch.float32)
+    signal = 50 * torch.sin(2 * torch.pi * j / 12)
+    return (images.float() + signal).clamp(0, 255).to(torch.uint8)
+
+
+@pytest.fixture(scope="session")
+def smooth_backdoored_model():
+    """The shortcut model with :func:`wave` → class 3 learnt on 20 % of its training images."""
+    images, labels = blocks(512, seed=0)
+    poison = torch.arange(len(images)) % 5 == 0
+    images[poison] = wave(images[poison])
+    labels[poison] = TARGET
+    return train(images, labels, seed=0)

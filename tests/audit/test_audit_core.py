@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from kdguard.audit.core import AuditSettings, audit_model, cap_images
-from kdguard.audit.reachability import TriggerSearch
+from kdguard.audit.reachability import AdditiveSearch, TriggerSearch
+from kdguard.errors import KDGuardError
 from kdguard.audit.shuffle_check import ShuffleCheck
 
 TARGET = 3
@@ -30,7 +31,10 @@ def test_planted_backdoor_is_found_with_its_target(backdoored_audit):
     assert r.clean_accuracy > 0.95 and r.n_images == 256
     d = r.to_dict()
     assert d["suspected_targets"] == [TARGET] and len(d["classes"]) == 8
-    assert set(d["seconds"]) == {"mask", "additive", "shuffle", "total"}
+    assert set(d["seconds"]) == {"mask", "additive", "smooth", "shuffle", "total"}
+    assert {"smooth_eps", "smooth_success", "smooth_reached"} <= set(d["classes"][TARGET])
+    assert set(d["classes"][TARGET]["index"]) == {"mask", "additive", "smooth", "shuffle"}
+    assert found.smooth.eps < min(f.smooth.eps for f in r.classes if f.target != TARGET)
 
 
 def test_clean_model_is_not_called_backdoored(clean_model, clean_set):
@@ -42,9 +46,26 @@ def test_clean_model_is_not_called_backdoored(clean_model, clean_set):
 
 def test_checks_can_be_left_out(backdoored_model, clean_set):
     r = audit_model(backdoored_model, *clean_set, settings=AuditSettings(
-        search=TriggerSearch(epochs=60), additive=None, shuffle=None, votes=1, max_images=0))
+        search=TriggerSearch(epochs=60), additive=None, smooth=None, shuffle=None, votes=1, max_images=0))
     assert r.verdict.verdict == "backdoored" and r.verdict.targets[0] == TARGET
     assert set(r.classes[0].index) == {"mask"} and r.classes[0].additive is None and r.clean_shuffle is None
+    assert r.classes[0].smooth is None and "smooth_eps" not in r.to_dict()["classes"][0]
+
+
+def test_smooth_trigger_is_found_by_the_smooth_search(smooth_backdoored_model, clean_set):
+    r = audit_model(smooth_backdoored_model, *clean_set, settings=AuditSettings(
+        search=TriggerSearch(epochs=5), additive=None, shuffle=None, votes=1, max_images=0,
+        smooth=AdditiveSearch(grid=4)))
+    assert "smooth" in r.verdict.signals.get(TARGET, [])
+    assert r.classes[TARGET].index["smooth"] > 2
+
+
+def test_settings_refuse_a_smooth_search_without_a_grid_and_count_its_vote():
+    with pytest.raises(KDGuardError, match="control grid"):
+        AuditSettings(smooth=AdditiveSearch())
+    assert AuditSettings(votes=4).votes == 4
+    with pytest.raises(KDGuardError, match=r"outside \[1, 3\]"):
+        AuditSettings(smooth=None, votes=4)
 
 
 def test_cap_keeps_every_class_in_proportion():

@@ -46,14 +46,15 @@ def test_audit_writes_a_complete_run(audit_dir, teacher_dir):
     assert len(rec["classes"]) == 10 and [c["class"] for c in rec["classes"]] == list(range(10))
     assert rec["n_images"] == 120 // 10 * 10 or abs(rec["n_images"] - 120) <= 10
     for c in rec["classes"]:
-        assert c["mask_l1"] >= 0 and 0 <= c["mask_success"] <= 1 and set(c["index"]) == {"mask", "additive", "shuffle"}
-        assert 0 < c["additive_eps"] <= 0.25 and -1 <= c["shuffle_lift"] <= 1
+        assert c["mask_l1"] >= 0 and 0 <= c["mask_success"] <= 1 and set(c["index"]) == {"mask", "additive", "smooth", "shuffle"}
+        assert 0 < c["additive_eps"] <= 0.25 and 0 < c["smooth_eps"] <= 0.25 and -1 <= c["shuffle_lift"] <= 1
     assert rec["seconds"]["total"] >= rec["seconds"]["mask"] > 0
     metrics = read_json(audit_dir / "metrics.json")
     assert metrics["verdict"] == rec["verdict"] and metrics["suspected_targets"] == rec["suspected_targets"]
     tensors = load_file(str(audit_dir / "triggers.safetensors"))
     assert tensors["mask_0"].shape == (1, 28, 28) and tensors["pattern_9"].shape == (1, 28, 28)
     assert tensors["delta_3"].abs().max() <= 0.25 + 1e-6
+    assert tensors["smooth_3"].shape == (1, 28, 28) and tensors["smooth_3"].abs().max() <= 0.25 + 1e-6
     for k in range(10):
         mask = np.load(audit_dir / "triggers" / f"class_{k}_mask.npy", allow_pickle=False)
         pattern = np.load(audit_dir / "triggers" / f"class_{k}_pattern.npy", allow_pickle=False)
@@ -62,7 +63,7 @@ def test_audit_writes_a_complete_run(audit_dir, teacher_dir):
     for k in rec["pictured_classes"]:
         assert (audit_dir / "pictures" / f"class_{k}.png").is_file()
     report = (audit_dir / "report.md").read_text()
-    assert f"**Verdict: {rec['verdict']}**" in report and "| class | mask" in report
+    assert f"**Verdict: {rec['verdict']}**" in report and "| class | mask" in report and "smooth ε" in report
     html = (audit_dir / "report.html").read_text()
     assert "data:image/png;base64," in html and "http" not in html.replace("http-equiv", "")
 
@@ -101,7 +102,7 @@ def test_same_settings_give_the_same_audit(teacher_dir, audit_dir, tmp_path):
 
 @pytest.mark.parametrize("args, expected", [
     (["clean_fraction=0"], "clean fraction"),
-    (["audit.votes=4"], "votes"),
+    (["audit.votes=5"], "votes"),
     (["audit.eps_max=2"], "eps_max"),
     (["audit.shuffle_layers=0"], "layers"),
 ])

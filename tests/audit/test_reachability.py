@@ -72,6 +72,25 @@ def test_additive_form_reaches_the_target_with_a_small_budget(backdoored_model, 
     assert not other.reached and other.eps == search.eps_max
 
 
+def test_smooth_form_is_a_bilinear_grid_and_finds_a_smooth_trigger(smooth_backdoored_model, clean_set):
+    search = AdditiveSearch(grid=4)
+    found = additive_trigger(smooth_backdoored_model, *clean_set, TARGET, search=search)
+    assert found.reached and found.eps <= 0.125 and found.success >= 0.8
+    assert found.delta.shape == (1, 12, 12) and float(found.delta.abs().max()) <= found.eps + 1e-6
+    other = additive_trigger(smooth_backdoored_model, *clean_set, 7, search=search)
+    assert not other.reached and other.eps == search.eps_max
+    # grid 2: every channel of δ is the bilinear interpolation of its four corners
+    d = additive_trigger(smooth_backdoored_model, *clean_set, TARGET, search=AdditiveSearch(grid=2)).delta[0]
+    t = torch.linspace(0, 1, 12)
+    top = d[0, 0] + (d[0, -1] - d[0, 0]) * t
+    bottom = d[-1, 0] + (d[-1, -1] - d[-1, 0]) * t
+    assert torch.allclose(d, top[None] + (bottom - top)[None] * t[:, None], atol=1e-6)
+    # a grid as large as the image is the dense search itself
+    dense = additive_trigger(smooth_backdoored_model, *clean_set, 7, search=AdditiveSearch())
+    full = additive_trigger(smooth_backdoored_model, *clean_set, 7, search=AdditiveSearch(grid=12))
+    assert torch.equal(dense.delta, full.delta) and dense.eps == full.eps
+
+
 def _one_line(call, words):
     with pytest.raises(KDGuardError, match=words) as err:
         call()
@@ -97,3 +116,5 @@ def test_bad_input(backdoored_model, clean_set):
     _one_line(lambda: reverse_trigger(backdoored_model, images, labels, CLASSES), "outside")
     _one_line(lambda: TriggerSearch(success_threshold=0), "outside")
     _one_line(lambda: AdditiveSearch(eps_max=2), "outside")
+    _one_line(lambda: AdditiveSearch(grid=1), "grid 1 must be 0")
+    _one_line(lambda: AdditiveSearch(grid=-4), "grid -4 must be 0")

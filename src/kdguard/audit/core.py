@@ -3,13 +3,14 @@
 :func:`audit_model` runs, for every class ``k``:
 
 1. the mask/pattern trigger search (Neural Cleanse, :func:`.reachability.reverse_trigger`);
-2. the smallest universal L∞ perturbation reaching ``k`` (:func:`.reachability.additive_trigger`);
+2. the smallest universal L∞ perturbation reaching ``k`` (:func:`.reachability.additive_trigger`),
+   dense (one value per pixel) and smooth (bilinear from a coarse grid, ``AdditiveSearch.grid``);
 3. the shuffle test (:class:`.shuffle_check.ShuffleProbe`): the share of the other classes' clean
    images that the shuffled ensembles send to ``k`` (the *collapse* share), and the agreement and
    lift of the images stamped with ``k``'s mask trigger (recorded, not voted on);
 
-then the two MAD anomaly indices over the classes (mask, additive), the collapse signal and the
-verdict (:func:`.verdict.decide`).
+then the three MAD anomaly indices over the classes (mask, additive, smooth), the collapse signal
+and the verdict (:func:`.verdict.decide`).
 
 The clean set is capped at ``max_images`` images (stratified by class, seeded) because the cost
 is ``K`` searches over it: a universal trigger is found on a few hundred images as well as on
@@ -35,6 +36,10 @@ from .verdict import Verdict, decide
 
 log = logging.getLogger(__name__)
 
+#: the smooth search's control grid: 16×16 values per channel keep SIG's sinusoid (6 periods on
+#: 32 px) and low-frequency patterns expressible, and most of a natural class's adversarial texture out
+SMOOTH_GRID = 16
+
 #: the mask search's defaults for the audit: the release's schedule, fewer epochs (each class's
 #: smallest mask settles well within 30 passes over ~1,000 images; early stopping ends most sooner)
 AUDIT_SEARCH = TriggerSearch(epochs=30)
@@ -47,6 +52,8 @@ class AuditSettings:
     Attributes:
         search: the mask/pattern search (:class:`TriggerSearch`).
         additive: the additive L∞ search (:class:`AdditiveSearch`); ``None`` skips it.
+        smooth: the smooth additive search (:class:`AdditiveSearch` with ``grid`` > 0, default
+            16); ``None`` skips it.
         shuffle: the shuffle test (:class:`ShuffleCheck`); ``None`` skips it.
         max_images: clean images used at most (stratified by class); ``0`` = all.
         threshold: anomaly index above which a class is a signal (Neural Cleanse: 2).
@@ -56,6 +63,7 @@ class AuditSettings:
 
     search: TriggerSearch = AUDIT_SEARCH
     additive: AdditiveSearch | None = field(default_factory=AdditiveSearch)
+    smooth: AdditiveSearch | None = field(default_factory=lambda: AdditiveSearch(grid=SMOOTH_GRID))
     shuffle: ShuffleCheck | None = field(default_factory=ShuffleCheck)
     max_images: int = 1000
     threshold: float = DEFAULT_THRESHOLD
@@ -65,7 +73,9 @@ class AuditSettings:
     def __post_init__(self) -> None:
         if int(self.max_images) < 0:
             raise KDGuardError(f"max_images {self.max_images!r} must be >= 0", "give 0 (all) or a cap such as 1000")
-        signals = 1 + (self.additive is not None) + (self.shuffle is not None)
+        if self.smooth is not None and not self.smooth.grid:
+            raise KDGuardError("the smooth search needs a control grid (grid >= 2)", f"use e.g. grid={SMOOTH_GRID}")
+        signals = 1 + (self.additive is not None) + (self.smooth is not None) + (self.shuffle is not None)
         if not 1 <= int(self.votes) <= signals:
             raise KDGuardError(f"votes {self.votes!r} is outside [1, {signals}] for the checks enabled",
                                f"give votes between 1 and {signals}")
@@ -79,15 +89,17 @@ class ClassFinding:
         target: the class.
         trigger: the mask/pattern trigger (``mask`` ``1×H×W``, ``pattern`` ``C×H×W``, ``l1`` in pixels).
         additive: the additive trigger (``delta`` ``C×H×W``, ``eps`` in ``[0, 1]`` pixel units), or None.
+        smooth: the smooth additive trigger (same fields), or None.
         shuffle: shuffle agreement of the other classes' images stamped with :attr:`trigger`, or None.
-        index: the class's ``mask`` and ``additive`` anomaly indices and its ``shuffle`` collapse
-            share (absent for a skipped check).
+        index: the class's ``mask``, ``additive`` and ``smooth`` anomaly indices and its
+            ``shuffle`` collapse share (absent for a skipped check).
     """
 
     target: int
     trigger: ClassTrigger
     additive: AdditiveTrigger | None
     shuffle: ShuffleStats | None
+    smooth: AdditiveTrigger | None = None
     index: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -99,6 +111,9 @@ class ClassFinding:
         if self.additive is not None:
             out.update(additive_eps=self.additive.eps, additive_success=self.additive.success,
                        additive_reached=self.additive.reached)
+        if self.smooth is not None:
+            out.update(smooth_eps=self.smooth.eps, smooth_success=self.smooth.success,
+                       smooth_reached=self.smooth.reached)
         if self.shuffle is not None:
             out.update(shuffle_agreement=self.shuffle.agreement, shuffle_divergence=self.shuffle.divergence,
                        shuffle_target_rate=self.shuffle.target_rate, shuffle_lift=self.shuffle.lift)
@@ -118,7 +133,7 @@ class AuditResult:
         clean_shuffle: shuffle agreement on the clean images (None without the shuffle test).
         shuffled_layers: module paths the shuffle test permuted.
         n_images: clean images used.
-        seconds: wall time per stage (``mask``, ``additive``, ``shuffle``) and ``total``.
+        seconds: wall time per stage (``mask``, ``additive``, ``smooth``, ``shuffle``) and ``total``.
         settings: the settings, as a plain dict.
     """
 
@@ -207,7 +222,7 @@ def audit_model(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *,
     if y.unique().numel() < 2:
         raise KDGuardError("the capped clean set holds one class only", "raise max_images or pass more images")
     dev = _device(model, device)
-    seconds = {"mask": 0.0, "additive": 0.0, "shuffle": 0.0}
+    seconds = {"mask": 0.0, "additive": 0.0, "smooth": 0.0, "shuffle": 0.0}
     with _Frozen(model) as net:
         k_count = _num_classes(net, x.to(dev))
         if k_count < 2:
@@ -239,6 +254,11 @@ def audit_model(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *,
                 t = time.perf_counter()
                 add = additive_trigger(net, x, y, k, search=settings.additive, seed=settings.seed + k, device=dev)
                 seconds["additive"] += time.perf_counter() - t
+            smooth = None
+            if settings.smooth is not None:
+                t = time.perf_counter()
+                smooth = additive_trigger(net, x, y, k, search=settings.smooth, seed=settings.seed + k, device=dev)
+                seconds["smooth"] += time.perf_counter() - t
             stats = None
             if probe is not None:
                 t = time.perf_counter()
@@ -246,15 +266,19 @@ def audit_model(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *,
                 stamped = (1 - trig.mask) * others + trig.mask * trig.pattern
                 stats = probe.measure(stamped, target=k, base_rate=base[k])
                 seconds["shuffle"] += time.perf_counter() - t
-            findings.append(ClassFinding(k, trig, add, stats))
-            log.info("[audit] class %d/%d: mask |m|=%.1f px (success %.2f)%s%s", k + 1, k_count, trig.l1,
+            findings.append(ClassFinding(k, trig, add, stats, smooth))
+            log.info("[audit] class %d/%d: mask |m|=%.1f px (success %.2f)%s%s%s", k + 1, k_count, trig.l1,
                      trig.success, f", additive eps={add.eps:.4f}" if add is not None else "",
+                     f", smooth eps={smooth.eps:.4f}" if smooth is not None else "",
                      f", shuffle agreement {stats.agreement:.2f}" if stats is not None else "")
     indices: dict[str, list[float]] = {"mask": anomaly_index([f.trigger.l1 for f in findings])}
     if settings.additive is not None:
         # budgets lie on the bisection's grid: one grid step is the least spread that counts
         step = settings.additive.eps_max / 2 ** settings.additive.bisections
         indices["additive"] = anomaly_index([f.additive.eps for f in findings], min_spread=step)
+    if settings.smooth is not None:
+        step = settings.smooth.eps_max / 2 ** settings.smooth.bisections
+        indices["smooth"] = anomaly_index([f.smooth.eps for f in findings], min_spread=step)
     signals: dict[str, list[bool]] = {}
     if probe is not None:
         # the shuffle signal is the collapse itself: the shuffled ensembles send most clean images

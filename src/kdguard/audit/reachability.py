@@ -377,6 +377,13 @@ class AdditiveSearch:
             (resolution ``eps_max / 2**bisections``).
         batch_size: images per step.
         holdout: share of the other classes' images kept to measure the reported success.
+        grid: 0 (default) searches a dense δ, one value per pixel and channel; ``g > 0`` a smooth
+            one: ``C×g×g`` control values in ``[−ε, ε]`` upsampled bilinearly (corners aligned)
+            to ``H×W``, so ``‖δ‖∞ ≤ ε`` still and δ holds no detail finer than ``H/(g−1)``
+            pixels (``g`` above ``min(H, W)`` is capped there). Universal adversarial
+            perturbations of natural classes lean on fine texture; full-image triggers such as
+            SIG's sinusoid or a low-frequency pattern do not, so the smooth form separates
+            them better (``docs/audit.md``).
     """
 
     eps_max: float = 0.25
@@ -386,8 +393,12 @@ class AdditiveSearch:
     bisections: int = 5
     batch_size: int = 64
     holdout: float = 0.2
+    grid: int = 0
 
     def __post_init__(self) -> None:
+        if int(self.grid) != self.grid or self.grid < 0 or self.grid == 1:
+            raise KDGuardError(f"additive grid {self.grid!r} must be 0 (dense) or an integer >= 2",
+                               "use 0, or e.g. 16 for a smooth perturbation")
         if not (0 < self.eps_max <= 1):
             raise KDGuardError(f"eps_max {self.eps_max!r} is outside (0, 1]",
                                "give an L-inf budget in [0, 1] pixel units such as 0.25")
@@ -417,22 +428,39 @@ class AdditiveTrigger:
     reached: bool
 
 
+def smooth_grid(grid: int, height: int, width: int) -> tuple[int, int]:
+    """The control grid ``(g_h, g_w)`` of a smooth δ: ``grid`` capped at the image size."""
+    return min(int(grid), height), min(int(grid), width)
+
+
+def upsample_perturbation(control: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``C×g_h×g_w`` control values → the ``C×H×W`` perturbation (bilinear, corners aligned: every
+    value is a convex combination of control values, so the L∞ bound carries over)."""
+    if tuple(control.shape[1:]) == tuple(size):
+        return control
+    return F.interpolate(control[None], size=size, mode="bilinear", align_corners=True)[0]
+
+
 def _additive_at(net: nn.Module, fit: torch.Tensor, target: int, eps: float, s: AdditiveSearch,
                  seed: int, device: torch.device) -> tuple[torch.Tensor, float]:
     """Projected signed-gradient descent (Madry et al., ICLR 2018; here targeted and universal)
-    on ``CE(f(clamp(x + δ, 0, 1)), k)`` with ``‖δ‖∞ ≤ eps``; returns δ and its success on ``fit``."""
+    on ``CE(f(clamp(x + δ, 0, 1)), k)`` with ``‖δ‖∞ ≤ eps`` (on δ's control values when
+    ``s.grid`` is set); returns δ (``C×H×W``) and its success on ``fit``."""
     gen = torch.Generator().manual_seed(seed)
-    delta = ((torch.rand(fit.shape[1:], generator=gen) * 2 - 1) * eps).to(device).requires_grad_(True)
+    c, h, w = fit.shape[1:]
+    shape = (c, *smooth_grid(s.grid, h, w)) if s.grid else (c, h, w)
+    control = ((torch.rand(shape, generator=gen) * 2 - 1) * eps).to(device).requires_grad_(True)
     step = s.step_frac * eps
     for _ in range(s.steps):
         idx = torch.randint(len(fit), (min(s.batch_size, len(fit)),), generator=gen)
         xb = fit[idx].to(device)
-        logits = net((xb + delta).clamp(0, 1))
+        logits = net((xb + upsample_perturbation(control, (h, w))).clamp(0, 1))
         tgt = torch.full((len(xb),), target, dtype=torch.long, device=device)
-        grad, = torch.autograd.grad(F.cross_entropy(logits, tgt), delta)
+        grad, = torch.autograd.grad(F.cross_entropy(logits, tgt), control)
         with torch.no_grad():
-            delta.sub_(step * grad.sign()).clamp_(-eps, eps)
-    delta = delta.detach()
+            control.sub_(step * grad.sign()).clamp_(-eps, eps)
+    with torch.no_grad():
+        delta = upsample_perturbation(control.detach(), (h, w))
     return delta.cpu(), _additive_success(net, fit, delta, target)
 
 

@@ -1,12 +1,13 @@
 """The audit's files: reconstructed triggers as data, pictures, ``report.md`` and ``report.html``.
 
 * ``triggers.safetensors``: every class's mask (``mask_K``, ``1×H×W``), pattern (``pattern_K``,
-  ``C×H×W``) and, when run, additive perturbation (``delta_K``, ``C×H×W``), float32;
+  ``C×H×W``) and, when run, additive perturbations (``delta_K`` dense, ``smooth_K`` smooth, ``C×H×W``),
+  float32;
 * ``triggers/class_K_{pattern,mask}.npy`` for every class: the files kdguard's
   ``patch`` trigger reads (``attack.name=patch attack.params.pattern_file=...``), which is how
   ``--from-audit`` hands the trigger to an evaluation or a defence;
 * ``pictures/class_K.png``: the mask, the pattern, their product, clean images of other classes
-  and the same images stamped, with the teacher's predictions; ``pictures/indices.png``: the three
+  and the same images stamped, with the teacher's predictions; ``pictures/indices.png``: the
   per-class quantities behind the anomaly indices;
 * ``report.md`` and a self-contained ``report.html`` (pictures embedded, readable offline).
 """
@@ -44,6 +45,8 @@ def save_triggers(out: Path, result: AuditResult, classes: list[int]) -> None:
         tensors[f"pattern_{f.target}"] = f.trigger.pattern.float().contiguous()
         if f.additive is not None:
             tensors[f"delta_{f.target}"] = f.additive.delta.float().contiguous()
+        if f.smooth is not None:
+            tensors[f"smooth_{f.target}"] = f.smooth.delta.float().contiguous()
     atomic_write(out / TRIGGERS_FILE, lambda tmp: save_file(tensors, str(tmp)))
     for k in classes:
         pattern_path, mask_path = trigger_files(out, k)
@@ -100,11 +103,13 @@ def plot_class(path: Path, model: nn.Module, result: AuditResult, k: int, images
 
 
 def plot_indices(path: Path, result: AuditResult, threshold: float) -> Path:
-    """Per class: mask size, additive budget and shuffle lift, with the classes above the
+    """Per class: mask size, additive budgets and shuffle collapse share, with the classes above the
     anomaly threshold marked."""
     rows = [("mask |m|₁ (px)", [f.trigger.l1 for f in result.classes], "mask")]
     if result.classes[0].additive is not None:
         rows.append(("additive ε (L∞)", [f.additive.eps for f in result.classes], "additive"))
+    if result.classes[0].smooth is not None:
+        rows.append(("smooth ε (L∞)", [f.smooth.eps for f in result.classes], "smooth"))
     if result.classes[0].shuffle is not None:
         rows.append(("shuffle collapse share", [f.index["shuffle"] for f in result.classes], "shuffle"))
     k_count = len(result.classes)
@@ -131,7 +136,7 @@ def _fmt(v: Any, digits: int = 2) -> str:
 
 def class_table(record: dict[str, Any]) -> str:
     """The per-class Markdown table of an ``audit.json`` record."""
-    head = ["class", "mask |m|₁ px", "mask success %", "index", "additive ε", "index",
+    head = ["class", "mask |m|₁ px", "mask success %", "index", "additive ε", "index", "smooth ε", "index",
             "shuffle collapse %", "stamped lift", "signals"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for c in record["classes"]:
@@ -139,6 +144,7 @@ def class_table(record: dict[str, Any]) -> str:
         lines.append("| " + " | ".join([
             str(c["class"]), _fmt(c["mask_l1"], 1), _fmt(100 * c["mask_success"], 1), _fmt(idx.get("mask")),
             _fmt(c.get("additive_eps"), 4), _fmt(idx.get("additive")),
+            _fmt(c.get("smooth_eps"), 4), _fmt(idx.get("smooth")),
             _fmt(100 * idx["shuffle"], 1) if "shuffle" in idx else "—", _fmt(c.get("shuffle_lift")),
             ", ".join(record["signals"].get(str(c["class"]), [])) or "—"]) + " |")
     return "\n".join(lines)
@@ -161,6 +167,7 @@ def render_markdown(record: dict[str, Any], pictures: list[str]) -> str:
              "`suspicious` = fewer, `clean` = none",
              f"- wall time {record['seconds']['total']:.0f} s "
              f"(mask search {record['seconds']['mask']:.0f} s, additive {record['seconds']['additive']:.0f} s, "
+             f"smooth {record['seconds'].get('smooth', 0.0):.0f} s, "
              f"shuffle {record['seconds']['shuffle']:.0f} s)", ""]
     if record.get("clean_shuffle"):
         cs = record["clean_shuffle"]
@@ -189,10 +196,11 @@ class(es): {{ r.suspected_targets|join(', ') }}{% endif %}</p>
 {{ '%.2f'|format(100 * r.clean_accuracy) }} %</li>
 <li>wall time {{ '%.0f'|format(r.seconds.total) }} s</li></ul>
 <h2>Per class</h2><table><tr><th>class</th><th>mask |m|₁ px</th><th>success %</th><th>index</th>
-<th>additive ε</th><th>index</th><th>shuffle collapse</th><th>signals</th></tr>
+<th>additive ε</th><th>index</th><th>smooth ε</th><th>index</th><th>shuffle collapse</th><th>signals</th></tr>
 {% for c in r.classes %}<tr><td>{{ c['class'] }}</td><td>{{ '%.1f'|format(c.mask_l1) }}</td>
 <td>{{ '%.1f'|format(100 * c.mask_success) }}</td><td>{{ c.index.mask }}</td>
-<td>{{ c.additive_eps }}</td><td>{{ c.index.additive }}</td><td>{{ c.index.shuffle }}</td>
+<td>{{ c.additive_eps }}</td><td>{{ c.index.additive }}</td><td>{{ c.smooth_eps }}</td>
+<td>{{ c.index.smooth }}</td><td>{{ c.index.shuffle }}</td>
 <td>{{ r.signals.get(c['class']|string, [])|join(', ') }}</td></tr>{% endfor %}</table>
 <h2>Pictures</h2>{% for name, data in pictures %}<p><img alt="{{ name }}" src="data:image/png;base64,{{ data }}"></p>
 {% endfor %}</body></html>

@@ -1,12 +1,15 @@
-"""The audit's verdict from three per-class anomaly indices.
+"""The audit's verdict from per-class anomaly indices.
 
-Every class ``k`` gets three signed MAD anomaly indices (:func:`kdguard.audit.anomaly.anomaly_index`,
+Every class ``k`` gets up to three signed MAD anomaly indices (:func:`kdguard.audit.anomaly.anomaly_index`,
 positive = more backdoor-like than the typical class):
 
 * ``mask``: Neural Cleanse's index of the reverse-engineered mask size ``|m_k|₁`` (small side);
 * ``additive``: the same index of the smallest universal L∞ budget ``ε_k`` that reaches ``k``
   (small side): a full-image trigger (blend, SIG, WaNet) makes its target reachable by a small
   dense change even when no small *patch* reaches it, where Neural Cleanse's mask struggles;
+* ``smooth``: the same index for a smooth δ (bilinear from a coarse control grid): natural
+  classes need much larger smooth changes than dense ones (their universal adversarial
+  perturbations are fine texture), a sinusoid or low-frequency trigger does not;
 * ``shuffle``: not an index but a share: how many of the other classes' clean images the
   shuffled ensembles send to ``k`` (:mod:`.shuffle_check`). A backdoor's shortcut survives
   channel shuffling while the clean features break, so a shuffled backdoored model sends almost
@@ -15,7 +18,7 @@ positive = more backdoor-like than the typical class):
 
 A class is a *signal* for an index above ``threshold`` (Neural Cleanse's 2). The verdict:
 
-* ``backdoored``: some class carries at least ``votes`` signals (default 2 of 3); the suspected
+* ``backdoored``: some class carries at least ``votes`` signals (default 2 of 4); the suspected
   targets are those classes, most signals first, then the largest index;
 * ``suspicious``: some class carries a signal, none carries ``votes``; the suspected targets are
   the classes with a signal;
@@ -35,7 +38,7 @@ from ..errors import KDGuardError
 from .anomaly import DEFAULT_THRESHOLD
 
 CLEAN, SUSPICIOUS, BACKDOORED = "clean", "suspicious", "backdoored"
-SIGNALS = ("mask", "additive", "shuffle")
+SIGNALS = ("mask", "additive", "smooth", "shuffle")
 
 
 @dataclass(frozen=True)

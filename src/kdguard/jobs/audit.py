@@ -7,7 +7,7 @@ split exactly as distillation does (:func:`kdguard.data.clean_subset`, default 5
 
     audit.json            verdict, suspected targets, per-class sizes / indices, timings, teacher digest
     metrics.json          the verdict in brief (for tables and suites)
-    triggers.safetensors  every class's reconstructed mask/pattern (and additive δ)
+    triggers.safetensors  every class's reconstructed mask/pattern (and additive δ, dense and smooth)
     triggers/class_K_{pattern,mask}.npy   every class's trigger as the ``patch`` trigger reads them
     pictures/*.png, report.md, report.html
 
@@ -24,7 +24,7 @@ from typing import Any
 
 from omegaconf import MISSING
 
-from ..audit.core import AUDIT_SEARCH, AuditResult, AuditSettings, audit_model, cap_images
+from ..audit.core import AUDIT_SEARCH, SMOOTH_GRID, AuditResult, AuditSettings, audit_model, cap_images
 from ..audit.reachability import AdditiveSearch, TriggerSearch, check_clean_set
 from ..audit.report import plot_class, plot_indices, save_triggers, trigger_files, write_reports
 from ..audit.shuffle_check import ShuffleCheck
@@ -46,6 +46,8 @@ class AuditConfig:
     max_images: int = 1000                   # clean images used at most (stratified); 0 = all
     additive: bool = True                    # the additive L∞ search
     eps_max: float = AdditiveSearch.eps_max  # its largest budget, [0, 1] pixel units
+    smooth: bool = True                      # the smooth additive search (bilinear from a coarse grid)
+    smooth_grid: int = SMOOTH_GRID           # its control grid per side (capped at the image size)
     shuffle: bool = True                     # the shuffle test (ABD's vaccine ensemble)
     shuffle_layers: int = ShuffleCheck.layers
     shuffle_ensemble: int = ShuffleCheck.ensemble
@@ -81,6 +83,8 @@ def audit_settings(cfg: AuditConfig, seed: int) -> AuditSettings:
     return AuditSettings(
         search=TriggerSearch(epochs=cfg.epochs, batch_size=cfg.batch_size),
         additive=AdditiveSearch(eps_max=cfg.eps_max, batch_size=cfg.batch_size) if cfg.additive else None,
+        smooth=AdditiveSearch(eps_max=cfg.eps_max, batch_size=cfg.batch_size, grid=cfg.smooth_grid)
+        if cfg.smooth else None,
         shuffle=ShuffleCheck(layers=cfg.shuffle_layers, ensemble=cfg.shuffle_ensemble,
                              rounds=cfg.shuffle_rounds, collapse=cfg.shuffle_collapse) if cfg.shuffle else None,
         max_images=cfg.max_images, threshold=cfg.threshold, votes=cfg.votes, seed=seed)
