@@ -6,13 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kdguard.audit.core import AuditSettings, audit_model, cap_images
+from kdguard.audit.core import SMOOTH_GRID, AuditSettings, audit_model, cap_images
 from kdguard.audit.reachability import AdditiveSearch, TriggerSearch
 from kdguard.errors import KDGuardError
 from kdguard.audit.shuffle_check import ShuffleCheck
 
 TARGET = 3
-SETTINGS = AuditSettings(search=TriggerSearch(epochs=60), shuffle=ShuffleCheck(rounds=1), max_images=0)
+SETTINGS = AuditSettings(search=TriggerSearch(epochs=60), shuffle=ShuffleCheck(rounds=1), max_images=0,
+                         smooth=AdditiveSearch(grid=SMOOTH_GRID))
 
 
 @pytest.fixture(scope="module")
@@ -63,9 +64,10 @@ def test_smooth_trigger_is_found_by_the_smooth_search(smooth_backdoored_model, c
 def test_settings_refuse_a_smooth_search_without_a_grid_and_count_its_vote():
     with pytest.raises(KDGuardError, match="control grid"):
         AuditSettings(smooth=AdditiveSearch())
-    assert AuditSettings(votes=4).votes == 4
+    assert AuditSettings().smooth is None  # opt-in
+    assert AuditSettings(smooth=AdditiveSearch(grid=SMOOTH_GRID), votes=4).votes == 4
     with pytest.raises(KDGuardError, match=r"outside \[1, 3\]"):
-        AuditSettings(smooth=None, votes=4)
+        AuditSettings(votes=4)
 
 
 def test_cap_keeps_every_class_in_proportion():

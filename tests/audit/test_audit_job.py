@@ -16,7 +16,7 @@ from kdguard.cli import main
 from kdguard.errors import KDGuardError
 from kdguard.io import read_json
 
-AUDIT = ["audit.epochs=2", "audit.max_images=120", "audit.shuffle_rounds=1"]
+AUDIT = ["audit.epochs=2", "audit.max_images=120", "audit.shuffle_rounds=1", "audit.smooth=true"]
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +105,7 @@ def test_same_settings_give_the_same_audit(teacher_dir, audit_dir, tmp_path):
     (["audit.votes=5"], "votes"),
     (["audit.eps_max=2"], "eps_max"),
     (["audit.shuffle_layers=0"], "layers"),
+    (["audit.smooth_grid=1"], "grid 1 must be 0"),
 ])
 def test_bad_settings_are_one_line(teacher_dir, tmp_path, capsys, args, expected):
     err = cli_error(["audit", "--teacher", str(teacher_dir), *AUDIT, *args, f"out={tmp_path / 'a'}"], capsys)

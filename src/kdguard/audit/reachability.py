@@ -398,7 +398,7 @@ class AdditiveSearch:
     def __post_init__(self) -> None:
         if int(self.grid) != self.grid or self.grid < 0 or self.grid == 1:
             raise KDGuardError(f"additive grid {self.grid!r} must be 0 (dense) or an integer >= 2",
-                               "use 0, or e.g. 16 for a smooth perturbation")
+                               "use 0, or a grid of 16 for a smooth perturbation (audit.smooth_grid)")
         if not (0 < self.eps_max <= 1):
             raise KDGuardError(f"eps_max {self.eps_max!r} is outside (0, 1]",
                                "give an L-inf budget in [0, 1] pixel units such as 0.25")

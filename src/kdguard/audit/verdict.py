@@ -7,7 +7,7 @@ positive = more backdoor-like than the typical class):
 * ``additive``: the same index of the smallest universal L∞ budget ``ε_k`` that reaches ``k``
   (small side): a full-image trigger (blend, SIG, WaNet) makes its target reachable by a small
   dense change even when no small *patch* reaches it, where Neural Cleanse's mask struggles;
-* ``smooth``: the same index for a smooth δ (bilinear from a coarse control grid): natural
+* ``smooth`` (opt-in): the same index for a smooth δ (bilinear from a coarse control grid): natural
   classes need much larger smooth changes than dense ones (their universal adversarial
   perturbations are fine texture), a sinusoid or low-frequency trigger does not;
 * ``shuffle``: not an index but a share: how many of the other classes' clean images the
@@ -18,8 +18,9 @@ positive = more backdoor-like than the typical class):
 
 A class is a *signal* for an index above ``threshold`` (Neural Cleanse's 2). The verdict:
 
-* ``backdoored``: some class carries at least ``votes`` signals (default 2 of 4); the suspected
-  targets are those classes, most signals first, then the largest index;
+* ``backdoored``: some class carries at least ``votes`` signals (default 2, of 3 checks, or 4
+  with the opt-in smooth search); the suspected targets are those classes, most signals first,
+  then the largest index;
 * ``suspicious``: some class carries a signal, none carries ``votes``; the suspected targets are
   the classes with a signal;
 * ``clean``: no class carries a signal.

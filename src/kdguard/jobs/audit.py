@@ -46,7 +46,7 @@ class AuditConfig:
     max_images: int = 1000                   # clean images used at most (stratified); 0 = all
     additive: bool = True                    # the additive L∞ search
     eps_max: float = AdditiveSearch.eps_max  # its largest budget, [0, 1] pixel units
-    smooth: bool = True                      # the smooth additive search (bilinear from a coarse grid)
+    smooth: bool = False                     # the smooth additive search (bilinear from a coarse grid); opt-in
     smooth_grid: int = SMOOTH_GRID           # its control grid per side (capped at the image size)
     shuffle: bool = True                     # the shuffle test (ABD's vaccine ensemble)
     shuffle_layers: int = ShuffleCheck.layers
