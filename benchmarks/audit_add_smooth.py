@@ -13,11 +13,9 @@ each updated record to ``--out/NAME.json`` and prints ``kdguard audit-summary``'
 import argparse, json, time  # noqa: E401
 from pathlib import Path
 
-import torch
-
 from kdguard.audit.anomaly import anomaly_index
 from kdguard.audit.core import SMOOTH_GRID, cap_images
-from kdguard.audit.reachability import AdditiveSearch, _Frozen, additive_trigger, check_clean_set
+from kdguard.audit.reachability import AdditiveSearch, additive_trigger, check_clean_set
 from kdguard.audit.report import summary_table
 from kdguard.audit.verdict import decide
 from kdguard.config import DataConfig, TeacherSpec
@@ -49,12 +47,11 @@ for pair in a.pairs:
     add = s["additive"]
     search = AdditiveSearch(eps_max=add["eps_max"], batch_size=add["batch_size"], grid=a.grid)
     t0 = time.perf_counter()
-    with _Frozen(model) as net:
-        found = [additive_trigger(net, x, y, k, search=search, seed=s["seed"] + k) for k in range(len(rec["classes"]))]
+    found = [additive_trigger(model, x, y, k, search=search, seed=s["seed"] + k) for k in range(len(rec["classes"]))]
     seconds = time.perf_counter() - t0
-    smooth = anomaly_index([f.eps for f in found], min_spread=search.eps_max / 2 ** search.bisections)
-    indices = {name: [c["index"][name] for c in rec["classes"]] for name in ("mask", "additive", "shuffle")}
-    indices = {k: [float(v) for v in vals] for k, vals in indices.items()}
+    smooth = anomaly_index([f.eps for f in found], min_spread=search.resolution)
+    # recorded indices may be "inf"/"-inf" (JSON has no infinity): float() reads both
+    indices = {name: [float(c["index"][name]) for c in rec["classes"]] for name in ("mask", "additive", "shuffle")}
     indices["smooth"] = smooth
     collapse = s["shuffle"]["collapse"]
     verdict = decide(indices, threshold=s["threshold"], votes=s["votes"],

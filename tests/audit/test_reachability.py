@@ -116,5 +116,6 @@ def test_bad_input(backdoored_model, clean_set):
     _one_line(lambda: reverse_trigger(backdoored_model, images, labels, CLASSES), "outside")
     _one_line(lambda: TriggerSearch(success_threshold=0), "outside")
     _one_line(lambda: AdditiveSearch(eps_max=2), "outside")
+    assert AdditiveSearch(eps_max=0.25, bisections=5).resolution == 0.25 / 32
     _one_line(lambda: AdditiveSearch(grid=1), "grid 1 must be 0")
     _one_line(lambda: AdditiveSearch(grid=-4), "grid -4 must be 0")

@@ -275,13 +275,12 @@ def audit_model(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *,
                      f", smooth eps={smooth.eps:.4f}" if smooth is not None else "",
                      f", shuffle agreement {stats.agreement:.2f}" if stats is not None else "")
     indices: dict[str, list[float]] = {"mask": anomaly_index([f.trigger.l1 for f in findings])}
+    # budgets lie on the bisection's grid: one grid step is the least spread that counts
     if settings.additive is not None:
-        # budgets lie on the bisection's grid: one grid step is the least spread that counts
-        step = settings.additive.eps_max / 2 ** settings.additive.bisections
-        indices["additive"] = anomaly_index([f.additive.eps for f in findings], min_spread=step)
+        indices["additive"] = anomaly_index([f.additive.eps for f in findings],
+                                            min_spread=settings.additive.resolution)
     if settings.smooth is not None:
-        step = settings.smooth.eps_max / 2 ** settings.smooth.bisections
-        indices["smooth"] = anomaly_index([f.smooth.eps for f in findings], min_spread=step)
+        indices["smooth"] = anomaly_index([f.smooth.eps for f in findings], min_spread=settings.smooth.resolution)
     signals: dict[str, list[bool]] = {}
     if probe is not None:
         # the shuffle signal is the collapse itself: the shuffled ensembles send most clean images

@@ -395,6 +395,12 @@ class AdditiveSearch:
     holdout: float = 0.2
     grid: int = 0
 
+    @property
+    def resolution(self) -> float:
+        """The budget grid's step, ``eps_max / 2**bisections``: budgets found differ by multiples
+        of it, so it is the least spread between classes that means anything."""
+        return self.eps_max / 2 ** self.bisections
+
     def __post_init__(self) -> None:
         if int(self.grid) != self.grid or self.grid < 0 or self.grid == 1:
             raise KDGuardError(f"additive grid {self.grid!r} must be 0 (dense) or an integer >= 2",
